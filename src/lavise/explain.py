@@ -1,0 +1,275 @@
+"""Naming filters: thresholds, top images, explainer inputs, nearest words, ranking.
+
+For each filter u: its p most activated target images; on each, the explainer input
+for u (see :mod:`lavise.attention`), the explainer's output, and its s nearest words;
+the s·p words ranked by frequency (ties: by summed similarity, then word order); the
+top x reported.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lavise.attention import METHODS, explainer_inputs
+from lavise.datasets.base import ImageFiles, LaviseWarning
+from lavise.embeddings import load_word_vectors
+from lavise.errors import LaviseError
+from lavise.features import resolve_device, target_features
+from lavise.models import TargetModel
+from lavise.runs import Run, load_run
+from lavise.settings import ComputeSettings, ExplainSettings
+from lavise.storage import default_cache_dir, save_tensors, write_csv, write_json
+
+
+def quantile_thresholds(maps: torch.Tensor, quantile: float = 0.005, *, chunk: int = 64) -> torch.Tensor:
+    """T_u such that filter u exceeds it with probability ``quantile`` over all positions.
+
+    The (1 − quantile) quantile with linear interpolation, as numpy.quantile computes
+    it, per filter over every position of every image.
+
+    (N, d, h, w) -> (d,)
+    """
+    if not 0 < quantile < 1:
+        raise LaviseError(f"quantile must be in (0, 1), got {quantile}.")
+    n, d = maps.shape[0], maps.shape[1]
+    count = n * maps.shape[2] * maps.shape[3]
+    position = (1 - quantile) * (count - 1)
+    low, frac = int(np.floor(position)), position - np.floor(position)
+    high = min(low + 1, count - 1)
+    thresholds = torch.empty(d, dtype=maps.dtype)
+    for start in range(0, d, chunk):  # chunks of filters bound the memory of the copy
+        values = maps[:, start : start + chunk].transpose(0, 1).reshape(-1, count)
+        top = torch.topk(values, count - low, dim=1, sorted=True).values  # descending
+        lower, upper = top[:, -1], top[:, count - 1 - high]
+        thresholds[start : start + chunk] = lower + frac * (upper - lower)
+    return thresholds
+
+
+def top_images(maps: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` images with the highest maximum activation of each filter.
+
+    (N, d, h, w) -> (d, count) image indices, most activated first
+    """
+    peaks = maps.flatten(2).amax(dim=2)  # (N, d)
+    return torch.topk(peaks.T, count, dim=1).indices
+
+
+def nearest_words(
+    queries: torch.Tensor, unit_vocabulary: torch.Tensor, count: int, *, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``count`` words of highest cosine similarity to each query.
+
+    (Q, D), (V, D) unit rows -> (Q, count) word indices, (Q, count) similarities
+    """
+    queries = F.normalize(queries, dim=1)
+    indices, values = [], []
+    for start in range(0, len(queries), chunk):
+        top = torch.topk(queries[start : start + chunk] @ unit_vocabulary.T, count, dim=1)
+        indices.append(top.indices)
+        values.append(top.values)
+    return torch.cat(indices), torch.cat(values)
+
+
+def rank_words(
+    word_ids: torch.Tensor, similarities: torch.Tensor, top: int
+) -> list[list[tuple[int, int]]]:
+    """Rank each filter's collected words by frequency; ties by summed similarity.
+
+    (d, k) word indices, (d, k) similarities -> per filter [(word index, count), ...]
+    """
+    d = word_ids.shape[0]
+    filters = torch.arange(d).unsqueeze(1).expand_as(word_ids).flatten()
+    pairs = torch.stack([filters, word_ids.flatten().long()], dim=1)  # (d·k, 2)
+    unique, inverse, counts = torch.unique(pairs, dim=0, return_inverse=True, return_counts=True)
+    summed = torch.zeros(len(unique), dtype=similarities.dtype).index_add_(0, inverse, similarities.flatten())
+    u_filter, u_word = unique[:, 0].numpy(), unique[:, 1].numpy()
+    order = np.lexsort((u_word, -summed.numpy(), -counts.numpy(), u_filter))  # last key primary
+    ranked: list[list[tuple[int, int]]] = [[] for _ in range(d)]
+    for i in order:
+        bucket = ranked[u_filter[i]]
+        if len(bucket) < top:
+            bucket.append((int(u_word[i]), int(counts[i])))
+    return ranked
+
+
+@dataclass
+class FilterExplanation:
+    """What one filter is named: words with counts, and the images they came from."""
+
+    filter: int
+    words: list[dict]
+    top_images: list[str]
+    threshold: float
+    active: bool
+
+
+@dataclass
+class Explanations:
+    model: str
+    layer: str
+    method: str
+    filters: list[FilterExplanation]
+    path: Path | None = None
+
+    def to_dict(self, extra: dict | None = None) -> dict:
+        return {
+            "model": self.model,
+            "layer": self.layer,
+            "method": self.method,
+            **(extra or {}),
+            "filters": [asdict(f) for f in self.filters],
+        }
+
+
+def explain(
+    run: Path | Run,
+    target: Path | ImageFiles,
+    *,
+    settings: ExplainSettings = ExplainSettings(),
+    compute: ComputeSettings = ComputeSettings(),
+    model: TargetModel | None = None,
+    cache_dir: Path | None = None,
+    write: bool = True,
+) -> Explanations:
+    """Name every filter of the run's layer from unlabelled target images.
+
+    Writes ``thresholds.safetensors``, ``explanations.json`` and ``explanations.csv``
+    into the run directory (unless ``write`` is false).
+    """
+    if settings.method not in METHODS:
+        raise LaviseError(f"Unknown method '{settings.method}'; valid: {', '.join(METHODS)}.")
+    for name in ("top_images", "words_per_image", "top_words"):
+        if getattr(settings, name) < 1:
+            raise LaviseError(f"{name} must be at least 1, got {getattr(settings, name)}.")
+    run = run if isinstance(run, Run) else load_run(run)
+    images = target if isinstance(target, ImageFiles) else ImageFiles(Path(target))
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    target_model = run.target_model(model)
+
+    vocabulary = load_word_vectors(run.config["word_vectors"], cache_dir=cache_dir).vocabulary(
+        size=settings.vocabulary_size, word_list=settings.vocabulary_file
+    )
+    known = set(vocabulary.words)
+    outside = [c for c in run.split["seen"] + run.split["unseen"] if c not in known and " " not in c]
+    if outside:
+        warnings.warn(
+            f"{len(outside)} reference concepts are not in the vocabulary and can never be "
+            f"named: {', '.join(outside[:20])}",
+            LaviseWarning,
+            stacklevel=2,
+        )
+    if settings.words_per_image > len(vocabulary):
+        raise LaviseError(f"words_per_image={settings.words_per_image} exceeds the vocabulary ({len(vocabulary)} words).")
+
+    features = target_features(
+        target_model, run.layer, images, cache_dir=cache_dir, batch_size=compute.batch_size,
+        num_workers=compute.num_workers, device=compute.device, progress=compute.progress,
+    )
+    features.skipped.warn(f"target {images.root}")
+    maps = features.maps
+    if tuple(maps.shape[1:2]) != tuple(run.config["feature_shape"][:1]):
+        raise LaviseError(
+            f"Layer '{run.layer}' gives {maps.shape[1]} filters on the target images but the run "
+            f"was trained with {run.config['feature_shape'][0]}: is it the same model?"
+        )
+    per_filter = settings.top_images
+    if per_filter > len(maps):
+        warnings.warn(
+            f"top_images={per_filter} but only {len(maps)} usable target images; using {len(maps)}.",
+            LaviseWarning,
+            stacklevel=2,
+        )
+        per_filter = len(maps)
+
+    thresholds = quantile_thresholds(maps, settings.quantile)
+    chosen = top_images(maps, per_filter)  # (d, p)
+    word_ids, similarities = _words_for_pairs(
+        run, maps, chosen, thresholds, settings, vocabulary.unit_vectors, compute
+    )
+    ranked = rank_words(word_ids, similarities, settings.top_words)
+    flat = maps.flatten(2)
+    active = (flat.amax(dim=(0, 2)) > flat.amin(dim=(0, 2))).tolist()
+    root = images.root
+    filters = [
+        FilterExplanation(
+            filter=u,
+            words=[{"word": vocabulary.words[w], "count": c} for w, c in ranked[u]] if active[u] else [],
+            top_images=[_relative(features.paths[i], root) for i in chosen[u].tolist()],
+            threshold=float(thresholds[u]),
+            active=bool(active[u]),
+        )
+        for u in range(maps.shape[1])
+    ]
+    inactive = [f.filter for f in filters if not f.active]
+    if inactive:
+        warnings.warn(
+            f"{len(inactive)} filters are constant on every target image and get no words: "
+            f"{inactive[:20]}",
+            LaviseWarning,
+            stacklevel=2,
+        )
+    explanations = Explanations(run.config["model"]["name"], run.layer, settings.method, filters)
+    if write:
+        extra = {
+            "model_spec": run.config["model"],
+            "settings": settings.to_dict(),
+            "vocabulary": {"word_vectors": run.config["word_vectors"], "words": len(vocabulary), **vocabulary.description},
+            "target": {"root": str(root), "images": len(features.paths), "skipped": features.skipped.to_dict()},
+        }
+        save_tensors(run.path / "thresholds.safetensors", {"thresholds": thresholds}, {"quantile": str(settings.quantile)})
+        write_json(run.path / "explanations.json", explanations.to_dict(extra))
+        write_csv(
+            run.path / "explanations.csv",
+            ["filter", "rank", "word", "count"],
+            [[f.filter, r + 1, w["word"], w["count"]] for f in filters for r, w in enumerate(f.words)],
+        )
+        explanations.path = run.path / "explanations.json"
+    return explanations
+
+
+def _words_for_pairs(
+    run: Run,
+    maps: torch.Tensor,
+    chosen: torch.Tensor,
+    thresholds: torch.Tensor,
+    settings: ExplainSettings,
+    unit_vocabulary: torch.Tensor,
+    compute: ComputeSettings,
+    chunk: int = 2048,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest words for every (filter, top image) pair, in batches of pairs.
+
+    -> (d, p·s) word indices and similarities
+    """
+    device = resolve_device(compute.device)
+    d, p = chosen.shape
+    filters = torch.arange(d).repeat_interleave(p)  # (d·p,)
+    image_rows = chosen.flatten()
+    head = run.head.to(device).eval()
+    vocab = unit_vocabulary.to(device)
+    thresholds = thresholds.to(device)
+    ids, sims = [], []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(filters), chunk), desc="naming filters", unit="batch", disable=not compute.progress):
+            batch_filters = filters[start : start + chunk].to(device)
+            batch_maps = maps[image_rows[start : start + chunk]].to(device)
+            inputs = explainer_inputs(settings.method, batch_maps, batch_filters, thresholds)
+            words, values = nearest_words(head(inputs), vocab, settings.words_per_image)
+            ids.append(words.cpu())
+            sims.append(values.cpu())
+    s = settings.words_per_image
+    return torch.cat(ids).reshape(d, p * s), torch.cat(sims).reshape(d, p * s)
+
+
+def _relative(path: str, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return path

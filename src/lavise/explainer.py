@@ -1,0 +1,141 @@
+"""The explainer head, its hinge rank loss, and training it on cached pooled vectors."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from lavise.settings import TrainSettings
+
+
+class ExplainerHead(nn.Module):
+    """Maps a pooled d-vector of the target layer to the word-vector space.
+
+    BatchNorm → Dropout → Linear(d, d) → ReLU → BatchNorm → Dropout → Linear(d, D), the
+    head of the authors' code, applied after global average pooling.
+
+    (n, d) -> (n, D)
+    """
+
+    def __init__(self, channels: int, word_dim: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.channels = channels
+        self.word_dim = word_dim
+        self.layers = nn.Sequential(
+            nn.BatchNorm1d(channels),
+            nn.Dropout(dropout),
+            nn.Linear(channels, channels),
+            nn.ReLU(),
+            nn.BatchNorm1d(channels),
+            nn.Dropout(dropout),
+            nn.Linear(channels, word_dim),
+        )
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.layers(pooled)
+
+
+def hinge_rank_loss(
+    predicted: torch.Tensor, targets: torch.Tensor, concept_vectors: torch.Tensor, margin: float = 1.0
+) -> torch.Tensor:
+    """Equation 1: mean over samples of Σ_{c≠t} max(0, margin − v_tᵀv̂ + v_cᵀv̂).
+
+    Predictions and concept vectors are L2-normalised first.
+
+    (n, D), (n,) long, (C, D) -> scalar
+    """
+    similarity = F.normalize(predicted, dim=1) @ F.normalize(concept_vectors, dim=1).T  # (n, C)
+    positive = similarity.gather(1, targets.unsqueeze(1))  # (n, 1)
+    hinge = (margin - positive + similarity).clamp_min(0)
+    hinge = hinge.scatter(1, targets.unsqueeze(1), 0.0)  # the true concept is no negative
+    return hinge.sum(dim=1).mean()
+
+
+@dataclass
+class TrainingResult:
+    head: ExplainerHead
+    history: list[dict]
+    best_epoch: int
+
+
+def train_explainer(
+    vectors: torch.Tensor,
+    targets: torch.Tensor,
+    groups: torch.Tensor,
+    concept_vectors: torch.Tensor,
+    settings: TrainSettings,
+    *,
+    device: torch.device = torch.device("cpu"),
+    progress: bool = True,
+) -> TrainingResult:
+    """Train the head on pooled vectors; keep the epoch with the lowest validation loss.
+
+    Args:
+        vectors: (n, d) pooled masked features.
+        targets: (n,) index of each row's concept in ``concept_vectors``.
+        groups: (n,) the image each row comes from; validation holds out whole images.
+        concept_vectors: (C, D) vectors of the training (seen) concepts.
+        settings: epochs, batch size, learning rate, margin, dropout, seed.
+    """
+    generator = torch.Generator().manual_seed(settings.seed)
+    train_rows, val_rows = _split_by_group(groups, settings.validation_fraction, generator)
+    torch.manual_seed(settings.seed)
+    head = ExplainerHead(vectors.shape[1], concept_vectors.shape[1], settings.dropout).to(device)
+    optimiser = torch.optim.Adam(head.parameters(), lr=settings.learning_rate)
+    vectors, targets, concepts = vectors.to(device), targets.to(device), concept_vectors.to(device)
+
+    history, best_loss, best_state, best_epoch = [], math.inf, None, 0
+    # BatchNorm cannot train on a batch of one; drop such a last batch.
+    drop_last = len(train_rows) % settings.train_batch_size == 1
+    bar = tqdm(range(1, settings.epochs + 1), desc="training explainer", unit="epoch", disable=not progress)
+    for epoch in bar:
+        head.train()
+        order = train_rows[torch.randperm(len(train_rows), generator=generator)]
+        total, count = 0.0, 0
+        for start in range(0, len(order), settings.train_batch_size):
+            batch = order[start : start + settings.train_batch_size]
+            if len(batch) < 2 and drop_last:
+                continue
+            loss = hinge_rank_loss(head(vectors[batch]), targets[batch], concepts, settings.margin)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            total += loss.item() * len(batch)
+            count += len(batch)
+        train_loss = total / max(count, 1)
+        val_loss = _evaluate(head, vectors, targets, concepts, val_rows, settings.margin) if len(val_rows) else train_loss
+        history.append({"epoch": epoch, "train_loss": train_loss, "validation_loss": val_loss})
+        bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+        if val_loss < best_loss:
+            best_loss, best_epoch = val_loss, epoch
+            best_state = copy.deepcopy(head.state_dict())
+    head.load_state_dict(best_state)
+    head.eval()
+    return TrainingResult(head=head.cpu(), history=history, best_epoch=best_epoch)
+
+
+@torch.no_grad()
+def _evaluate(head, vectors, targets, concepts, rows, margin) -> float:
+    head.eval()
+    return float(hinge_rank_loss(head(vectors[rows]), targets[rows], concepts, margin))
+
+
+def _split_by_group(
+    groups: torch.Tensor, fraction: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices for training and validation, holding out whole groups (images)."""
+    unique = torch.unique(groups)
+    held = round(len(unique) * fraction)
+    if fraction > 0 and len(unique) >= 2:
+        held = min(max(held, 1), len(unique) - 1)
+    else:
+        held = 0
+    held_groups = unique[torch.randperm(len(unique), generator=generator)[:held]]
+    is_val = torch.isin(groups, held_groups)
+    return (~is_val).nonzero().flatten(), is_val.nonzero().flatten()

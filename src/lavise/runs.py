@@ -1,0 +1,189 @@
+"""A training run: features → concept split → explainer, saved in one run directory.
+
+Layout of a run directory::
+
+    config.json              model, preprocessing, layer, reference data, word vectors,
+                             training settings, feature shape, package version
+    split.json               seen and unseen concepts (and those left out, with reasons)
+    explainer.safetensors    the best explainer head (by validation loss)
+    training.csv             loss per epoch
+    thresholds.safetensors   written by `explain`: T_u per filter
+    explanations.json/.csv   written by `explain`
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lavise import __version__
+from lavise.datasets.base import LaviseWarning, ReferenceDataset
+from lavise.embeddings import BUILTIN_GLOVE, concept_vectors, load_word_vectors
+from lavise.errors import LaviseError
+from lavise.explainer import ExplainerHead, train_explainer
+from lavise.features import reference_features, resolve_device
+from lavise.models import ModelSpec, TargetModel, load_target_model
+from lavise.settings import ComputeSettings, TrainSettings
+from lavise.storage import default_cache_dir, load_tensors, read_json, save_tensors, write_csv, write_json
+
+
+def split_concepts(names: list[str], unseen_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Hold out round(fraction · C) concepts as unseen, drawn without replacement.
+
+    Example:
+        >>> split_concepts(["cat", "dog", "car", "tree"], 0.5, seed=0)
+        (['car', 'dog'], ['cat', 'tree'])
+    """
+    if not 0 <= unseen_fraction < 1:
+        raise LaviseError(f"unseen_fraction must be in [0, 1), got {unseen_fraction}.")
+    ordered = sorted(set(names))
+    count = round(len(ordered) * unseen_fraction)
+    unseen = set(random.Random(seed).sample(ordered, count))
+    if len(ordered) - len(unseen) < 2:
+        raise LaviseError(
+            f"unseen_fraction={unseen_fraction} leaves {len(ordered) - len(unseen)} of "
+            f"{len(ordered)} concepts for training; the hinge rank loss needs at least 2."
+        )
+    return [n for n in ordered if n not in unseen], [n for n in ordered if n in unseen]
+
+
+@dataclass
+class Run:
+    """A trained run, loaded from its directory."""
+
+    path: Path
+    config: dict
+    split: dict
+    head: ExplainerHead
+
+    @property
+    def layer(self) -> str:
+        return self.config["layer"]
+
+    def target_model(self, model: TargetModel | None = None) -> TargetModel:
+        """The run's model, rebuilt from its spec (a custom module must be passed again)."""
+        if model is not None:
+            return model
+        spec = self.config["model"]
+        if spec.get("custom"):
+            raise LaviseError(
+                f"Run '{self.path}' was trained on a custom module ({spec['name']}); pass the "
+                "same module again as model=TargetModel(...)."
+            )
+        return load_target_model(ModelSpec(spec["name"], spec.get("weights"), spec.get("checkpoint")))
+
+
+def load_run(path: Path) -> Run:
+    path = Path(path)
+    for name in ("config.json", "split.json", "explainer.safetensors"):
+        if not (path / name).is_file():
+            raise LaviseError(f"'{path}' is not a lavise run: it has no {name}. Create one with 'lavise train'.")
+    config = read_json(path / "config.json")
+    channels, word_dim = config["feature_shape"][0], config["word_dim"]
+    head = ExplainerHead(channels, word_dim, config["train"]["dropout"])
+    head.load_state_dict(load_tensors(path / "explainer.safetensors"))
+    head.eval()
+    return Run(path=path, config=config, split=read_json(path / "split.json"), head=head)
+
+
+def train(
+    model: ModelSpec | TargetModel,
+    layer: str,
+    reference: ReferenceDataset,
+    out_dir: Path,
+    *,
+    word_vectors: str = BUILTIN_GLOVE,
+    settings: TrainSettings = TrainSettings(),
+    compute: ComputeSettings = ComputeSettings(),
+    cache_dir: Path | None = None,
+) -> Run:
+    """Train an explainer for one layer and save the run.
+
+    Args:
+        model: a :class:`ModelSpec` to build, or a ready :class:`TargetModel`.
+        layer: dotted path of the layer whose filters will be explained.
+        reference: images with concept masks (COCO, folder, ...).
+        out_dir: the run directory to create or overwrite.
+        word_vectors: ``glove-6b-50d`` or a GloVe/word2vec text file.
+        settings: training settings; ``compute``: device, batch size, workers.
+        cache_dir: where features are cached (default :func:`default_cache_dir`).
+    """
+    out_dir = Path(out_dir)
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = model if isinstance(model, TargetModel) else load_target_model(model)
+    vectors_source = load_word_vectors(word_vectors, cache_dir=cache_dir)
+
+    features = reference_features(
+        target, layer, reference, cache_dir=cache_dir, batch_size=compute.batch_size,
+        num_workers=compute.num_workers, device=compute.device, progress=compute.progress,
+    )
+    features.skipped.warn(f"reference {reference.root}")
+
+    names_with_vectors, _, without_vectors = concept_vectors(features.concept_names, vectors_source)
+    if without_vectors:
+        warnings.warn(
+            f"{len(without_vectors)} concepts have no known word in {vectors_source.source} and are "
+            f"left out: {', '.join(without_vectors)}",
+            LaviseWarning,
+            stacklevel=2,
+        )
+    present = {features.concept_names[i] for i in torch.unique(features.concepts).tolist()}
+    without_data = [n for n in names_with_vectors if n not in present]
+    if without_data:
+        warnings.warn(
+            f"{len(without_data)} concepts have no usable mask and are left out: {', '.join(without_data)}",
+            LaviseWarning,
+            stacklevel=2,
+        )
+    seen, unseen = split_concepts([n for n in names_with_vectors if n in present], settings.unseen_fraction, settings.seed)
+
+    # Training rows: pairs whose concept is seen; targets index into the seen list.
+    seen_index = {name: i for i, name in enumerate(seen)}
+    row_names = [features.concept_names[i] for i in features.concepts.tolist()]
+    rows = torch.tensor([name in seen_index for name in row_names])
+    targets = torch.tensor([seen_index.get(name, -1) for name in row_names])[rows]
+    _, seen_vectors, _ = concept_vectors(seen, vectors_source)
+    result = train_explainer(
+        features.vectors[rows], targets, features.images[rows], seen_vectors, settings,
+        device=resolve_device(compute.device), progress=compute.progress,
+    )
+
+    channels = int(features.vectors.shape[1])
+    config = {
+        "lavise_version": __version__,
+        "model": {**target.description},
+        "preprocessing": target.preprocessing.to_dict(),
+        "layer": layer,
+        "reference": {"description": repr(reference), "identity": reference.identity()},
+        "word_vectors": vectors_source.source,
+        "word_dim": vectors_source.dim,
+        "train": settings.to_dict(),
+        "feature_shape": [channels, *features.grid],
+        "training_pairs": int(rows.sum()),
+        "best_epoch": result.best_epoch,
+        "skipped": features.skipped.to_dict(),
+    }
+    split = {
+        "seed": settings.seed,
+        "unseen_fraction": settings.unseen_fraction,
+        "seen": seen,
+        "unseen": unseen,
+        "without_word_vectors": without_vectors,
+        "without_usable_masks": without_data,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("config.json", "explanations.json", "explanations.csv", "thresholds.safetensors"):
+        (out_dir / stale).unlink(missing_ok=True)  # a half-replaced run must not look complete
+    save_tensors(out_dir / "explainer.safetensors", result.head.state_dict())
+    write_csv(
+        out_dir / "training.csv",
+        ["epoch", "train_loss", "validation_loss"],
+        [[h["epoch"], h["train_loss"], h["validation_loss"]] for h in result.history],
+    )
+    write_json(out_dir / "split.json", split)
+    write_json(out_dir / "config.json", config)  # last: its presence marks a complete run
+    return Run(path=out_dir, config=config, split=split, head=result.head)

@@ -1,0 +1,72 @@
+"""Every tunable default, defined once. The command-line options are derived from these."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How the explainer is trained (paper §3.1, method-notes)."""
+
+    unseen_fraction: float = _opt(
+        0.0, "share of concepts held out of training as unseen (the paper used 0.3)"
+    )
+    seed: int = _opt(0, "seed for the concept split, validation split, initialisation and batches")
+    epochs: int = _opt(60, "passes over the pooled reference vectors")
+    train_batch_size: int = _opt(128, "pooled vectors per training step")
+    learning_rate: float = _opt(1e-4, "Adam learning rate (the authors' value)")
+    margin: float = _opt(1.0, "margin of the hinge rank loss")
+    dropout: float = _opt(0.1, "dropout before each linear layer of the explainer")
+    validation_fraction: float = _opt(
+        0.1, "share of reference images held out to choose the best epoch"
+    )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    """How filters are named (paper §3.2 and the word selection of method-notes)."""
+
+    method: str = _opt(
+        "attention",
+        "explainer input per filter: attention (spatial filter attention), "
+        "cosine-attention (the paper's scalar equation), activation (activation masking), "
+        "original (no mask)",
+        choices=("attention", "cosine-attention", "activation", "original"),
+    )
+    top_images: int = _opt(25, "p: most activated target images per filter")
+    words_per_image: int = _opt(5, "s: nearest words taken for each image")
+    top_words: int = _opt(10, "x: words reported per filter")
+    quantile: float = _opt(0.005, "a filter's region is where it exceeds its top-quantile level T_u")
+    vocabulary_size: int = _opt(
+        20_000, "name filters from the N most frequent clean words (0: every word)"
+    )
+    vocabulary_file: str | None = _opt(None, "a file of candidate words, one per line (overrides the size)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ComputeSettings:
+    """Where and how fast; these never change results."""
+
+    device: str = _opt("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
+    batch_size: int = _opt(32, "images per forward pass")
+    num_workers: int = _opt(2, "processes decoding images")
+    progress: bool = _opt(True, "show progress bars")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def option_fields(settings_type) -> list:
+    """The dataclass fields that become command-line options."""
+    return list(fields(settings_type))

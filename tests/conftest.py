@@ -1,0 +1,111 @@
+"""Small generated datasets in their native layouts, and a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from torch import nn
+
+from lavise.models import Preprocessing, TargetModel
+
+# Concepts are drawn as flat-coloured shapes: each has its own colour and place, so a
+# model's features differ between them.
+SHAPES = {"circle": (220, 40, 40), "square": (40, 200, 60), "triangle": (40, 60, 220), "traffic light": (230, 200, 30)}
+
+
+def _shape_mask(kind: str, size: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    yy, xx = np.mgrid[0:size, 0:size]
+    if kind == "circle":
+        cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
+        return ((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r).astype(np.uint8)
+    if kind == "triangle":
+        height = y1 - y0
+        half = (x1 - x0) / 2 * (yy - y0) / max(height, 1)
+        cx = (x0 + x1) / 2
+        return ((yy >= y0) & (yy < y1) & (np.abs(xx - cx) <= half)).astype(np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    mask[y0:y1, x0:x1] = 1
+    return mask
+
+
+def make_coco(root: Path, *, images: int = 24, size: int = 64, seed: int = 0, names=tuple(SHAPES)) -> Path:
+    """Write ``root/images/*.png`` and ``root/annotations.json`` (RLE, polygons, crowd)."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    categories = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
+    image_entries, annotations = [], []
+    for index in range(images):
+        canvas = np.full((size, size, 3), 128, np.uint8) + rng.integers(0, 20, (size, size, 3), dtype=np.uint8)
+        chosen = rng.choice(len(names), size=2, replace=False)
+        for slot, c in enumerate(chosen):
+            half = size // 2
+            x0 = slot * half + int(rng.integers(0, 4))
+            y0 = int(rng.integers(4, half))
+            box = (x0, y0, x0 + half - 6, y0 + half - 6)
+            mask = _shape_mask(list(SHAPES)[c % len(SHAPES)], size, box)
+            canvas[mask.astype(bool)] = list(SHAPES.values())[c % len(SHAPES)]
+            if slot == 0:  # RLE
+                rle = mask_utils.encode(np.asfortranarray(mask))
+                segmentation = {"size": rle["size"], "counts": rle["counts"].decode()}
+            else:  # polygon of the bounding box
+                ys, xs = np.nonzero(mask)
+                a, b, c2, d = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+                segmentation = [[float(a), float(b), float(c2), float(b), float(c2), float(d), float(a), float(d)]]
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": index + 1, "category_id": int(c) + 1,
+                "segmentation": segmentation, "area": float(mask.sum()),
+                "bbox": [float(v) for v in (box[0], box[1], box[2] - box[0], box[3] - box[1])],
+                "iscrowd": int(index % 7 == 3 and slot == 0),
+            })
+        name = f"{index:04d}.png"
+        Image.fromarray(canvas).save(root / "images" / name)
+        image_entries.append({"id": index + 1, "file_name": name, "width": size, "height": size})
+    path = root / "annotations.json"
+    path.write_text(json.dumps({"images": image_entries, "annotations": annotations, "categories": categories}))
+    return path
+
+
+class TinyNet(nn.Module):
+    """Two convolutions: 64 px -> (8, 8, 8) features at ``features.3``; a classifier after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(6, 8, 3, stride=4, padding=1), nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture
+def tiny_model() -> TargetModel:
+    torch.manual_seed(0)
+    return TargetModel.from_module(TinyNet(), Preprocessing(resize_size=64, crop_size=64), name="tiny")
+
+
+@pytest.fixture
+def coco(tmp_path: Path) -> Path:
+    return make_coco(tmp_path / "coco")
+
+
+@pytest.fixture
+def targets(tmp_path: Path) -> Path:
+    """A folder of plain target images (reuses the generator's pictures)."""
+    make_coco(tmp_path / "target-src", images=12, seed=1)
+    return tmp_path / "target-src" / "images"
