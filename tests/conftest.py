@@ -109,3 +109,47 @@ def targets(tmp_path: Path) -> Path:
     """A folder of plain target images (reuses the generator's pictures)."""
     make_coco(tmp_path / "target-src", images=12, seed=1)
     return tmp_path / "target-src" / "images"
+
+
+# ---------------------------------------------------------------------------------------
+# Shared helpers for the core test suite.
+
+
+@pytest.fixture
+def compute():
+    """Fast, in-process settings: no worker processes, no progress bars, small batches."""
+    from lavise.settings import ComputeSettings
+
+    return ComputeSettings(device="cpu", batch_size=8, num_workers=0, progress=False)
+
+
+@pytest.fixture
+def coco_maker():
+    """``make_coco`` as a fixture, so test modules need not import conftest."""
+    return make_coco
+
+
+@pytest.fixture
+def tiny_net_type():
+    """The TinyNet class, for tests that build their own variant of the tiny model."""
+    return TinyNet
+
+
+@pytest.fixture
+def tiny_run(tmp_path: Path, tiny_model: TargetModel, coco: Path, compute):
+    """A run of the tiny model on the generated COCO reference (2 epochs)."""
+    from lavise.datasets import open_reference
+    from lavise.runs import train
+    from lavise.settings import TrainSettings
+
+    return train(
+        tiny_model, "features.3", open_reference(coco), tmp_path / "run",
+        settings=TrainSettings(epochs=2), compute=compute, cache_dir=tmp_path / "cache",
+    )
+
+
+def pytest_configure(config):
+    # pycocotools' mask decoder trips a NumPy 2 deprecation on every mask; it is not ours.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+    )

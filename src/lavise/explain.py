@@ -21,7 +21,7 @@ from lavise.attention import METHODS, explainer_inputs
 from lavise.datasets.base import ImageFiles, LaviseWarning
 from lavise.embeddings import load_word_vectors
 from lavise.errors import LaviseError
-from lavise.features import resolve_device, target_features
+from lavise.features import cpu_threads, resolve_device, target_features
 from lavise.models import TargetModel
 from lavise.runs import Run, load_run
 from lavise.settings import ComputeSettings, ExplainSettings
@@ -143,95 +143,96 @@ def explain(
     Writes ``thresholds.safetensors``, ``explanations.json`` and ``explanations.csv``
     into the run directory (unless ``write`` is false).
     """
-    if settings.method not in METHODS:
-        raise LaviseError(f"Unknown method '{settings.method}'; valid: {', '.join(METHODS)}.")
-    for name in ("top_images", "words_per_image", "top_words"):
-        if getattr(settings, name) < 1:
-            raise LaviseError(f"{name} must be at least 1, got {getattr(settings, name)}.")
-    run = run if isinstance(run, Run) else load_run(run)
-    images = target if isinstance(target, ImageFiles) else ImageFiles(Path(target))
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    target_model = run.target_model(model)
+    with cpu_threads(compute.threads, compute.num_workers):
+        if settings.method not in METHODS:
+            raise LaviseError(f"Unknown method '{settings.method}'; valid: {', '.join(METHODS)}.")
+        for name in ("top_images", "words_per_image", "top_words"):
+            if getattr(settings, name) < 1:
+                raise LaviseError(f"{name} must be at least 1, got {getattr(settings, name)}.")
+        run = run if isinstance(run, Run) else load_run(run)
+        images = target if isinstance(target, ImageFiles) else ImageFiles(Path(target))
+        cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        target_model = run.target_model(model)
 
-    vocabulary = load_word_vectors(run.config["word_vectors"], cache_dir=cache_dir).vocabulary(
-        size=settings.vocabulary_size, word_list=settings.vocabulary_file
-    )
-    known = set(vocabulary.words)
-    outside = [c for c in run.split["seen"] + run.split["unseen"] if c not in known and " " not in c]
-    if outside:
-        warnings.warn(
-            f"{len(outside)} reference concepts are not in the vocabulary and can never be "
-            f"named: {', '.join(outside[:20])}",
-            LaviseWarning,
-            stacklevel=2,
+        vocabulary = load_word_vectors(run.config["word_vectors"], cache_dir=cache_dir).vocabulary(
+            size=settings.vocabulary_size, word_list=settings.vocabulary_file
         )
-    if settings.words_per_image > len(vocabulary):
-        raise LaviseError(f"words_per_image={settings.words_per_image} exceeds the vocabulary ({len(vocabulary)} words).")
+        known = set(vocabulary.words)
+        outside = [c for c in run.split["seen"] + run.split["unseen"] if c not in known and " " not in c]
+        if outside:
+            warnings.warn(
+                f"{len(outside)} reference concepts are not in the vocabulary and can never be "
+                f"named: {', '.join(outside[:20])}",
+                LaviseWarning,
+                stacklevel=2,
+            )
+        if settings.words_per_image > len(vocabulary):
+            raise LaviseError(f"words_per_image={settings.words_per_image} exceeds the vocabulary ({len(vocabulary)} words).")
 
-    features = target_features(
-        target_model, run.layer, images, cache_dir=cache_dir, batch_size=compute.batch_size,
-        num_workers=compute.num_workers, device=compute.device, progress=compute.progress,
-    )
-    features.skipped.warn(f"target {images.root}")
-    maps = features.maps
-    if tuple(maps.shape[1:2]) != tuple(run.config["feature_shape"][:1]):
-        raise LaviseError(
-            f"Layer '{run.layer}' gives {maps.shape[1]} filters on the target images but the run "
-            f"was trained with {run.config['feature_shape'][0]}: is it the same model?"
+        features = target_features(
+            target_model, run.layer, images, cache_dir=cache_dir, batch_size=compute.batch_size,
+            num_workers=compute.num_workers, device=compute.device, progress=compute.progress,
         )
-    per_filter = settings.top_images
-    if per_filter > len(maps):
-        warnings.warn(
-            f"top_images={per_filter} but only {len(maps)} usable target images; using {len(maps)}.",
-            LaviseWarning,
-            stacklevel=2,
-        )
-        per_filter = len(maps)
+        features.skipped.warn(f"target {images.root}")
+        maps = features.maps
+        if tuple(maps.shape[1:2]) != tuple(run.config["feature_shape"][:1]):
+            raise LaviseError(
+                f"Layer '{run.layer}' gives {maps.shape[1]} filters on the target images but the run "
+                f"was trained with {run.config['feature_shape'][0]}: is it the same model?"
+            )
+        per_filter = settings.top_images
+        if per_filter > len(maps):
+            warnings.warn(
+                f"top_images={per_filter} but only {len(maps)} usable target images; using {len(maps)}.",
+                LaviseWarning,
+                stacklevel=2,
+            )
+            per_filter = len(maps)
 
-    thresholds = quantile_thresholds(maps, settings.quantile)
-    chosen = top_images(maps, per_filter)  # (d, p)
-    word_ids, similarities = _words_for_pairs(
-        run, maps, chosen, thresholds, settings, vocabulary.unit_vectors, compute
-    )
-    ranked = rank_words(word_ids, similarities, settings.top_words)
-    flat = maps.flatten(2)
-    active = (flat.amax(dim=(0, 2)) > flat.amin(dim=(0, 2))).tolist()
-    root = images.root
-    filters = [
-        FilterExplanation(
-            filter=u,
-            words=[{"word": vocabulary.words[w], "count": c} for w, c in ranked[u]] if active[u] else [],
-            top_images=[_relative(features.paths[i], root) for i in chosen[u].tolist()],
-            threshold=float(thresholds[u]),
-            active=bool(active[u]),
+        thresholds = quantile_thresholds(maps, settings.quantile)
+        chosen = top_images(maps, per_filter)  # (d, p)
+        word_ids, similarities = _words_for_pairs(
+            run, maps, chosen, thresholds, settings, vocabulary.unit_vectors, compute
         )
-        for u in range(maps.shape[1])
-    ]
-    inactive = [f.filter for f in filters if not f.active]
-    if inactive:
-        warnings.warn(
-            f"{len(inactive)} filters are constant on every target image and get no words: "
-            f"{inactive[:20]}",
-            LaviseWarning,
-            stacklevel=2,
-        )
-    explanations = Explanations(run.config["model"]["name"], run.layer, settings.method, filters)
-    if write:
-        extra = {
-            "model_spec": run.config["model"],
-            "settings": settings.to_dict(),
-            "vocabulary": {"word_vectors": run.config["word_vectors"], "words": len(vocabulary), **vocabulary.description},
-            "target": {"root": str(root), "images": len(features.paths), "skipped": features.skipped.to_dict()},
-        }
-        save_tensors(run.path / "thresholds.safetensors", {"thresholds": thresholds}, {"quantile": str(settings.quantile)})
-        write_json(run.path / "explanations.json", explanations.to_dict(extra))
-        write_csv(
-            run.path / "explanations.csv",
-            ["filter", "rank", "word", "count"],
-            [[f.filter, r + 1, w["word"], w["count"]] for f in filters for r, w in enumerate(f.words)],
-        )
-        explanations.path = run.path / "explanations.json"
-    return explanations
+        ranked = rank_words(word_ids, similarities, settings.top_words)
+        flat = maps.flatten(2)
+        active = (flat.amax(dim=(0, 2)) > flat.amin(dim=(0, 2))).tolist()
+        root = images.root
+        filters = [
+            FilterExplanation(
+                filter=u,
+                words=[{"word": vocabulary.words[w], "count": c} for w, c in ranked[u]] if active[u] else [],
+                top_images=[_relative(features.paths[i], root) for i in chosen[u].tolist()],
+                threshold=float(thresholds[u]),
+                active=bool(active[u]),
+            )
+            for u in range(maps.shape[1])
+        ]
+        inactive = [f.filter for f in filters if not f.active]
+        if inactive:
+            warnings.warn(
+                f"{len(inactive)} filters are constant on every target image and get no words: "
+                f"{inactive[:20]}",
+                LaviseWarning,
+                stacklevel=2,
+            )
+        explanations = Explanations(run.config["model"]["name"], run.layer, settings.method, filters)
+        if write:
+            extra = {
+                "model_spec": run.config["model"],
+                "settings": settings.to_dict(),
+                "vocabulary": {"word_vectors": run.config["word_vectors"], "words": len(vocabulary), **vocabulary.description},
+                "target": {"root": str(root), "images": len(features.paths), "skipped": features.skipped.to_dict()},
+            }
+            save_tensors(run.path / "thresholds.safetensors", {"thresholds": thresholds}, {"quantile": str(settings.quantile)})
+            write_json(run.path / "explanations.json", explanations.to_dict(extra))
+            write_csv(
+                run.path / "explanations.csv",
+                ["filter", "rank", "word", "count"],
+                [[f.filter, r + 1, w["word"], w["count"]] for f in filters for r, w in enumerate(f.words)],
+            )
+            explanations.path = run.path / "explanations.json"
+        return explanations
 
 
 def _words_for_pairs(

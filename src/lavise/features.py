@@ -12,7 +12,10 @@ recomputed when any of them changes.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,18 @@ from lavise.attention import masked_mean, masks_to_grid
 from lavise.datasets.base import BadImage, ImageFiles, ReferenceDataset, SkipLog, load_rgb
 from lavise.models import Preprocessing, TargetModel, layer_reader
 from lavise.storage import cache_key, load_cached, save_tensors
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int, num_workers: int) -> Iterator[None]:
+    """Set torch's CPU threads for a block; 0 means the cores the loader workers leave."""
+    count = threads or max(1, (os.cpu_count() or 1) - num_workers)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -66,7 +81,7 @@ class _Item:
     image: torch.Tensor | None = None
     concepts: list[int] | None = None
     masks: torch.Tensor | None = None
-    problem: str | None = None
+    problem: tuple[str, str] | None = None  # (reason counted, detail for the example)
 
 
 class _Images(Dataset):
@@ -84,13 +99,13 @@ class _Images(Dataset):
         try:
             image = load_rgb(self.dataset.image_path(index))
         except BadImage as error:
-            return _Item(index, problem=f"images: {error}")
+            return _Item(index, problem=("unreadable images", str(error)))
         item = _Item(index, image=preprocess_image(image, self.preprocessing))
         if self.with_masks:
             try:
                 concepts, masks = self.dataset.masks(index, image.size)
             except ValueError as error:
-                return _Item(index, problem=f"images whose annotations do not fit: {error}")
+                return _Item(index, problem=("images whose annotations do not fit", str(error)))
             item.concepts = concepts
             item.masks = preprocess_masks(masks, self.preprocessing)
         return item
@@ -164,7 +179,7 @@ def reference_features(
             good = []
             for item in items:
                 if item.problem:
-                    skipped.add(item.problem, str(dataset.image_path(item.index)))
+                    skipped.add(item.problem[0], f"{dataset.image_path(item.index)} ({item.problem[1]})")
                 elif not item.concepts:
                     skipped.add("images without any annotation", str(dataset.image_path(item.index)))
                 else:
@@ -244,7 +259,7 @@ def target_features(
             good = []
             for item in items:
                 if item.problem:
-                    skipped.add(item.problem, str(images.image_path(item.index)))
+                    skipped.add(item.problem[0], f"{images.image_path(item.index)} ({item.problem[1]})")
                 else:
                     good.append(item)
             if good:

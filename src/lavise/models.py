@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lavise.errors import LaviseError
+from lavise.storage import content_digest
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -114,9 +115,7 @@ def load_target_model(spec: ModelSpec) -> TargetModel:
     """
     import torchvision
 
-    if spec.name in EXTRA_MODELS:
-        module, preprocessing = EXTRA_MODELS[spec.name](spec.weights)
-    else:
+    if spec.name not in EXTRA_MODELS:
         available = torchvision.models.list_models(module=torchvision.models)
         if spec.name not in available:
             close = difflib.get_close_matches(spec.name, available + list(EXTRA_MODELS), n=5)
@@ -125,11 +124,22 @@ def load_target_model(spec: ModelSpec) -> TargetModel:
                 "Use a torchvision classification model name (e.g. resnet18, resnet50, vgg16)"
                 f"{', or one of ' + ', '.join(sorted(EXTRA_MODELS)) if EXTRA_MODELS else ''}."
             )
-        module, preprocessing = _torchvision_model(spec.name, spec.weights)
+    # A spec must name one set of weights: random initialisation (weights=None) is seeded,
+    # so rebuilding the spec (explain after train, the feature cache) gives the same model.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if spec.name in EXTRA_MODELS:
+            module, preprocessing = EXTRA_MODELS[spec.name](spec.weights)
+        else:
+            module, preprocessing = _torchvision_model(spec.name, spec.weights)
+    description = spec.to_dict()
     if spec.checkpoint is not None:
         _load_checkpoint(module, Path(spec.checkpoint))
+        # The path alone does not identify the weights: a file rewritten in place must
+        # not reuse features cached from its old contents.
+        description["checkpoint_sha256"] = content_digest(Path(spec.checkpoint))
     module.eval()
-    return TargetModel(module=module, preprocessing=preprocessing, description=spec.to_dict())
+    return TargetModel(module=module, preprocessing=preprocessing, description=description)
 
 
 def _torchvision_model(name: str, weights: str | None) -> tuple[nn.Module, Preprocessing]:
@@ -301,3 +311,12 @@ def _efficientnet_lite0(weights: str | None) -> tuple[nn.Module, Preprocessing]:
 
 
 EXTRA_MODELS["efficientnet_lite0"] = _efficientnet_lite0
+
+
+def _scene_cnn(weights: str | None) -> tuple[nn.Module, Preprocessing]:
+    from lavise.scene_cnn import build_scene_cnn
+
+    return build_scene_cnn(weights)
+
+
+EXTRA_MODELS["scene_cnn"] = _scene_cnn

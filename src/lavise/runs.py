@@ -25,7 +25,7 @@ from lavise.datasets.base import LaviseWarning, ReferenceDataset
 from lavise.embeddings import BUILTIN_GLOVE, concept_vectors, load_word_vectors
 from lavise.errors import LaviseError
 from lavise.explainer import ExplainerHead, train_explainer
-from lavise.features import reference_features, resolve_device
+from lavise.features import cpu_threads, reference_features, resolve_device
 from lavise.models import ModelSpec, TargetModel, load_target_model
 from lavise.settings import ComputeSettings, TrainSettings
 from lavise.storage import default_cache_dir, load_tensors, read_json, save_tensors, write_csv, write_json
@@ -112,78 +112,79 @@ def train(
         settings: training settings; ``compute``: device, batch size, workers.
         cache_dir: where features are cached (default :func:`default_cache_dir`).
     """
-    out_dir = Path(out_dir)
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = model if isinstance(model, TargetModel) else load_target_model(model)
-    vectors_source = load_word_vectors(word_vectors, cache_dir=cache_dir)
+    with cpu_threads(compute.threads, compute.num_workers):
+        out_dir = Path(out_dir)
+        cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        target = model if isinstance(model, TargetModel) else load_target_model(model)
+        vectors_source = load_word_vectors(word_vectors, cache_dir=cache_dir)
 
-    features = reference_features(
-        target, layer, reference, cache_dir=cache_dir, batch_size=compute.batch_size,
-        num_workers=compute.num_workers, device=compute.device, progress=compute.progress,
-    )
-    features.skipped.warn(f"reference {reference.root}")
-
-    names_with_vectors, _, without_vectors = concept_vectors(features.concept_names, vectors_source)
-    if without_vectors:
-        warnings.warn(
-            f"{len(without_vectors)} concepts have no known word in {vectors_source.source} and are "
-            f"left out: {', '.join(without_vectors)}",
-            LaviseWarning,
-            stacklevel=2,
+        features = reference_features(
+            target, layer, reference, cache_dir=cache_dir, batch_size=compute.batch_size,
+            num_workers=compute.num_workers, device=compute.device, progress=compute.progress,
         )
-    present = {features.concept_names[i] for i in torch.unique(features.concepts).tolist()}
-    without_data = [n for n in names_with_vectors if n not in present]
-    if without_data:
-        warnings.warn(
-            f"{len(without_data)} concepts have no usable mask and are left out: {', '.join(without_data)}",
-            LaviseWarning,
-            stacklevel=2,
+        features.skipped.warn(f"reference {reference.root}")
+
+        names_with_vectors, _, without_vectors = concept_vectors(features.concept_names, vectors_source)
+        if without_vectors:
+            warnings.warn(
+                f"{len(without_vectors)} concepts have no known word in {vectors_source.source} and are "
+                f"left out: {', '.join(without_vectors)}",
+                LaviseWarning,
+                stacklevel=2,
+            )
+        present = {features.concept_names[i] for i in torch.unique(features.concepts).tolist()}
+        without_data = [n for n in names_with_vectors if n not in present]
+        if without_data:
+            warnings.warn(
+                f"{len(without_data)} concepts have no usable mask and are left out: {', '.join(without_data)}",
+                LaviseWarning,
+                stacklevel=2,
+            )
+        seen, unseen = split_concepts([n for n in names_with_vectors if n in present], settings.unseen_fraction, settings.seed)
+
+        # Training rows: pairs whose concept is seen; targets index into the seen list.
+        seen_index = {name: i for i, name in enumerate(seen)}
+        row_names = [features.concept_names[i] for i in features.concepts.tolist()]
+        rows = torch.tensor([name in seen_index for name in row_names])
+        targets = torch.tensor([seen_index.get(name, -1) for name in row_names])[rows]
+        _, seen_vectors, _ = concept_vectors(seen, vectors_source)
+        result = train_explainer(
+            features.vectors[rows], targets, features.images[rows], seen_vectors, settings,
+            device=resolve_device(compute.device), progress=compute.progress,
         )
-    seen, unseen = split_concepts([n for n in names_with_vectors if n in present], settings.unseen_fraction, settings.seed)
 
-    # Training rows: pairs whose concept is seen; targets index into the seen list.
-    seen_index = {name: i for i, name in enumerate(seen)}
-    row_names = [features.concept_names[i] for i in features.concepts.tolist()]
-    rows = torch.tensor([name in seen_index for name in row_names])
-    targets = torch.tensor([seen_index.get(name, -1) for name in row_names])[rows]
-    _, seen_vectors, _ = concept_vectors(seen, vectors_source)
-    result = train_explainer(
-        features.vectors[rows], targets, features.images[rows], seen_vectors, settings,
-        device=resolve_device(compute.device), progress=compute.progress,
-    )
-
-    channels = int(features.vectors.shape[1])
-    config = {
-        "lavise_version": __version__,
-        "model": {**target.description},
-        "preprocessing": target.preprocessing.to_dict(),
-        "layer": layer,
-        "reference": {"description": repr(reference), "identity": reference.identity()},
-        "word_vectors": vectors_source.source,
-        "word_dim": vectors_source.dim,
-        "train": settings.to_dict(),
-        "feature_shape": [channels, *features.grid],
-        "training_pairs": int(rows.sum()),
-        "best_epoch": result.best_epoch,
-        "skipped": features.skipped.to_dict(),
-    }
-    split = {
-        "seed": settings.seed,
-        "unseen_fraction": settings.unseen_fraction,
-        "seen": seen,
-        "unseen": unseen,
-        "without_word_vectors": without_vectors,
-        "without_usable_masks": without_data,
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("config.json", "explanations.json", "explanations.csv", "thresholds.safetensors"):
-        (out_dir / stale).unlink(missing_ok=True)  # a half-replaced run must not look complete
-    save_tensors(out_dir / "explainer.safetensors", result.head.state_dict())
-    write_csv(
-        out_dir / "training.csv",
-        ["epoch", "train_loss", "validation_loss"],
-        [[h["epoch"], h["train_loss"], h["validation_loss"]] for h in result.history],
-    )
-    write_json(out_dir / "split.json", split)
-    write_json(out_dir / "config.json", config)  # last: its presence marks a complete run
-    return Run(path=out_dir, config=config, split=split, head=result.head)
+        channels = int(features.vectors.shape[1])
+        config = {
+            "lavise_version": __version__,
+            "model": {**target.description},
+            "preprocessing": target.preprocessing.to_dict(),
+            "layer": layer,
+            "reference": {"description": repr(reference), "identity": reference.identity()},
+            "word_vectors": vectors_source.source,
+            "word_dim": vectors_source.dim,
+            "train": settings.to_dict(),
+            "feature_shape": [channels, *features.grid],
+            "training_pairs": int(rows.sum()),
+            "best_epoch": result.best_epoch,
+            "skipped": features.skipped.to_dict(),
+        }
+        split = {
+            "seed": settings.seed,
+            "unseen_fraction": settings.unseen_fraction,
+            "seen": seen,
+            "unseen": unseen,
+            "without_word_vectors": without_vectors,
+            "without_usable_masks": without_data,
+        }
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("config.json", "explanations.json", "explanations.csv", "thresholds.safetensors"):
+            (out_dir / stale).unlink(missing_ok=True)  # a half-replaced run must not look complete
+        save_tensors(out_dir / "explainer.safetensors", result.head.state_dict())
+        write_csv(
+            out_dir / "training.csv",
+            ["epoch", "train_loss", "validation_loss"],
+            [[h["epoch"], h["train_loss"], h["validation_loss"]] for h in result.history],
+        )
+        write_json(out_dir / "split.json", split)
+        write_json(out_dir / "config.json", config)  # last: its presence marks a complete run
+        return Run(path=out_dir, config=config, split=split, head=result.head)

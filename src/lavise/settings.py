@@ -61,6 +61,10 @@ class ComputeSettings:
     device: str = _opt("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
     batch_size: int = _opt(32, "images per forward pass")
     num_workers: int = _opt(2, "processes decoding images")
+    threads: int = _opt(
+        0, "torch CPU threads; 0: the cores left after the decoding workers, at least 1 "
+        "(oversubscribed cores made a 2-core machine 2-600x slower, see README)"
+    )
     progress: bool = _opt(True, "show progress bars")
 
     def to_dict(self) -> dict:

@@ -69,6 +69,7 @@ class CocoDataset:
     def _drop_bad_annotations(self, data: dict) -> dict:
         category_ids = {c["id"] for c in data["categories"]}
         image_ids = {i["id"] for i in data["images"]}
+        sizes = {i["id"]: (i.get("height"), i.get("width")) for i in data["images"]}
         kept = []
         for ann in data["annotations"]:
             if ann.get("category_id") not in category_ids:
@@ -77,6 +78,9 @@ class CocoDataset:
                 self.skipped.add("annotations of unknown images", f"image_id={ann.get('image_id')}")
             elif not ann.get("segmentation") and not ann.get("bbox"):
                 self.skipped.add("annotations without a mask or box", f"id={ann.get('id')}")
+            elif ann.get("segmentation") and not _valid_segmentation(ann["segmentation"], sizes[ann["image_id"]]):
+                # pycocotools raises on these (or misplaces the mask) when decoding
+                self.skipped.add("annotations with a malformed segmentation", f"id={ann.get('id')}")
             else:
                 kept.append(ann)
         return {**data, "annotations": kept}
@@ -92,6 +96,11 @@ class CocoDataset:
 
     def image_path(self, index: int) -> Path:
         return self.root / self._coco.imgs[self._image_ids[index]]["file_name"]
+
+    def image_concepts(self, index: int) -> list[int]:
+        """The concepts annotated in image i, without decoding any mask."""
+        anns = self._coco.loadAnns(self._coco.getAnnIds(imgIds=[self._image_ids[index]]))
+        return sorted({self._concept_of_category[a["category_id"]] for a in anns})
 
     def masks(self, index: int, size: tuple[int, int]) -> tuple[list[int], np.ndarray]:
         """Concept indices and (m, H, W) uint8 masks, one per category present.
@@ -127,6 +136,23 @@ class CocoDataset:
             "annotations": content_digest(self.annotations_path),
             "images": files_digest([self.image_path(i) for i in range(len(self))]),
         }
+
+
+def _valid_segmentation(segmentation: object, size: tuple[object, object]) -> bool:
+    """Polygons: lists of at least 3 (x, y) points; RLE: a dict of the image's size."""
+    if isinstance(segmentation, list):
+        return all(
+            isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in polygon)
+            for polygon in segmentation
+        )
+    if isinstance(segmentation, dict):
+        counts = segmentation.get("counts")
+        return (
+            list(segmentation.get("size") or []) == list(size)
+            and (isinstance(counts, str) or (isinstance(counts, list) and all(isinstance(c, int) for c in counts)))
+        )
+    return False
 
 
 def _box_mask(bbox: list[float], width: int, height: int) -> np.ndarray:

@@ -1,0 +1,130 @@
+"""The explainer inputs of every method against literal loops over the definitions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lavise.attention import METHODS, explainer_inputs, masked_mean, masks_to_grid
+
+N, D, H, W = 3, 6, 5, 4
+
+
+@pytest.fixture
+def maps() -> torch.Tensor:
+    """Non-negative maps, sparse like ReLU outputs, with one filter dead on one image."""
+    generator = torch.Generator().manual_seed(7)
+    values = torch.randn(N, D, H, W, generator=generator, dtype=torch.float64).clamp_min(0)
+    values[1, 4] = 0.0  # filter 4 never fires on image 1
+    return values
+
+
+@pytest.fixture
+def thresholds(maps) -> torch.Tensor:
+    # between the smallest and largest value of each filter, so the region is partial
+    generator = torch.Generator().manual_seed(8)
+    return torch.rand(D, generator=generator, dtype=torch.float64) * maps.amax(dim=(0, 2, 3)) * 0.8
+
+
+def _cells(f: torch.Tensor) -> list[float]:
+    return [float(f[y, x]) for y in range(f.shape[0]) for x in range(f.shape[1])]
+
+
+def _dot(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b))
+
+
+def _literal(method: str, maps: torch.Tensor, thresholds: torch.Tensor, i: int, u: int) -> list[float]:
+    """input_k for every filter k, for target filter u on image i, straight from the text."""
+    hw = maps.shape[2] * maps.shape[3]
+    fu = _cells(maps[i, u])
+    norm_u = math.sqrt(_dot(fu, fu))
+    out = []
+    for k in range(maps.shape[1]):
+        fk = _cells(maps[i, k])
+        mean_k = sum(fk) / hw
+        if method == "attention":  # <F_k, F_u> / (||F_u|| * h * w)
+            value = _dot(fk, fu) / (norm_u * hw) if norm_u > 0 else 0.0
+        elif method == "cosine-attention":  # cos(F_u, F_k) * mean(F_k)
+            norm_k = math.sqrt(_dot(fk, fk))
+            cosine = _dot(fk, fu) / (norm_k * norm_u) if norm_k > 0 and norm_u > 0 else 0.0
+            value = cosine * mean_k
+        elif method == "activation":  # mean(F_k * 1[F_u > T_u])
+            value = sum(a * (1.0 if b > float(thresholds[u]) else 0.0) for a, b in zip(fk, fu)) / hw
+        elif method == "original":  # mean(F_k)
+            value = mean_k
+        else:
+            raise AssertionError(method)
+        out.append(value)
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batched_inputs_equal_the_literal_definitions(method, maps, thresholds):
+    active = (maps > thresholds[None, :, None, None]).double().mean(dim=(2, 3))  # (N, D)
+    assert ((active > 0) & (active < 1)).sum() >= N * D // 2  # regions are partial, not trivial
+    pairs = [(i, u) for i in range(N) for u in range(D)]
+    images = torch.tensor([i for i, _ in pairs])
+    filters = torch.tensor([u for _, u in pairs])
+    for dtype in (torch.float64, torch.float32):
+        batched = explainer_inputs(method, maps[images].to(dtype), filters, thresholds.to(dtype))
+        assert batched.shape == (len(pairs), D) and batched.dtype == dtype
+        expected = torch.tensor([_literal(method, maps, thresholds, i, u) for i, u in pairs], dtype=dtype)
+        torch.testing.assert_close(batched, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pairs_are_independent_of_their_batch(method, maps, thresholds):
+    """Any subset and order of (image, filter) pairs gives the same rows."""
+    images = torch.tensor([2, 0, 2, 1])
+    filters = torch.tensor([5, 0, 1, 4])
+    together = explainer_inputs(method, maps[images], filters, thresholds)
+    for row in range(4):
+        alone = explainer_inputs(method, maps[images[row : row + 1]], filters[row : row + 1], thresholds)
+        torch.testing.assert_close(together[row : row + 1], alone)
+
+
+def test_methods_differ_where_they_should(maps, thresholds):
+    images, filters = torch.tensor([0, 0]), torch.tensor([0, 1])
+    results = {m: explainer_inputs(m, maps[images], filters, thresholds) for m in METHODS}
+    # only "original" ignores the target filter
+    torch.testing.assert_close(results["original"][0], results["original"][1])
+    for method in ("attention", "cosine-attention", "activation"):
+        assert not torch.allclose(results[method][0], results[method][1]), method
+    # the dead filter gives zeros under attention, not NaN
+    dead = explainer_inputs("attention", maps[torch.tensor([1])], torch.tensor([4]), thresholds)
+    assert torch.equal(dead, torch.zeros_like(dead))
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="Unknown method 'gradcam'"):
+        explainer_inputs("gradcam", torch.zeros(1, 2, 2, 2), torch.tensor([0]), torch.zeros(2))
+
+
+def test_masked_mean_is_the_mean_of_the_product(maps):
+    generator = torch.Generator().manual_seed(3)
+    masks = torch.rand(N, H, W, generator=generator, dtype=torch.float64)
+    result = masked_mean(maps, masks)
+    assert result.shape == (N, D)
+    for n in range(N):
+        for k in range(D):
+            product = _cells(maps[n, k] * masks[n])
+            assert float(result[n, k]) == pytest.approx(sum(product) / (H * W), abs=1e-12)
+    # a mask of ones is the plain average pool; an empty one gives zero
+    torch.testing.assert_close(masked_mean(maps, torch.ones(N, H, W)), maps.mean(dim=(2, 3)))
+    assert torch.equal(masked_mean(maps, torch.zeros(N, H, W)), torch.zeros(N, D, dtype=maps.dtype))
+
+
+def test_masks_to_grid_area_semantics():
+    masks = torch.zeros(2, 10, 8)
+    masks[0, :5, :4] = 1  # exactly the top-left cell of a 2x2 grid
+    masks[1, 0, 0] = 1  # one pixel of 20 in a cell
+    grid = masks_to_grid(masks, (2, 2))
+    torch.testing.assert_close(grid[0], torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    torch.testing.assert_close(grid[1], torch.tensor([[1 / 20, 0.0], [0.0, 0.0]]))
+    # uint8 masks are accepted and the total area is kept
+    as_bytes = masks_to_grid(masks.to(torch.uint8), (2, 2))
+    torch.testing.assert_close(as_bytes, grid)
+    torch.testing.assert_close(grid.sum(dim=(1, 2)) * 20, masks.sum(dim=(1, 2)))

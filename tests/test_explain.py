@@ -1,0 +1,282 @@
+"""Naming filters: thresholds, top images, nearest words, ranking, and explain end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from lavise.attention import METHODS
+from lavise.datasets import LaviseWarning, load_rgb, open_reference
+from lavise.embeddings import load_word_vectors
+from lavise.errors import LaviseError
+from lavise.explain import explain, nearest_words, quantile_thresholds, rank_words, top_images
+from lavise.features import preprocess_image
+from lavise.models import Preprocessing, TargetModel, layer_reader
+from lavise.runs import train
+from lavise.settings import ExplainSettings, TrainSettings
+
+# Small vocabularies leave some concept names out; that warning is tested on its own.
+pytestmark = pytest.mark.filterwarnings("ignore:.*reference concepts are not in the vocabulary")
+
+# --- pure functions ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quantile", [0.005, 0.1, 0.37, 0.5, 0.9])
+@pytest.mark.parametrize("chunk", [64, 7])
+def test_quantile_thresholds_equal_numpy(quantile, chunk):
+    generator = torch.Generator().manual_seed(0)
+    maps = torch.randn(5, 70, 3, 4, generator=generator, dtype=torch.float64).clamp_min(0)  # d > 64
+    got = quantile_thresholds(maps, quantile, chunk=chunk)
+    values = maps.transpose(0, 1).reshape(70, -1).numpy()
+    expected = np.quantile(values, 1 - quantile, axis=1, method="linear")
+    assert got.shape == (70,)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-12)
+
+
+def test_quantile_thresholds_float32_and_single_position():
+    generator = torch.Generator().manual_seed(1)
+    maps = torch.rand(3, 65, 2, 2, generator=generator)
+    expected = np.quantile(maps.transpose(0, 1).reshape(65, -1).double().numpy(), 0.995, axis=1)
+    np.testing.assert_allclose(quantile_thresholds(maps).numpy(), expected, rtol=1e-6)
+    one = torch.tensor([[[[3.0]], [[-1.0]]]])  # one image, 1x1 grid: the value itself
+    assert quantile_thresholds(one, 0.2).tolist() == [3.0, -1.0]
+
+
+@pytest.mark.parametrize("quantile", [0.0, 1.0, -0.5])
+def test_quantile_must_be_inside_zero_one(quantile):
+    with pytest.raises(LaviseError, match="quantile must be in"):
+        quantile_thresholds(torch.zeros(1, 1, 2, 2), quantile)
+
+
+def test_top_images_are_those_of_highest_peak():
+    generator = torch.Generator().manual_seed(2)
+    maps = torch.rand(10, 5, 3, 3, generator=generator)
+    maps[4, 1, 2, 2] = 5.0  # a single strong peak beats a high mean
+    maps[7, 1] = 0.99
+    chosen = top_images(maps, 3)
+    assert chosen.shape == (5, 3)
+    peaks = maps.flatten(2).amax(dim=2).numpy()  # (N, d)
+    for u in range(5):
+        assert chosen[u].tolist() == list(np.argsort(-peaks[:, u])[:3])
+    assert chosen[1, 0] == 4
+
+
+def test_nearest_words_equal_brute_force_cosine():
+    generator = torch.Generator().manual_seed(3)
+    queries = torch.randn(10, 8, generator=generator) * 4
+    vocabulary = F.normalize(torch.randn(50, 8, generator=generator), dim=1)
+    ids, sims = nearest_words(queries, vocabulary, 4, chunk=3)  # chunks smaller than the queries
+    assert ids.shape == sims.shape == (10, 4)
+    for q in range(10):
+        cosines = [float(F.cosine_similarity(queries[q], vocabulary[v], dim=0)) for v in range(50)]
+        order = sorted(range(50), key=lambda v: -cosines[v])[:4]
+        assert ids[q].tolist() == order
+        np.testing.assert_allclose(sims[q].numpy(), [cosines[v] for v in order], atol=1e-5)
+
+
+def test_rank_words_by_hand():
+    word_ids = torch.tensor(
+        [
+            [3, 1, 3, 2, 1, 5],  # counts 3:2 (Σ1.7), 1:2 (Σ1.1), 2:1, 5:1
+            [4, 0, 0, 4, 7, 7],  # all counts 2: Σ 7:1.8 > 0:0.4 > 4:0.2
+            [9, 8, 9, 8, 6, 6],  # all counts 2, equal sums: word order decides
+        ]
+    )
+    sims = torch.tensor(
+        [
+            [0.9, 0.5, 0.8, 0.7, 0.6, 0.1],
+            [0.1, 0.2, 0.2, 0.1, 0.9, 0.9],
+            [0.5, 0.5, 0.5, 0.5, 0.5, 0.5],
+        ]
+    )
+    assert rank_words(word_ids, sims, 3) == [
+        [(3, 2), (1, 2), (2, 1)],
+        [(7, 2), (0, 2), (4, 2)],
+        [(6, 2), (8, 2), (9, 2)],
+    ]
+    assert rank_words(word_ids, sims, 1) == [[(3, 2)], [(7, 2)], [(6, 2)]]
+    assert rank_words(word_ids, sims, 10)[0] == [(3, 2), (1, 2), (2, 1), (5, 1)]
+    # frequency beats similarity
+    assert rank_words(torch.tensor([[1, 2, 2]]), torch.tensor([[0.99, 0.1, 0.1]]), 2) == [[(2, 2), (1, 1)]]
+
+
+# --- explain end to end ------------------------------------------------------------------
+
+P, S, X = 3, 5, 4
+
+
+def _maps(model: TargetModel, layer: str, folder: Path) -> tuple[list[Path], torch.Tensor]:
+    """The layer's maps of every image in the folder, computed here without the cache."""
+    paths = sorted(folder.glob("*.png"))
+    images = torch.stack([preprocess_image(load_rgb(p), model.preprocessing) for p in paths])
+    with layer_reader(model.module, layer) as read, torch.no_grad():
+        return paths, read(images)
+
+
+def test_explain_end_to_end(tmp_path, tiny_run, tiny_model, targets, compute):
+    settings = ExplainSettings(top_images=P, words_per_image=S, top_words=X)
+    result = explain(tiny_run.path, targets, settings=settings, compute=compute, model=tiny_model, cache_dir=tmp_path / "cache")
+    out = tiny_run.path / "explanations.json"
+    assert result.path == out
+    data = json.loads(out.read_text())
+    assert {"model", "layer", "method", "filters"} <= set(data)
+    assert (data["model"], data["layer"], data["method"]) == ("tiny", "features.3", "attention")
+    filters = data["filters"]
+    assert [f["filter"] for f in filters] == list(range(8))
+
+    paths, maps = _maps(tiny_model, "features.3", targets)
+    names = [p.name for p in paths]
+    peaks = maps.flatten(2).amax(dim=2)  # (N, d)
+    for f in filters:
+        assert isinstance(f["filter"], int) and f["active"] is True
+        words = f["words"]
+        assert 1 <= len(words) <= X
+        assert all(isinstance(w["word"], str) and isinstance(w["count"], int) for w in words)
+        counts = [w["count"] for w in words]
+        assert counts == sorted(counts, reverse=True)
+        assert sum(counts) <= P * S and max(counts) <= P  # one vote per image and word
+        assert len({w["word"] for w in words}) == len(words)
+        assert isinstance(f["top_images"], list) and len(f["top_images"]) == P
+        assert all(isinstance(name, str) and (targets / name).is_file() for name in f["top_images"])
+        # the P highest peaks, most activated first (equal peaks may come in any order)
+        peak = peaks[:, f["filter"]]
+        chosen = [names.index(name) for name in f["top_images"]]
+        others = [i for i in range(len(names)) if i not in chosen]
+        assert len(set(chosen)) == P
+        assert peak[chosen].tolist() == sorted(peak[chosen].tolist(), reverse=True)
+        assert float(peak[chosen].min()) >= float(peak[others].max())
+
+    # the words, recomputed here from the definitions: attention input, head, cosine
+    vocabulary = load_word_vectors().vocabulary(size=settings.vocabulary_size)
+    head = tiny_run.head.eval()
+    for f in filters:
+        u = f["filter"]
+        votes: Counter = Counter()
+        for name in f["top_images"]:
+            fm = maps[names.index(name)].flatten(1)  # (d, hw)
+            target = fm[u]
+            inputs = (fm @ target) / (target.norm() * fm.shape[1])
+            with torch.no_grad():
+                cosines = F.normalize(head(inputs[None]), dim=1)[0] @ vocabulary.unit_vectors.T
+            votes.update(vocabulary.words[i] for i in torch.argsort(cosines, descending=True)[:S].tolist())
+        reported = {w["word"]: w["count"] for w in f["words"]}
+        assert all(votes[word] == count for word, count in reported.items())
+        left_out = [c for word, c in votes.items() if word not in reported]
+        assert not left_out or min(reported.values()) >= max(left_out)
+
+    # the CSV holds the same words, in rank order
+    with (tiny_run.path / "explanations.csv").open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["filter", "rank", "word", "count"]
+    expected_rows = [[str(f["filter"]), str(r + 1), w["word"], str(w["count"])] for f in filters for r, w in enumerate(f["words"])]
+    assert rows[1:] == expected_rows
+
+    # thresholds: the per-filter quantile of the maps
+    thresholds = load_file(str(tiny_run.path / "thresholds.safetensors"))["thresholds"]
+    assert thresholds.shape == (8,)
+    expected = np.quantile(maps.transpose(0, 1).reshape(8, -1).double().numpy(), 1 - settings.quantile, axis=1)
+    np.testing.assert_allclose(thresholds.numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([f["threshold"] for f in filters], thresholds.numpy(), rtol=1e-6)
+    # what was used is recorded
+    assert data["settings"]["top_images"] == P and data["target"]["images"] == 12
+    assert data["vocabulary"]["words"] == 20_000
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs(tmp_path, tiny_run, tiny_model, targets, compute, method):
+    settings = ExplainSettings(method=method, top_images=2, words_per_image=3, top_words=3, vocabulary_size=2000)
+    result = explain(tiny_run.path, targets, settings=settings, compute=compute, model=tiny_model, cache_dir=tmp_path / "cache")
+    data = json.loads((tiny_run.path / "explanations.json").read_text())
+    assert data["method"] == result.method == method
+    assert len(data["filters"]) == 8
+    assert all(1 <= len(f["words"]) <= 3 for f in data["filters"])
+
+
+def test_methods_give_different_inputs_but_original_ignores_the_filter(tmp_path, tiny_run, tiny_model, targets, compute):
+    def words(method):
+        settings = ExplainSettings(method=method, top_images=1, words_per_image=5, top_words=5, vocabulary_size=2000)
+        result = explain(tiny_run.path, targets, settings=settings, compute=compute, model=tiny_model, cache_dir=tmp_path / "cache", write=False)
+        return result
+
+    original = words("original")
+    # with one image per filter, "original" names two filters alike when they share the image
+    by_image: dict[str, list] = {}
+    for f in original.filters:
+        by_image.setdefault(f.top_images[0], []).append(f.words)
+    assert any(len(group) > 1 for group in by_image.values())
+    for group in by_image.values():
+        assert all(w == group[0] for w in group)
+    assert not (tiny_run.path / "explanations.json").exists()  # write=False writes nothing
+
+
+def test_dead_filter_gets_no_words(tmp_path, coco, targets, tiny_net_type, compute):
+    torch.manual_seed(0)
+    net = tiny_net_type()
+    with torch.no_grad():
+        net.features[2].weight[5] = 0.0
+        net.features[2].bias[5] = 0.0  # filter 5 of features.3 is ReLU(0) = 0 everywhere
+    model = TargetModel.from_module(net, Preprocessing(64, 64), name="tiny-dead")
+    run = train(model, "features.3", open_reference(coco), tmp_path / "run", settings=TrainSettings(epochs=1), compute=compute, cache_dir=tmp_path / "cache")
+    with pytest.warns(LaviseWarning, match=r"1 filters are constant on every target image and get no words: \[5\]"):
+        result = explain(run, targets, settings=ExplainSettings(top_images=2), compute=compute, model=model, cache_dir=tmp_path / "cache")
+    dead = result.filters[5]
+    assert dead.active is False and dead.words == [] and dead.threshold == 0.0
+    assert all(f.active and f.words for f in result.filters if f.filter != 5)
+    data = json.loads((run.path / "explanations.json").read_text())
+    assert data["filters"][5]["active"] is False and data["filters"][5]["words"] == []
+    rows = (run.path / "explanations.csv").read_text().splitlines()
+    assert not any(row.startswith("5,") for row in rows)
+
+
+def test_more_top_images_than_targets_uses_them_all(tmp_path, tiny_run, tiny_model, targets, compute):
+    with pytest.warns(LaviseWarning, match="top_images=50 but only 12 usable target images; using 12"):
+        result = explain(tiny_run, targets, settings=ExplainSettings(top_images=50, vocabulary_size=1000), compute=compute, model=tiny_model, cache_dir=tmp_path / "cache")
+    assert all(len(f.top_images) == 12 and len(set(f.top_images)) == 12 for f in result.filters)
+    assert all(sum(w["count"] for w in f.words) <= 12 * 5 for f in result.filters)
+
+
+def test_explain_settings_are_checked(tmp_path, tiny_run, tiny_model, targets, compute):
+    def run(**changes):
+        explain(tiny_run, targets, settings=ExplainSettings(**changes), compute=compute, model=tiny_model, cache_dir=tmp_path / "cache")
+
+    with pytest.raises(LaviseError, match="Unknown method 'gradcam'"):
+        run(method="gradcam")
+    for name in ("top_images", "words_per_image", "top_words"):
+        with pytest.raises(LaviseError, match=f"{name} must be at least 1"):
+            run(**{name: 0})
+    listing = tmp_path / "words.txt"
+    listing.write_text("dog\ncat\n")
+    with pytest.raises(LaviseError, match="words_per_image=5 exceeds the vocabulary"):
+        run(vocabulary_file=str(listing))
+
+
+def test_custom_model_must_be_passed_again(tmp_path, tiny_run, targets, compute):
+    with pytest.raises(LaviseError, match="custom module"):
+        explain(tiny_run.path, targets, compute=compute, cache_dir=tmp_path / "cache")
+
+
+def test_vocabulary_file_limits_the_words(tmp_path, tiny_run, tiny_model, targets, compute):
+    listing = tmp_path / "words.txt"
+    listing.write_text("red\ngreen\nblue\nyellow\ncircle\nsquare\ntriangle\nlight\nunicornzz\n")
+    settings = ExplainSettings(top_images=2, words_per_image=2, top_words=3, vocabulary_file=str(listing))
+    result = explain(tiny_run.path, targets, settings=settings, compute=compute, model=tiny_model, cache_dir=tmp_path / "cache")
+    allowed = set(listing.read_text().split())
+    assert all(w["word"] in allowed for f in result.filters for w in f.words)
+    data = json.loads((tiny_run.path / "explanations.json").read_text())
+    assert data["vocabulary"]["missing"] == ["unicornzz"] and data["vocabulary"]["words"] == 8
+
+
+def test_concepts_outside_the_vocabulary_are_reported(tmp_path, tiny_run, tiny_model, targets, compute):
+    listing = tmp_path / "words.txt"
+    listing.write_text("red\ngreen\nblue\nsquare\nlight\ntraffic\n")
+    settings = ExplainSettings(top_images=2, words_per_image=2, vocabulary_file=str(listing))
+    with pytest.warns(LaviseWarning, match=r"2 reference concepts are not in the vocabulary and can never be named: circle, triangle$"):
+        explain(tiny_run, targets, settings=settings, compute=compute, model=tiny_model, cache_dir=tmp_path / "cache")
