@@ -9,7 +9,9 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from lavise.errors import LaviseError
+from lavise.demo import DemoSettings
 from lavise.settings import ComputeSettings, ExplainSettings, TrainSettings
+from lavise.synthetic import SceneSettings
 
 
 def _add_settings(parser: argparse.ArgumentParser, settings_type, title: str) -> None:
@@ -21,13 +23,17 @@ def _add_settings(parser: argparse.ArgumentParser, settings_type, title: str) ->
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
         if isinstance(default, bool):
             group.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction, help=help_text)
+        elif isinstance(default, tuple):
+            nargs = "+" if isinstance(default[0], str) else len(default)
+            group.add_argument(flag, dest=f.name, type=type(default[0]), nargs=nargs, default=default, help=help_text)
         else:
             kind = type(default) if default is not None else str
             group.add_argument(flag, dest=f.name, type=kind, default=default, choices=f.metadata.get("choices"), help=help_text)
 
 
 def _settings(args: argparse.Namespace, settings_type):
-    return settings_type(**{f.name: getattr(args, f.name) for f in fields(settings_type)})
+    values = {f.name: getattr(args, f.name) for f in fields(settings_type)}
+    return settings_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +64,19 @@ def _parser() -> argparse.ArgumentParser:
     _add_settings(explain, ExplainSettings, "explanation")
     _add_settings(explain, ComputeSettings, "compute")
 
+    demo = commands.add_parser("demo", help="the built-in demo: planted-concept scenes, two real targets, offline")
+    demo.add_argument("--out", type=Path, default=Path("lavise-demo"), help="output folder (default: lavise-demo)")
+    _add_settings(demo, DemoSettings, "demo")
+    _add_settings(demo, ComputeSettings, "compute")
+
+    synth = commands.add_parser("synth", help="generate planted-concept scenes in COCO format")
+    synth.add_argument("--out", type=Path, required=True, help="output folder (images/, annotations.json, split.json)")
+    synth.add_argument("--part", choices=("reference", "evaluation"), default="reference",
+                       help="reference: seen concepts only (for training); evaluation: all concepts")
+    synth.add_argument("--vocabulary-size", type=int, default=20_000,
+                       help="only concepts among the N most frequent clean GloVe words (0: any; default: 20000)")
+    _add_settings(synth, SceneSettings, "scenes")
+
     layers = commands.add_parser("layers", help="list a model's layers with their output shapes")
     layers.add_argument("model", help="torchvision model name, or efficientnet_lite0")
     return parser
@@ -67,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     warnings.showwarning = _show_warning
     try:
-        return {"train": _train, "explain": _explain, "layers": _layers}[args.command](args)
+        commands = {"train": _train, "explain": _explain, "demo": _demo, "synth": _synth, "layers": _layers}
+        return commands[args.command](args)
     except LaviseError as error:
         print(f"lavise: error: {error}", file=sys.stderr)
         return 2
@@ -130,6 +150,23 @@ def print_summary(explanations, examples: int = 8) -> None:
         print(f"  filter {f.filter:4d}: {words}")
     if explanations.path is not None:
         print(f"Written: {explanations.path} and {explanations.path.with_suffix('.csv')}")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from lavise.demo import run_demo
+
+    run_demo(args.out, _settings(args, DemoSettings), _settings(args, ComputeSettings))
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from lavise.embeddings import load_word_vectors
+    from lavise.synthetic import generate_scenes
+
+    allowed = load_word_vectors().vocabulary(size=args.vocabulary_size).words if args.vocabulary_size else None
+    out = generate_scenes(args.out, _settings(args, SceneSettings), part=args.part, allowed_words=allowed)
+    print(f"Scenes written to {out} (annotations.json, images/, split.json)")
+    return 0
 
 
 def _layers(args: argparse.Namespace) -> int:

@@ -1,0 +1,194 @@
+"""The built-in demo: planted-concept scenes, two real targets, filters named in words.
+
+Offline and on two CPU cores in a few minutes:
+
+1. generate reference scenes (seen concepts only) and evaluation scenes (all concepts,
+   some held out of training) with :mod:`lavise.synthetic`;
+2. targets: EfficientNet-Lite0 with ImageNet weights, and a small CNN trained here to
+   tell which concepts a scene holds (so its filters are known to carry them);
+3. train an explainer per target on the reference scenes;
+4. explain every filter on the evaluation scenes plus scikit-image's photographs;
+5. print the most consistent filters with their words, marking held-out concepts.
+
+Everything lands under ``--out`` in the layout of ``lavise train``/``explain``; data,
+features, the scene CNN and explainers are reused by a second run with the same settings.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lavise.datasets.coco import CocoDataset
+from lavise.embeddings import load_word_vectors
+from lavise.explain import Explanations, explain
+from lavise.models import ModelSpec, load_target_model
+from lavise.runs import Run, load_run, train
+from lavise.settings import ComputeSettings, ExplainSettings, TrainSettings
+from lavise.storage import read_json, write_json
+from lavise.synthetic import OPENMOJI_ATTRIBUTION, SceneSettings, generate_scenes
+
+# scikit-image photographs that load offline, added to the target images.
+PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "stereo_motorcycle", "camera", "coins", "hubble_deep_field")
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    reference_images: int = _opt(800, "reference scenes the explainers learn from")
+    evaluation_images: int = _opt(300, "held-out scenes among the target images")
+    concepts: int = _opt(60, "emoji concepts planted in the scenes")
+    unseen_fraction: float = _opt(0.3, "share of concepts kept out of the reference scenes")
+    seed: int = _opt(0, "seed for scenes, split, scene CNN and explainers")
+    scene_cnn_epochs: int = _opt(10, "training epochs of the small scene CNN")
+    explainer_epochs: int = _opt(60, "training epochs of each explainer")
+    vocabulary_size: int = _opt(20_000, "candidate words: the N most frequent clean GloVe words")
+
+
+@dataclass(frozen=True)
+class DemoTarget:
+    key: str
+    spec: ModelSpec
+    layer: str
+    title: str
+
+
+def run_demo(out: Path, settings: DemoSettings = DemoSettings(), compute: ComputeSettings = ComputeSettings()) -> dict:
+    """Run the whole demo under ``out``; return a summary (also saved as demo.json)."""
+    out = Path(out)
+    cache_dir = out / "cache"
+    vocabulary = load_word_vectors().vocabulary(size=settings.vocabulary_size)
+    scenes = SceneSettings(
+        num_concepts=settings.concepts,
+        unseen_fraction=settings.unseen_fraction,
+        seed=settings.seed,
+    )
+    reference_dir = generate_scenes(
+        out / "data" / "reference", _with_count(scenes, settings.reference_images),
+        part="reference", allowed_words=vocabulary.words, progress=compute.progress,
+    )
+    evaluation_dir = generate_scenes(
+        out / "data" / "evaluation", _with_count(scenes, settings.evaluation_images),
+        part="evaluation", allowed_words=vocabulary.words, progress=compute.progress,
+    )
+    split = read_json(evaluation_dir / "split.json")
+    target_dir = _target_images(out / "data" / "target", evaluation_dir)
+    reference = CocoDataset(reference_dir / "annotations.json", reference_dir / "images")
+
+    scene_cnn = _scene_cnn(out, reference, settings, compute)
+    targets = [
+        DemoTarget("efficientnet_lite0", ModelSpec("efficientnet_lite0", "IMAGENET"), "blocks.5.0.bn1",
+                   "EfficientNet-Lite0, ImageNet weights"),
+        DemoTarget("scene_cnn", ModelSpec("scene_cnn", None, str(scene_cnn)), "features.11",
+                   "small CNN trained on the scenes"),
+    ]
+    train_settings = TrainSettings(seed=settings.seed, epochs=settings.explainer_epochs)
+    explain_settings = ExplainSettings(vocabulary_size=settings.vocabulary_size)
+    results = {}
+    for target in targets:
+        run = _trained(out / "runs" / target.key, target, reference, train_settings, compute, cache_dir)
+        results[target.key] = explain(run, target_dir, settings=explain_settings, compute=compute, cache_dir=cache_dir)
+
+    summary = {
+        "settings": asdict(settings),
+        "attribution": OPENMOJI_ATTRIBUTION,
+        "seen_concepts": split["seen"],
+        "unseen_concepts": split["unseen"],
+        "runs": {key: str(out / "runs" / key) for key in results},
+    }
+    write_json(out / "demo.json", summary)
+    (out / "ATTRIBUTION.txt").write_text(OPENMOJI_ATTRIBUTION + "\n", encoding="utf-8")
+    for target in targets:
+        print_table(target.title, target.layer, results[target.key], split["seen"], split["unseen"])
+    print(f"\nOutputs: {out} (runs/<target>/explanations.json, explanations.csv)")
+    print(OPENMOJI_ATTRIBUTION)
+    return summary
+
+
+def _with_count(scenes: SceneSettings, count: int) -> SceneSettings:
+    return SceneSettings.from_dict({**scenes.to_dict(), "num_images": count})
+
+
+def _target_images(folder: Path, evaluation_dir: Path) -> Path:
+    """Evaluation scenes (linked, not copied) plus scikit-image photographs."""
+    import skimage.data
+
+    scenes = folder / "scenes"
+    scenes.mkdir(parents=True, exist_ok=True)
+    for source in sorted((evaluation_dir / "images").iterdir()):
+        destination = scenes / source.name
+        if not destination.exists():
+            try:
+                os.link(source, destination)
+            except OSError:
+                shutil.copyfile(source, destination)
+    photos = folder / "photos"
+    photos.mkdir(exist_ok=True)
+    for name in PHOTOS:
+        path = photos / f"{name}.png"
+        if not path.exists():
+            array = getattr(skimage.data, name)()
+            array = array[0] if isinstance(array, tuple) else array
+            Image.fromarray(np.asarray(array)).convert("RGB").save(path)
+    return folder
+
+
+def _scene_cnn(out: Path, reference: CocoDataset, settings: DemoSettings, compute: ComputeSettings) -> Path:
+    """Train the small scene CNN once per reference data and settings."""
+    from lavise.features import cpu_threads, resolve_device
+    from lavise.scene_cnn import train_scene_cnn
+
+    path = out / "models" / "scene_cnn.pt"
+    record = out / "models" / "scene_cnn.json"
+    wanted = {"reference": reference.identity(), "epochs": settings.scene_cnn_epochs, "seed": settings.seed}
+    if path.is_file() and record.is_file() and read_json(record).get("key") == wanted:
+        return path
+    with cpu_threads(compute.threads, 0):  # the scenes are decoded up front, no workers
+        facts = train_scene_cnn(
+            reference, path, epochs=settings.scene_cnn_epochs, seed=settings.seed,
+            device=resolve_device(compute.device), progress=compute.progress,
+        )
+    write_json(record, {"key": wanted, **facts})
+    return path
+
+
+def _trained(folder: Path, target: DemoTarget, reference: CocoDataset, settings: TrainSettings,
+             compute: ComputeSettings, cache_dir: Path) -> Run:
+    """Reuse a run trained with the same model, layer, data and settings; else train."""
+    if (folder / "config.json").is_file():
+        run = load_run(folder)
+        model = load_target_model(target.spec)
+        same = (
+            run.config["model"] == model.description
+            and run.config["layer"] == target.layer
+            and run.config["train"] == settings.to_dict()
+            and run.config["reference"]["identity"] == reference.identity()
+        )
+        if same:
+            return run
+    return train(target.spec, target.layer, reference, folder, settings=settings, compute=compute, cache_dir=cache_dir)
+
+
+def print_table(title: str, layer: str, explanations: Explanations, seen: list[str], unseen: list[str], rows: int = 12) -> None:
+    """The most consistent filters: their top words, with held-out concepts marked."""
+    seen_set, unseen_set = set(seen), set(unseen)
+
+    def mark(word: str) -> str:
+        return f"{word}*" if word in unseen_set else f"{word}+" if word in seen_set else word
+
+    active = [f for f in explanations.filters if f.words]
+    ranked = sorted(active, key=lambda f: (-f.words[0]["count"], f.filter))[:rows]
+    print(f"\n{title} — {layer}, {len(explanations.filters)} filters, method {explanations.method}")
+    print(f"{'filter':>6}  top words (count)   [+ seen concept, * held-out concept]")
+    for f in ranked:
+        print(f"{f.filter:>6}  " + ", ".join(f"{mark(w['word'])} ({w['count']})" for w in f.words[:6]))
+    named_unseen = sorted({w["word"] for f in active for w in f.words[:5]} & unseen_set)
+    print(f"held-out concepts among some filter's top 5 words: {', '.join(named_unseen) or 'none'}")

@@ -1,0 +1,59 @@
+"""The built-in demo end to end at a reduced size, and its scene CNN target."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import torch
+
+from lavise.datasets import CocoDataset, LaviseWarning
+from lavise.demo import DemoSettings, run_demo
+from lavise.models import ModelSpec, layer_reader, load_target_model
+from lavise.scene_cnn import DEFAULT_LAYER, train_scene_cnn
+from lavise.settings import ComputeSettings
+from lavise.synthetic import OPENMOJI_ATTRIBUTION, SceneSettings, generate_scenes
+
+SMALL = DemoSettings(reference_images=40, evaluation_images=12, concepts=10, scene_cnn_epochs=1, explainer_epochs=2)
+QUIET = ComputeSettings(num_workers=0, progress=False)
+
+
+def test_demo_writes_runs_for_both_targets_and_reuses_them(tmp_path, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LaviseWarning)
+        summary = run_demo(tmp_path, SMALL, QUIET)
+    printed = capsys.readouterr().out
+    assert OPENMOJI_ATTRIBUTION in printed and "held-out concept" in printed
+    assert summary["unseen_concepts"] and set(summary["unseen_concepts"]).isdisjoint(summary["seen_concepts"])
+    reference = json.loads((tmp_path / "data/reference/annotations.json").read_text())
+    assert {c["name"] for c in reference["categories"]}.isdisjoint(summary["unseen_concepts"])
+    for key, filters in (("efficientnet_lite0", 672), ("scene_cnn", 256)):
+        explanations = json.loads((tmp_path / "runs" / key / "explanations.json").read_text())
+        assert len(explanations["filters"]) == filters
+        assert [f["filter"] for f in explanations["filters"]] == list(range(filters))
+        photos = {p for f in explanations["filters"] for p in f["top_images"] if p.startswith("photos/")}
+        scenes = {p for f in explanations["filters"] for p in f["top_images"] if p.startswith("scenes/")}
+        assert photos and scenes  # both kinds of target image are explained
+    assert (tmp_path / "ATTRIBUTION.txt").read_text().strip() == OPENMOJI_ATTRIBUTION
+
+    checkpoint = tmp_path / "models/scene_cnn.pt"
+    config = tmp_path / "runs/scene_cnn/config.json"
+    stamps = (checkpoint.stat().st_mtime_ns, config.stat().st_mtime_ns)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LaviseWarning)
+        run_demo(tmp_path, SMALL, QUIET)
+    assert (checkpoint.stat().st_mtime_ns, config.stat().st_mtime_ns) == stamps  # reused, not retrained
+
+
+def test_scene_cnn_learns_and_loads_as_a_target(tmp_path):
+    scenes = generate_scenes(tmp_path / "scenes", SceneSettings(num_images=48, num_concepts=6, unseen_fraction=0.0),
+                             part="reference", progress=False)
+    dataset = CocoDataset(scenes / "annotations.json", scenes / "images")
+    facts = train_scene_cnn(dataset, tmp_path / "cnn.pt", epochs=3, progress=False)
+    assert facts["train_label_accuracy"] > 0.5
+    model = load_target_model(ModelSpec("scene_cnn", None, str(tmp_path / "cnn.pt")))
+    saved = torch.load(tmp_path / "cnn.pt", weights_only=True)
+    assert torch.equal(model.module.state_dict()["features.0.weight"], saved["features.0.weight"])
+    with layer_reader(model.module, DEFAULT_LAYER) as read, torch.inference_mode():
+        maps = read(torch.zeros(2, 3, 112, 112))
+    assert maps.shape == (2, 256, 14, 14) and maps.min() >= 0  # post-ReLU
