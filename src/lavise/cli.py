@@ -79,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
 
     layers = commands.add_parser("layers", help="list a model's layers with their output shapes")
     layers.add_argument("model", help="torchvision model name, or efficientnet_lite0")
+
+    for name, handler in (("train", _train), ("explain", _explain), ("demo", _demo), ("synth", _synth), ("layers", _layers)):
+        commands.choices[name].set_defaults(handler=handler)
+    # Commands of the analysis modules: each adds its parser and sets its own handler.
     return parser
 
 
@@ -86,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     warnings.showwarning = _show_warning
     try:
-        commands = {"train": _train, "explain": _explain, "demo": _demo, "synth": _synth, "layers": _layers}
-        return commands[args.command](args)
+        return args.handler(args)
     except LaviseError as error:
         print(f"lavise: error: {error}", file=sys.stderr)
         return 2
