@@ -14,10 +14,12 @@ from lavise.settings import ComputeSettings, ExplainSettings, TrainSettings
 from lavise.synthetic import SceneSettings
 
 
-def _add_settings(parser: argparse.ArgumentParser, settings_type, title: str) -> None:
+def _add_settings(parser: argparse.ArgumentParser, settings_type, title: str, exclude: tuple[str, ...] = ()) -> None:
     """One option per settings field; defaults and help come from the dataclass."""
     group = parser.add_argument_group(title)
     for f in fields(settings_type):
+        if f.name in exclude:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
@@ -25,14 +27,15 @@ def _add_settings(parser: argparse.ArgumentParser, settings_type, title: str) ->
             group.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction, help=help_text)
         elif isinstance(default, tuple):
             nargs = "+" if isinstance(default[0], str) else len(default)
-            group.add_argument(flag, dest=f.name, type=type(default[0]), nargs=nargs, default=default, help=help_text)
+            group.add_argument(flag, dest=f.name, type=type(default[0]), nargs=nargs, default=default,
+                               choices=f.metadata.get("choices"), help=help_text)
         else:
             kind = type(default) if default is not None else str
             group.add_argument(flag, dest=f.name, type=kind, default=default, choices=f.metadata.get("choices"), help=help_text)
 
 
 def _settings(args: argparse.Namespace, settings_type):
-    values = {f.name: getattr(args, f.name) for f in fields(settings_type)}
+    values = {f.name: getattr(args, f.name) for f in fields(settings_type) if hasattr(args, f.name)}
     return settings_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
@@ -83,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, handler in (("train", _train), ("explain", _explain), ("demo", _demo), ("synth", _synth), ("layers", _layers)):
         commands.choices[name].set_defaults(handler=handler)
     # Commands of the analysis modules: each adds its parser and sets its own handler.
+    _add_evaluate_commands(commands)
     return parser
 
 
@@ -179,6 +183,66 @@ def _layers(args: argparse.Namespace) -> int:
     for name, shape in layer_shapes(model.module, model.preprocessing.crop_size):
         print(f"{name:40s} {' x '.join(str(s) for s in shape)}")
     return 0
+
+
+def _add_evaluate_commands(commands) -> None:
+    from lavise.datasets import REFERENCE_FORMATS
+    from lavise.settings import EvaluateSettings
+
+    evaluate = commands.add_parser(
+        "evaluate", help="score explanations against annotated images: IoU ground truth, recall@k, baselines, NetDissect"
+    )
+    evaluate.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR", help="trained runs (several layers at once)")
+    evaluate.add_argument("--dataset", required=True, type=Path, help="annotated evaluation images: COCO JSON or any reference format")
+    evaluate.add_argument("--dataset-images", type=Path, default=None, help="image folder of a COCO dataset (default: 'images' beside the JSON)")
+    evaluate.add_argument("--dataset-format", choices=REFERENCE_FORMATS, default=None, help="default: guessed from --dataset")
+    evaluate.add_argument("--out", type=Path, default=None, help="also save the combined Markdown table of all runs here")
+    evaluate.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: $LAVISE_CACHE or ~/.cache/lavise)")
+    evaluate.add_argument("--annotated-fractions", type=float, nargs="+", default=None, metavar="F",
+                          help="Figure 7: retrain with these shares of reference concepts annotated and score unseen concepts")
+    evaluate.add_argument("--sweep-reference", type=Path, default=None, help="reference data to retrain on for the sweep")
+    evaluate.add_argument("--sweep-reference-images", type=Path, default=None, help="image folder of a COCO sweep reference")
+    _add_settings(evaluate, EvaluateSettings, "evaluation")
+    _add_settings(evaluate, ExplainSettings, "explanation", exclude=("method",))
+    _add_settings(evaluate, ComputeSettings, "compute")
+    evaluate.set_defaults(handler=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from lavise.datasets import open_reference
+    from lavise.evaluate import annotated_fraction_sweep, evaluate, markdown_table
+    from lavise.settings import EvaluateSettings
+    from lavise.storage import atomic_path
+
+    if args.annotated_fractions and args.sweep_reference is None:
+        raise LaviseError("--annotated-fractions retrains the explainer: pass its reference data with --sweep-reference.")
+    dataset = open_reference(args.dataset, images=args.dataset_images, format=args.dataset_format)
+    settings, explain_settings = _settings(args, EvaluateSettings), _settings(args, ExplainSettings)
+    compute = _settings(args, ComputeSettings)
+    evaluations = evaluate(
+        args.runs, dataset, settings=settings, explain_settings=explain_settings, compute=compute, cache_dir=args.cache_dir
+    )
+    table = markdown_table(evaluations)
+    print("\nExact-match recall over filters with ground truth (IoU > "
+          f"{settings.iou_threshold}); lenient accepts WordNet plurals and synonyms.\n")
+    print(table)
+    for evaluation in evaluations:
+        print(f"Written: {evaluation.path} (and evaluation.md, evaluation.png)")
+    if args.out is not None:
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(table)
+        print(f"Written: {args.out}")
+    if args.annotated_fractions:
+        reference = open_reference(args.sweep_reference, images=args.sweep_reference_images)
+        for run_dir in args.runs:
+            annotated_fraction_sweep(
+                run_dir, reference, dataset, args.annotated_fractions, settings=settings,
+                explain_settings=explain_settings, compute=compute, cache_dir=args.cache_dir,
+            )
+            print(f"\nAnnotated-fraction sweep of {run_dir}:\n")
+            print((Path(run_dir) / "sweep.md").read_text())
+    return 0
+
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -191,8 +192,10 @@ def explain(
 
         thresholds = quantile_thresholds(maps, settings.quantile)
         chosen = top_images(maps, per_filter)  # (d, p)
-        word_ids, similarities = _words_for_pairs(
-            run, maps, chosen, thresholds, settings, vocabulary.unit_vectors, compute
+        device = resolve_device(compute.device)
+        word_ids, similarities = pair_words(
+            run.head, feature_inputs(settings.method, maps, thresholds, device), chosen,
+            vocabulary.unit_vectors, settings.words_per_image, device=device, progress=compute.progress,
         )
         ranked = rank_words(word_ids, similarities, settings.top_words)
         flat = maps.flatten(2)
@@ -235,38 +238,54 @@ def explain(
         return explanations
 
 
-def _words_for_pairs(
-    run: Run,
-    maps: torch.Tensor,
+PairInputs = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def feature_inputs(method: str, maps: torch.Tensor, thresholds: torch.Tensor, device: torch.device) -> PairInputs:
+    """The explainer inputs of (filter, image) pairs computed from the cached feature maps.
+
+    (n,) filters, (n,) image rows -> (n, d) on ``device``
+    """
+    thresholds = thresholds.to(device)
+
+    def inputs(filters: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return explainer_inputs(method, maps[rows].to(device), filters.to(device), thresholds)
+
+    return inputs
+
+
+def pair_words(
+    head: torch.nn.Module,
+    pair_inputs: PairInputs,
     chosen: torch.Tensor,
-    thresholds: torch.Tensor,
-    settings: ExplainSettings,
     unit_vocabulary: torch.Tensor,
-    compute: ComputeSettings,
+    words_per_image: int,
+    *,
+    device: torch.device,
+    progress: bool = False,
     chunk: int = 2048,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest words for every (filter, top image) pair, in batches of pairs.
 
-    -> (d, p·s) word indices and similarities
+    ``pair_inputs(filters, rows)`` gives the explainer inputs of a batch of pairs, so the
+    same loop serves the feature-space methods and image masking (which re-runs the
+    network).
+
+    (d, p) chosen image rows -> (d, p·s) word indices and similarities
     """
-    device = resolve_device(compute.device)
     d, p = chosen.shape
     filters = torch.arange(d).repeat_interleave(p)  # (d·p,)
     image_rows = chosen.flatten()
-    head = run.head.to(device).eval()
+    head = head.to(device).eval()
     vocab = unit_vocabulary.to(device)
-    thresholds = thresholds.to(device)
     ids, sims = [], []
     with torch.inference_mode():
-        for start in tqdm(range(0, len(filters), chunk), desc="naming filters", unit="batch", disable=not compute.progress):
-            batch_filters = filters[start : start + chunk].to(device)
-            batch_maps = maps[image_rows[start : start + chunk]].to(device)
-            inputs = explainer_inputs(settings.method, batch_maps, batch_filters, thresholds)
-            words, values = nearest_words(head(inputs), vocab, settings.words_per_image)
+        for start in tqdm(range(0, len(filters), chunk), desc="naming filters", unit="batch", disable=not progress):
+            inputs = pair_inputs(filters[start : start + chunk], image_rows[start : start + chunk])
+            words, values = nearest_words(head(inputs), vocab, words_per_image)
             ids.append(words.cpu())
             sims.append(values.cpu())
-    s = settings.words_per_image
-    return torch.cat(ids).reshape(d, p * s), torch.cat(sims).reshape(d, p * s)
+    return torch.cat(ids).reshape(d, p * words_per_image), torch.cat(sims).reshape(d, p * words_per_image)
 
 
 def _relative(path: str, root: Path) -> str:

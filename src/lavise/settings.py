@@ -71,6 +71,33 @@ class ComputeSettings:
         return asdict(self)
 
 
+EVALUATION_METHODS = ("original", "image", "activation", "attention", "cosine-attention", "netdissect")
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """How explanations are scored against annotated data (paper §4.5, NetDissect's protocol)."""
+
+    methods: tuple[str, ...] = _opt(
+        EVALUATION_METHODS,
+        "methods compared: the four explainer inputs, image (image masking: the image masked "
+        "to the filter's region and run again) and netdissect (highest-IoU concepts)",
+        choices=EVALUATION_METHODS,
+    )
+    iou_threshold: float = _opt(0.04, "a concept is a filter's ground truth when their IoU exceeds this")
+    iou_size: int = _opt(
+        112, "side of the grid where activation regions meet masks (Broden's 112 for 224-pixel images)"
+    )
+    labelling_fraction: float = _opt(
+        0.5, "share of images on which NetDissect picks labels; ground truth comes from the rest (0: no NetDissect)"
+    )
+    split_seed: int = _opt(0, "seed of the labelling/scoring split of the evaluation images")
+    lenient: bool = _opt(True, "also report lenient recall (WordNet plurals and synonyms count)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def option_fields(settings_type) -> list:
     """The dataclass fields that become command-line options."""
     return list(fields(settings_type))
