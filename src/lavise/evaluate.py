@@ -515,7 +515,9 @@ def _evaluate_run(
     truth = [[names[c] for c in ids] for ids in truth_ids]
     seen = set(run.split["seen"])
 
-    words = _method_words(run, target_model, maps, features.paths, thresholds, label_tally, names, settings, explain_settings, compute, cache_dir)
+    scored = torch.tensor([u for u, t in enumerate(truth_ids) if t], dtype=torch.long)
+    words = _method_words(run, target_model, maps, features.paths, thresholds, label_tally, names, scored,
+                          settings, explain_settings, compute, cache_dir)
     methods, per_method = {}, {}
     for method, method_words in words.items():
         summary, per_filter = score_filters(method_words, truth, seen)
@@ -596,15 +598,22 @@ def _cached_tallies(run, target_model, dataset, maps, paths, thresholds, labelli
     return label_tally, score_tally, skipped
 
 
-def _method_words(run, target_model, maps, paths, thresholds, label_tally, names, settings, explain_settings, compute, cache_dir):
-    """Per method, each filter's ranked words (NetDissect: concepts by labelling IoU)."""
+def _method_words(run, target_model, maps, paths, thresholds, label_tally, names, scored, settings, explain_settings,
+                  compute, cache_dir):
+    """Per method, each filter's ranked words (NetDissect: concepts by labelling IoU).
+
+    Only the ``scored`` filters (those with ground truth) are named by the explainer
+    methods: the others cannot be scored, and image masking re-runs the network for
+    every (filter, image) pair. The rest get an empty word list.
+    """
+    d = maps.shape[1]
     words: dict[str, list[list[str]]] = {}
     explained = [m for m in settings.methods if m != "netdissect"]
-    if explained:
+    if explained and len(scored):
         vocabulary = _vocabulary(run, explain_settings, cache_dir)
         device = resolve_device(compute.device)
         per_filter = min(explain_settings.top_images, len(maps))
-        chosen = top_images(maps, per_filter)
+        chosen = top_images(maps, per_filter)[scored]
         for method in explained:
             with contextlib.ExitStack() as stack:
                 if method == "image":
@@ -617,10 +626,14 @@ def _method_words(run, target_model, maps, paths, thresholds, label_tally, names
                     inputs, chunk = feature_inputs(method, maps, thresholds, device), 2048
                 ids, sims = pair_words(
                     run.head, inputs, chosen, vocabulary.unit_vectors, explain_settings.words_per_image,
-                    device=device, progress=compute.progress, chunk=chunk,
+                    device=device, progress=compute.progress, chunk=chunk, filter_ids=scored,
                 )
             ranked = rank_words(ids, sims, explain_settings.top_words)
-            words[method] = [[vocabulary.words[w] for w, _ in filter_words] for filter_words in ranked]
+            words[method] = [[] for _ in range(d)]
+            for u, filter_words in zip(scored.tolist(), ranked):
+                words[method][u] = [vocabulary.words[w] for w, _ in filter_words]
+    for method in explained:
+        words.setdefault(method, [[] for _ in range(d)])
     if "netdissect" in settings.methods:
         iou = label_tally.iou()
         order = torch.argsort(iou, dim=1, descending=True, stable=True)[:, : max(RECALL_KS)]

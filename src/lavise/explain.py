@@ -264,17 +264,19 @@ def pair_words(
     device: torch.device,
     progress: bool = False,
     chunk: int = 2048,
+    filter_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest words for every (filter, top image) pair, in batches of pairs.
 
     ``pair_inputs(filters, rows)`` gives the explainer inputs of a batch of pairs, so the
     same loop serves the feature-space methods and image masking (which re-runs the
-    network).
+    network). ``filter_ids`` names the filters of ``chosen``'s rows (default: 0..d−1).
 
     (d, p) chosen image rows -> (d, p·s) word indices and similarities
     """
     d, p = chosen.shape
-    filters = torch.arange(d).repeat_interleave(p)  # (d·p,)
+    filter_ids = torch.arange(d) if filter_ids is None else filter_ids
+    filters = filter_ids.repeat_interleave(p)  # (d·p,)
     image_rows = chosen.flatten()
     head = head.to(device).eval()
     vocab = unit_vocabulary.to(device)

@@ -1,0 +1,93 @@
+"""The quality bar: `lavise evaluate` on the demo's evaluation scenes, both targets, several seeds.
+
+For each seed, runs the whole demo (scenes, scene CNN, explainers; reused when already
+there) and evaluates both demo runs on the demo's annotated evaluation scenes with every
+method. Prints one Markdown table of means ± standard deviations over the seeds, and
+the evaluation time of each seed (cold: including the target features of the
+evaluation scenes and the IoU tallies).
+
+    python benchmarks/evaluate_demo.py --seeds 0 1 2 --work /tmp/lavise-eval
+
+docs/evaluation.md quotes its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lavise.datasets.coco import CocoDataset
+from lavise.demo import DemoSettings, run_demo
+from lavise.evaluate import evaluate
+from lavise.settings import ComputeSettings, EvaluateSettings
+
+COLUMNS = [
+    ("R@5", lambda s: s["recall@5"]),
+    ("R@10", lambda s: s["recall@10"]),
+    ("R@20", lambda s: s["recall@20"]),
+    ("P@1", lambda s: s["precision@1"]),
+    ("seen R@5", lambda s: s["seen"] and s["seen"]["recall@5"]),
+    ("unseen R@20", lambda s: s["unseen"] and s["unseen"]["recall@20"]),
+    ("unseen named@20", lambda s: s["unseen_named@20"]),
+    ("lenient R@5", lambda s: s["lenient"]["recall@5"] if s.get("lenient") else None),
+    ("lenient unseen named@20", lambda s: s["lenient"].get("unseen_named@20") if s.get("lenient") else None),
+]
+
+
+def mean_sd(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/lavise-eval"))
+    parser.add_argument("--methods", nargs="+", default=list(EvaluateSettings().methods))
+    parser.add_argument("--json", type=Path, default=None, help="also save every seed's summaries here")
+    args = parser.parse_args()
+
+    compute = ComputeSettings(progress=False)
+    results: dict[int, dict] = {}
+    timings: dict[int, float] = {}
+    for seed in args.seeds:
+        out = args.work / f"seed-{seed}"
+        started = time.perf_counter()
+        summary = run_demo(out, DemoSettings(seed=seed), compute)
+        demo_seconds = time.perf_counter() - started
+        evaluation_data = out / "data" / "evaluation"
+        dataset = CocoDataset(evaluation_data / "annotations.json", evaluation_data / "images")
+        runs = [Path(summary["runs"][key]) for key in sorted(summary["runs"])]
+        started = time.perf_counter()
+        evaluations = evaluate(runs, dataset, settings=EvaluateSettings(methods=tuple(args.methods)),
+                               compute=compute, cache_dir=out / "cache")
+        timings[seed] = time.perf_counter() - started
+        results[seed] = {f"{e.model} {e.layer}": e.methods for e in evaluations}
+        print(f"seed {seed}: demo {demo_seconds:.0f} s, evaluation of both targets {timings[seed]:.0f} s", flush=True)
+
+    targets = sorted({t for r in results.values() for t in r})
+    header = ["target", "method", "filters", *[name for name, _ in COLUMNS]]
+    print(f"\nExact-match scores, mean ± sd over seeds {args.seeds} "
+          "(filters: filters with ground truth, mean over seeds)\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for target in targets:
+        for method in args.methods:
+            summaries = [results[s][target][method] for s in args.seeds]
+            cells = [target, method, f"{np.mean([s['filters'] for s in summaries]):.0f}",
+                     *[mean_sd([get(s) for s in summaries]) for _, get in COLUMNS]]
+            print("| " + " | ".join(cells) + " |")
+    print(f"\nEvaluation time (both targets, all methods, cold cache): "
+          + ", ".join(f"seed {s}: {t:.0f} s" for s, t in timings.items()))
+    if args.json:
+        args.json.write_text(json.dumps({"seeds": args.seeds, "results": results, "seconds": timings}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
