@@ -9,7 +9,10 @@ Example:
 __version__ = "0.1.0"  # before the imports: lavise.runs records it
 
 from lavise.attention import METHODS
-from lavise.datasets import CocoDataset, FolderDataset, ImageFiles, LaviseWarning, open_reference
+from lavise.datasets import (
+    BrodenDataset, CocoDataset, FolderDataset, ImageFiles, LaviseWarning, ManifestDataset, ReferenceSettings,
+    VisualGenomeDataset, open_reference,
+)
 from lavise.embeddings import WordVectors, load_word_vectors
 from lavise.errors import LaviseError
 from lavise.explain import Explanations, FilterExplanation, explain
@@ -19,6 +22,7 @@ from lavise.settings import ComputeSettings, ExplainSettings, TrainSettings
 
 __all__ = [
     "METHODS",
+    "BrodenDataset",
     "CocoDataset",
     "ComputeSettings",
     "ExplainSettings",
@@ -28,11 +32,14 @@ __all__ = [
     "ImageFiles",
     "LaviseError",
     "LaviseWarning",
+    "ManifestDataset",
     "ModelSpec",
     "Preprocessing",
+    "ReferenceSettings",
     "Run",
     "TargetModel",
     "TrainSettings",
+    "VisualGenomeDataset",
     "WordVectors",
     "explain",
     "load_run",

@@ -51,9 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--weights", default=None, help="weight name, e.g. IMAGENET1K_V1 (default: random initialisation)")
     train.add_argument("--checkpoint", default=None, help="local state_dict file to load into the model")
     train.add_argument("--layer", required=True, help="dotted path of the layer, e.g. layer4 or features.28")
-    train.add_argument("--reference", required=True, type=Path, help="COCO instances JSON, or a folder with one sub-folder per class")
-    train.add_argument("--reference-images", type=Path, default=None, help="image folder of a COCO reference (default: 'images' beside the JSON)")
-    train.add_argument("--reference-format", choices=("coco", "folder"), default=None, help="default: guessed from --reference")
+    from lavise.datasets import REFERENCE_FORMATS, ReferenceSettings
+
+    train.add_argument("--reference", required=True, type=Path,
+                       help="COCO instances JSON, Visual Genome or Broden folder, manifest (.csv/.jsonl), "
+                            "or a folder with one sub-folder per class (see docs/datasets.md)")
+    train.add_argument("--reference-images", type=Path, default=None,
+                       help="image folder of a COCO (default: 'images' beside the JSON), Visual Genome "
+                            "(holding VG_100K/; default: the dataset folder) or manifest reference")
+    train.add_argument("--reference-format", choices=REFERENCE_FORMATS, default=None, help="default: guessed from --reference")
+    _add_settings(train, ReferenceSettings, "reference data")
     train.add_argument("--word-vectors", default="glove-6b-50d", help="glove-6b-50d (built in) or a GloVe/word2vec text file")
     train.add_argument("--out", required=True, type=Path, help="run directory to write")
     train.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: $LAVISE_CACHE or ~/.cache/lavise)")
@@ -108,11 +115,14 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lavise.datasets import open_reference
+    from lavise.datasets import ReferenceSettings, open_reference
     from lavise.models import ModelSpec
     from lavise.runs import train
 
-    reference = open_reference(args.reference, images=args.reference_images, format=args.reference_format)
+    reference = open_reference(
+        args.reference, images=args.reference_images, format=args.reference_format,
+        settings=_settings(args, ReferenceSettings), cache_dir=args.cache_dir,
+    )
     run = train(
         ModelSpec(args.model, args.weights, str(args.checkpoint) if args.checkpoint else None),
         args.layer,
@@ -186,7 +196,7 @@ def _layers(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate_commands(commands) -> None:
-    from lavise.datasets import REFERENCE_FORMATS
+    from lavise.datasets import REFERENCE_FORMATS, ReferenceSettings
     from lavise.settings import EvaluateSettings
 
     evaluate = commands.add_parser(
@@ -202,6 +212,7 @@ def _add_evaluate_commands(commands) -> None:
                           help="Figure 7: retrain with these shares of reference concepts annotated and score unseen concepts")
     evaluate.add_argument("--sweep-reference", type=Path, default=None, help="reference data to retrain on for the sweep")
     evaluate.add_argument("--sweep-reference-images", type=Path, default=None, help="image folder of a COCO sweep reference")
+    _add_settings(evaluate, ReferenceSettings, "evaluation data (format options, as for train)")
     _add_settings(evaluate, EvaluateSettings, "evaluation")
     _add_settings(evaluate, ExplainSettings, "explanation", exclude=("method",))
     _add_settings(evaluate, ComputeSettings, "compute")
@@ -209,14 +220,16 @@ def _add_evaluate_commands(commands) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from lavise.datasets import open_reference
+    from lavise.datasets import ReferenceSettings, open_reference
     from lavise.evaluate import annotated_fraction_sweep, evaluate, markdown_table
     from lavise.settings import EvaluateSettings
     from lavise.storage import atomic_path
 
     if args.annotated_fractions and args.sweep_reference is None:
         raise LaviseError("--annotated-fractions retrains the explainer: pass its reference data with --sweep-reference.")
-    dataset = open_reference(args.dataset, images=args.dataset_images, format=args.dataset_format)
+    reference_settings = _settings(args, ReferenceSettings)
+    dataset = open_reference(args.dataset, images=args.dataset_images, format=args.dataset_format,
+                             settings=reference_settings, cache_dir=args.cache_dir)
     settings, explain_settings = _settings(args, EvaluateSettings), _settings(args, ExplainSettings)
     compute = _settings(args, ComputeSettings)
     evaluations = evaluate(
@@ -233,7 +246,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             tmp.write_text(table)
         print(f"Written: {args.out}")
     if args.annotated_fractions:
-        reference = open_reference(args.sweep_reference, images=args.sweep_reference_images)
+        reference = open_reference(args.sweep_reference, images=args.sweep_reference_images,
+                                   settings=reference_settings, cache_dir=args.cache_dir)
         for run_dir in args.runs:
             annotated_fraction_sweep(
                 run_dir, reference, dataset, args.annotated_fractions, settings=settings,
@@ -242,7 +256,6 @@ def _evaluate(args: argparse.Namespace) -> int:
             print(f"\nAnnotated-fraction sweep of {run_dir}:\n")
             print((Path(run_dir) / "sweep.md").read_text())
     return 0
-
 
 
 if __name__ == "__main__":

@@ -98,6 +98,26 @@ class EvaluateSettings:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ReferenceSettings:
+    """Format-specific options of the reference readers (see docs/datasets.md)."""
+
+    min_images: int = _opt(
+        100, "Visual Genome: drop categories present in fewer images (the paper's 100)"
+    )
+    categories: str | None = _opt(
+        None, "Broden: comma-separated categories to read, e.g. object,part,material; None: all"
+    )
+    split: str | None = _opt(None, "Broden: only images of this split of index.csv, e.g. train; None: all")
+    class_names: str | None = _opt(
+        None, "folder: a file mapping folder names (e.g. WordNet ids) to words, or 'imagenet' "
+        "for torchvision's ImageNet class names (folders: the 1000 WordNet ids); None: folder names"
+    )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def option_fields(settings_type) -> list:
     """The dataclass fields that become command-line options."""
     return list(fields(settings_type))
