@@ -128,3 +128,41 @@ def test_masks_to_grid_area_semantics():
     as_bytes = masks_to_grid(masks.to(torch.uint8), (2, 2))
     torch.testing.assert_close(as_bytes, grid)
     torch.testing.assert_close(grid.sum(dim=(1, 2)) * 20, masks.sum(dim=(1, 2)))
+
+
+def _literal_region(method: str, maps: torch.Tensor, thresholds: torch.Tensor, i: int, u: int) -> list[float]:
+    """Region pooling, literally: the weighted mean of F_k under u's region (or u's map)."""
+    fu = _cells(maps[i, u])
+    if method == "activation":
+        weights = [1.0 if b > float(thresholds[u]) else 0.0 for b in fu]
+    else:  # attention: u's map, rectified, as soft weights
+        weights = [max(b, 0.0) for b in fu]
+    total = sum(weights)
+    out = []
+    for k in range(maps.shape[1]):
+        fk = _cells(maps[i, k])
+        out.append(_dot(fk, weights) / total if total > 0 else 0.0)
+    return out
+
+
+@pytest.mark.parametrize("method", ["attention", "activation"])
+def test_region_pooling_matches_the_literal_weighted_mean(method, maps, thresholds):
+    filters = torch.tensor([0, 4, 2])
+    images = torch.tensor([0, 1, 2])
+    batched = explainer_inputs(method, maps[images], filters, thresholds, pooling="region")
+    for n in range(3):
+        expected = torch.tensor(_literal_region(method, maps, thresholds, int(images[n]), int(filters[n])), dtype=maps.dtype)
+        assert torch.allclose(batched[n], expected, atol=1e-10), (method, n)
+
+
+def test_region_pooling_does_not_shrink_with_the_region():
+    maps = torch.ones(2, 3, 4, 4)
+    maps[0, 0, :1, :1] = 5.0  # a one-cell region
+    maps[1, 0, :, :2] = 5.0  # a half-map region
+    filters, thresholds = torch.tensor([0, 0]), torch.tensor([2.0, 2.0, 2.0])
+    region = explainer_inputs("activation", maps, filters, thresholds, pooling="region")
+    mean = explainer_inputs("activation", maps, filters, thresholds, pooling="mean")
+    assert torch.allclose(region[0], region[1])  # both regions hold the same values
+    assert mean[1, 1] == pytest.approx(8 * mean[0, 1])  # the whole-grid mean scales with the area
+    with pytest.raises(ValueError, match="pooling"):
+        explainer_inputs("activation", maps, filters, thresholds, pooling="max")

@@ -275,3 +275,19 @@ def test_default_cache_dir_comes_from_the_environment(tmp_path, coco, tiny_model
     monkeypatch.setenv("LAVISE_CACHE", str(tmp_path / "env-cache"))
     train(tiny_model, "features.3", open_reference(coco), tmp_path / "run", settings=ONE_EPOCH, compute=compute)
     assert len(list((tmp_path / "env-cache").glob("reference-*.safetensors"))) == 1
+
+
+def test_region_pooling_is_recorded_and_divides_by_the_mask_area(tmp_path, tiny_model, coco, compute):
+    from lavise.datasets import open_reference
+    from lavise.features import reference_features
+    from lavise.runs import load_run, train
+    from lavise.settings import TrainSettings
+
+    reference = open_reference(coco)
+    features = reference_features(tiny_model, "features.3", reference, cache_dir=tmp_path / "cache", num_workers=0, progress=False)
+    assert features.areas.shape == (len(features.vectors),) and (features.areas > 0).all()
+    assert torch.allclose(features.pooled("region") * features.areas.unsqueeze(1), features.vectors, atol=1e-6)
+    assert features.pooled("mean") is features.vectors
+    run = train(tiny_model, "features.3", reference, tmp_path / "run", settings=TrainSettings(epochs=1, pooling="region"),
+                compute=compute, cache_dir=tmp_path / "cache")
+    assert load_run(run.path).pooling == "region" and run.config["train"]["pooling"] == "region"

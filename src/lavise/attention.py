@@ -45,6 +45,19 @@ def masked_mean(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ndhw,nhw->nd", maps, masks.to(maps.dtype)) / (maps.shape[-2] * maps.shape[-1])
 
 
+def region_mean(maps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean of each filter inside a region: Σ F ⊙ W / Σ W.
+
+    Unlike :func:`masked_mean` it does not shrink with the region's area, so a small
+    region and a large one give vectors of the same scale.
+
+    (n, d, h, w), (n, h, w) -> (n, d)
+    """
+    weights = weights.to(maps.dtype)
+    total = weights.flatten(1).sum(dim=1).clamp_min(_EPS).unsqueeze(1)  # (n, 1)
+    return torch.einsum("ndhw,nhw->nd", maps, weights) / total
+
+
 def _pair_rows(maps: torch.Tensor, filters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flattened maps and the target filter's flattened map of each pair.
 
@@ -96,10 +109,43 @@ def original(maps: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     return maps.flatten(2).mean(dim=2)
 
 
+def region_attention(maps: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+    """input_k = <F_k, F_u⁺> / Σ F_u⁺: every filter averaged under u's map as soft weights.
+
+    (n, d, h, w), (n,) -> (n, d)
+    """
+    flat, target = _pair_rows(maps, filters)
+    weights = target.clamp_min(0)
+    return torch.bmm(flat, weights.unsqueeze(2)).squeeze(2) / weights.sum(dim=1, keepdim=True).clamp_min(_EPS)
+
+
+def region_activation_masking(maps: torch.Tensor, filters: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """input_k = mean of F_k over u's active region {F_u > T_u} (not over the whole map).
+
+    (n, d, h, w), (n,), (d,) -> (n, d)
+    """
+    flat, target = _pair_rows(maps, filters)
+    region = (target > thresholds[filters].unsqueeze(1)).to(flat.dtype)  # (n, hw)
+    return torch.bmm(flat, region.unsqueeze(2)).squeeze(2) / region.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
+POOLINGS = ("mean", "region")
+
+
 def explainer_inputs(
-    method: str, maps: torch.Tensor, filters: torch.Tensor, thresholds: torch.Tensor
+    method: str, maps: torch.Tensor, filters: torch.Tensor, thresholds: torch.Tensor, pooling: str = "mean"
 ) -> torch.Tensor:
-    """Dispatch to one method. (n, d, h, w), (n,), (d,) -> (n, d)"""
+    """Dispatch to one method. (n, d, h, w), (n,), (d,) -> (n, d)
+
+    ``pooling`` must match how the run's explainer was trained: ``mean`` averages the
+    masked map over the whole grid (the authors' code), ``region`` over the mask.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"Unknown pooling '{pooling}'; valid: {', '.join(POOLINGS)}.")
+    if pooling == "region" and method == "attention":
+        return region_attention(maps, filters)
+    if pooling == "region" and method == "activation":
+        return region_activation_masking(maps, filters, thresholds)
     if method == "attention":
         return spatial_attention(maps, filters)
     if method == "cosine-attention":

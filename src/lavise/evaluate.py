@@ -623,7 +623,7 @@ def _method_words(run, target_model, maps, paths, thresholds, label_tally, names
                     inputs = image_masking_inputs(read, _ImageLoader(paths, target_model.preprocessing), maps, thresholds, device)
                     chunk = compute.batch_size
                 else:
-                    inputs, chunk = feature_inputs(method, maps, thresholds, device), 2048
+                    inputs, chunk = feature_inputs(method, maps, thresholds, device, run.pooling), 2048
                 ids, sims = pair_words(
                     run.head, inputs, chosen, vocabulary.unit_vectors, explain_settings.words_per_image,
                     device=device, progress=compute.progress, chunk=chunk, filter_ids=scored,

@@ -194,7 +194,7 @@ def explain(
         chosen = top_images(maps, per_filter)  # (d, p)
         device = resolve_device(compute.device)
         word_ids, similarities = pair_words(
-            run.head, feature_inputs(settings.method, maps, thresholds, device), chosen,
+            run.head, feature_inputs(settings.method, maps, thresholds, device, run.pooling), chosen,
             vocabulary.unit_vectors, settings.words_per_image, device=device, progress=compute.progress,
         )
         ranked = rank_words(word_ids, similarities, settings.top_words)
@@ -241,7 +241,9 @@ def explain(
 PairInputs = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def feature_inputs(method: str, maps: torch.Tensor, thresholds: torch.Tensor, device: torch.device) -> PairInputs:
+def feature_inputs(
+    method: str, maps: torch.Tensor, thresholds: torch.Tensor, device: torch.device, pooling: str = "mean"
+) -> PairInputs:
     """The explainer inputs of (filter, image) pairs computed from the cached feature maps.
 
     (n,) filters, (n,) image rows -> (n, d) on ``device``
@@ -249,7 +251,7 @@ def feature_inputs(method: str, maps: torch.Tensor, thresholds: torch.Tensor, de
     thresholds = thresholds.to(device)
 
     def inputs(filters: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return explainer_inputs(method, maps[rows].to(device), filters.to(device), thresholds)
+        return explainer_inputs(method, maps[rows].to(device), filters.to(device), thresholds, pooling)
 
     return inputs
 

@@ -131,6 +131,8 @@ class ReferenceFeatures:
 
     Attributes:
         vectors: (N, d) mean(F ⊙ M), one row per (image, concept) pair.
+        areas: (N,) the mask's share of the feature grid, Σ M / hw; vectors / areas is
+            the mean of F inside the mask.
         concepts: (N,) index into ``concept_names``.
         images: (N,) index of the image in the dataset.
         concept_names: every concept of the dataset.
@@ -144,6 +146,11 @@ class ReferenceFeatures:
     concept_names: list[str]
     grid: tuple[int, int]
     skipped: SkipLog
+    areas: torch.Tensor
+
+    def pooled(self, pooling: str) -> torch.Tensor:
+        """(N, d) explainer inputs: ``mean`` over the grid (as stored) or ``region``, over the mask."""
+        return self.vectors if pooling == "mean" else self.vectors / self.areas.clamp_min(1e-12).unsqueeze(1)
 
 
 def reference_features(
@@ -158,21 +165,21 @@ def reference_features(
     progress: bool = True,
 ) -> ReferenceFeatures:
     """Pool the layer's features under each concept mask of each reference image (cached)."""
-    key = cache_key({"product": "reference-pooled", **model.identity(), "layer": layer, "data": dataset.identity()})
+    key = cache_key({"product": "reference-pooled", "version": 2, **model.identity(), "layer": layer, "data": dataset.identity()})
     path = cache_dir / f"reference-{key[:24]}.safetensors" if cache_dir else None
     if path is not None and (hit := load_cached(path, key)) is not None:
         tensors, metadata = hit
         info = json.loads(metadata["info"])
         return ReferenceFeatures(
             tensors["vectors"], tensors["concepts"], tensors["images"], info["concept_names"],
-            tuple(info["grid"]), SkipLog.from_dict(info["skipped"]),
+            tuple(info["grid"]), SkipLog.from_dict(info["skipped"]), tensors["areas"],
         )
 
     skipped = SkipLog()
     skipped.merge(dataset.skipped)
     torch_device = resolve_device(device)
     module = model.module.to(torch_device)
-    vectors, concepts, images = [], [], []
+    vectors, concepts, images, areas = [], [], [], []
     grid = None
     with layer_reader(module, layer) as read, torch.inference_mode():
         for items in _batches(dataset, model.preprocessing, True, batch_size, num_workers, "reference features", progress):
@@ -198,19 +205,20 @@ def reference_features(
                 skipped.add("concept masks of zero area after resize and crop", where)
             keep = ~empty
             vectors.append(masked_mean(maps[owner], cells).cpu()[keep])
+            areas.append(cells.flatten(1).mean(dim=1).cpu()[keep])
             concepts.append(torch.tensor([concept for _, concept in pairs])[keep])
             images.append(torch.tensor([good[n].index for n, _ in pairs])[keep])
     if not vectors or sum(len(v) for v in vectors) == 0:
         raise_no_usable("reference", dataset, skipped)
     result = ReferenceFeatures(
         torch.cat(vectors), torch.cat(concepts).long(), torch.cat(images).long(),
-        list(dataset.concepts), grid, skipped,
+        list(dataset.concepts), grid, skipped, torch.cat(areas),
     )
     if path is not None:
         info = {"concept_names": result.concept_names, "grid": list(grid), "skipped": skipped.to_dict()}
         save_tensors(
             path,
-            {"vectors": result.vectors, "concepts": result.concepts, "images": result.images},
+            {"vectors": result.vectors, "concepts": result.concepts, "images": result.images, "areas": result.areas},
             {"key": key, "info": json.dumps(info)},
         )
     return result

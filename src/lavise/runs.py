@@ -64,6 +64,11 @@ class Run:
     def layer(self) -> str:
         return self.config["layer"]
 
+    @property
+    def pooling(self) -> str:
+        """How the explainer's inputs were pooled in training (runs before 0.2: mean)."""
+        return self.config["train"].get("pooling", "mean")
+
     def target_model(self, model: TargetModel | None = None) -> TargetModel:
         """The run's model, rebuilt from its spec (a custom module must be passed again)."""
         if model is not None:
@@ -149,7 +154,7 @@ def train(
         targets = torch.tensor([seen_index.get(name, -1) for name in row_names])[rows]
         _, seen_vectors, _ = concept_vectors(seen, vectors_source)
         result = train_explainer(
-            features.vectors[rows], targets, features.images[rows], seen_vectors, settings,
+            features.pooled(settings.pooling)[rows], targets, features.images[rows], seen_vectors, settings,
             device=resolve_device(compute.device), progress=compute.progress,
         )
 

@@ -25,6 +25,12 @@ class TrainSettings:
     validation_fraction: float = _opt(
         0.1, "share of reference images held out to choose the best epoch"
     )
+    pooling: str = _opt(
+        "mean",
+        "how masked features are pooled: mean (over the whole grid, the authors' code) or region "
+        "(over the mask, so inputs do not shrink with the region's area); explain follows the run",
+        choices=("mean", "region"),
+    )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,80 @@
+"""Why attention and activation masking score low: pooling over the whole grid vs over the region.
+
+Retrains a demo run's explainer with each pooling (``mean``: the authors' global average of
+F ⊙ M; ``region``: the mean inside the mask) and scores the feature-space methods on the
+demo's evaluation scenes. Also prints the mean norm of the explainer's training inputs
+and of each method's inputs on the top images, which shows the scale mismatch.
+
+    python benchmarks/pooling_experiment.py --demo /tmp/lavise-eval/seed-0 --target scene_cnn
+
+The demo folder must exist (``lavise demo --out DIR``). docs/evaluation.md quotes the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from lavise.attention import explainer_inputs
+from lavise.datasets.coco import CocoDataset
+from lavise.evaluate import evaluate, markdown_table
+from lavise.explain import quantile_thresholds, top_images
+from lavise.features import reference_features, target_features
+from lavise.models import ModelSpec
+from lavise.runs import load_run, train
+from lavise.settings import ComputeSettings, EvaluateSettings, TrainSettings
+
+METHODS = ("original", "activation", "attention", "cosine-attention")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", type=Path, required=True)
+    parser.add_argument("--target", default="scene_cnn", choices=("scene_cnn", "efficientnet_lite0"))
+    parser.add_argument("--poolings", nargs="+", default=["mean", "region"])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/lavise-pooling"))
+    args = parser.parse_args()
+
+    compute = ComputeSettings(progress=False)
+    cache = args.demo / "cache"
+    base = load_run(args.demo / "runs" / args.target)
+    spec = base.config["model"]
+    model_spec = ModelSpec(spec["name"], spec.get("weights"), spec.get("checkpoint"))
+    reference = CocoDataset(args.demo / "data/reference/annotations.json", args.demo / "data/reference/images")
+    dataset = CocoDataset(args.demo / "data/evaluation/annotations.json", args.demo / "data/evaluation/images")
+
+    model = base.target_model()
+    pooled = reference_features(model, base.layer, reference, cache_dir=cache, progress=False)
+    maps = target_features(model, base.layer, dataset, cache_dir=cache, progress=False).maps
+    thresholds = quantile_thresholds(maps, 0.005)
+    chosen = top_images(maps, 25)
+    filters = torch.arange(maps.shape[1]).repeat_interleave(chosen.shape[1])
+    rows = chosen.flatten()
+    print(f"{args.target} {base.layer}: mean norm of explainer inputs")
+    for pooling in args.poolings:
+        print(f"  training vectors, {pooling} pooling: {pooled.pooled(pooling).norm(dim=1).mean():.3f}")
+        for method in METHODS:
+            inputs = explainer_inputs(method, maps[rows], filters, thresholds, pooling)
+            print(f"  {method} on the top images, {pooling} pooling: {inputs.norm(dim=1).mean():.3f}")
+    region = (maps[rows, filters].flatten(1) > thresholds[filters].unsqueeze(1)).float().mean(dim=1)
+    print(f"  activation region: {region.mean():.3f} of the grid on a top image; "
+          f"reference masks: {pooled.areas.mean():.3f} of the grid on average")
+
+    runs = []
+    for pooling in args.poolings:
+        runs.append(train(
+            model_spec, base.layer, reference, args.work / f"{args.target}-{pooling}",
+            settings=replace(TrainSettings(**base.config["train"]), pooling=pooling), compute=compute, cache_dir=cache,
+        ))
+    evaluations = evaluate(runs, dataset, settings=EvaluateSettings(methods=METHODS, lenient=False),
+                           compute=compute, cache_dir=cache, write=False)
+    for pooling, evaluation in zip(args.poolings, evaluations):
+        print(f"\n{pooling} pooling\n")
+        print(markdown_table([evaluation]))
+
+
+if __name__ == "__main__":
+    main()
