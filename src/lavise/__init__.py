@@ -17,6 +17,7 @@ from lavise.embeddings import WordVectors, load_word_vectors
 from lavise.errors import LaviseError
 from lavise.explain import Explanations, FilterExplanation, explain
 from lavise.models import ModelSpec, Preprocessing, TargetModel, load_target_model
+from lavise.report import ReportSettings, write_report
 from lavise.runs import Run, load_run, train
 from lavise.settings import ComputeSettings, ExplainSettings, TrainSettings
 
@@ -36,6 +37,7 @@ __all__ = [
     "ModelSpec",
     "Preprocessing",
     "ReferenceSettings",
+    "ReportSettings",
     "Run",
     "TargetModel",
     "TrainSettings",
@@ -47,4 +49,5 @@ __all__ = [
     "load_word_vectors",
     "open_reference",
     "train",
+    "write_report",
 ]

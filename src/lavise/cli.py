@@ -93,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, handler in (("train", _train), ("explain", _explain), ("demo", _demo), ("synth", _synth), ("layers", _layers)):
         commands.choices[name].set_defaults(handler=handler)
     # Commands of the analysis modules: each adds its parser and sets its own handler.
+    _add_report_commands(commands)
     _add_evaluate_commands(commands)
     return parser
 
@@ -255,6 +256,34 @@ def _evaluate(args: argparse.Namespace) -> int:
             )
             print(f"\nAnnotated-fraction sweep of {run_dir}:\n")
             print((Path(run_dir) / "sweep.md").read_text())
+    return 0
+
+
+def _add_report_commands(commands) -> None:
+    from lavise.report import ReportSettings
+
+    report = commands.add_parser("report", help="write an HTML report to browse every filter with its images, words and scores")
+    report.add_argument("run", type=Path, metavar="RUN_DIR", help="a run directory after 'lavise explain'")
+    report.add_argument("--out", type=Path, default=None, help="report folder (default: RUN_DIR/report)")
+    report.add_argument("--target", type=Path, default=None,
+                        help="where the target images are now, if they moved since 'explain' (default: the folder it used)")
+    report.add_argument("--evaluation", type=Path, default=None, help="an evaluation.json (default: the run's, if any)")
+    report.add_argument("--groups", type=Path, default=None, help="a groups.json (default: the run's, if any)")
+    report.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: $LAVISE_CACHE or ~/.cache/lavise)")
+    _add_settings(report, ReportSettings, "report")
+    _add_settings(report, ComputeSettings, "compute")
+    report.set_defaults(handler=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lavise.report import ReportSettings, write_report
+
+    index = write_report(
+        args.run, out=args.out, settings=_settings(args, ReportSettings), compute=_settings(args, ComputeSettings),
+        cache_dir=args.cache_dir, target=args.target, evaluation=args.evaluation, groups=args.groups,
+    )
+    print(f"Report written: {index}")
+    print(f"Open it in a browser: {index.resolve().as_uri()}")
     return 0
 
 

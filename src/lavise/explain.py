@@ -225,7 +225,7 @@ def explain(
                 "model_spec": run.config["model"],
                 "settings": settings.to_dict(),
                 "vocabulary": {"word_vectors": run.config["word_vectors"], "words": len(vocabulary), **vocabulary.description},
-                "target": {"root": str(root), "images": len(features.paths), "skipped": features.skipped.to_dict()},
+                "target": {"root": str(Path(root).resolve()), "images": len(features.paths), "skipped": features.skipped.to_dict()},
             }
             save_tensors(run.path / "thresholds.safetensors", {"thresholds": thresholds}, {"quantile": str(settings.quantile)})
             write_json(run.path / "explanations.json", explanations.to_dict(extra))
