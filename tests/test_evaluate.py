@@ -228,6 +228,8 @@ def test_netdissect_labels_each_colour_filter_with_its_concept(colour_run, compu
     assert nd["filters"] == 3 and nd["precision@1"] == 1.0 and nd["recall@5"] == 1.0
     # original names every filter the same way (one input for all), so at most one is right
     assert len({tuple(f["methods"]["original"]["words"]) for f in evaluation.filters}) == 1
+    assert evaluation.methods["original"]["distinct_top_words"] == 1
+    assert evaluation.methods["netdissect"]["distinct_top_words"] == 3
     written = json.loads((run.path / "evaluation.json").read_text())
     assert set(written["methods"]) == {"netdissect", "original"}
     assert (run.path / "evaluation.png").read_bytes()[:4] == b"\x89PNG"

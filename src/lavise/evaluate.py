@@ -524,6 +524,9 @@ def _evaluate_run(
         if matcher is not None:
             lenient, _ = score_filters(method_words, truth, seen, matcher)
             summary["lenient"] = {k: v for k, v in lenient.items() if k.startswith(("recall", "precision", "unseen_named"))}
+        # How many different top words the scored filters get: 1 means every filter is
+        # named the same way (the input does not depend on the filter).
+        summary["distinct_top_words"] = len({w[0] for w, t in zip(method_words, truth) if t and w})
         methods[method] = summary
         per_method[method] = per_filter
 
