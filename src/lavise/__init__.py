@@ -16,6 +16,7 @@ from lavise.datasets import (
 from lavise.embeddings import WordVectors, load_word_vectors
 from lavise.errors import LaviseError
 from lavise.explain import Explanations, FilterExplanation, explain
+from lavise.groups import GroupSettings, ModelComparisonSettings, compare_groups, compare_models
 from lavise.models import ModelSpec, Preprocessing, TargetModel, load_target_model
 from lavise.report import ReportSettings, write_report
 from lavise.runs import Run, load_run, train
@@ -30,10 +31,12 @@ __all__ = [
     "Explanations",
     "FilterExplanation",
     "FolderDataset",
+    "GroupSettings",
     "ImageFiles",
     "LaviseError",
     "LaviseWarning",
     "ManifestDataset",
+    "ModelComparisonSettings",
     "ModelSpec",
     "Preprocessing",
     "ReferenceSettings",
@@ -43,6 +46,8 @@ __all__ = [
     "TrainSettings",
     "VisualGenomeDataset",
     "WordVectors",
+    "compare_groups",
+    "compare_models",
     "explain",
     "load_run",
     "load_target_model",

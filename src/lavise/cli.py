@@ -93,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, handler in (("train", _train), ("explain", _explain), ("demo", _demo), ("synth", _synth), ("layers", _layers)):
         commands.choices[name].set_defaults(handler=handler)
     # Commands of the analysis modules: each adds its parser and sets its own handler.
+    _add_groups_commands(commands)
     _add_report_commands(commands)
     _add_evaluate_commands(commands)
     return parser
@@ -284,6 +285,78 @@ def _report(args: argparse.Namespace) -> int:
     )
     print(f"Report written: {index}")
     print(f"Open it in a browser: {index.resolve().as_uri()}")
+    return 0
+
+
+def _add_groups_commands(commands) -> None:
+    from lavise.bias_demo import BiasDemoSettings
+    from lavise.groups import GroupSettings, ModelComparisonSettings
+
+    groups = commands.add_parser("compare-groups", help="find the filters and concepts that tell groups of images apart")
+    groups.add_argument("run", type=Path, metavar="RUN_DIR", help="a run directory after 'lavise explain'")
+    groups.add_argument("--target", required=True, type=Path, help="folder holding the images of every group")
+    groups.add_argument("--groups", type=Path, default=None,
+                        help="CSV of image,group rows, paths relative to --target (default: one sub-folder of --target per group)")
+    groups.add_argument("--out", type=Path, default=None, help="folder for groups.json/.csv/.png (default: RUN_DIR)")
+    groups.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: $LAVISE_CACHE or ~/.cache/lavise)")
+    _add_settings(groups, GroupSettings, "group comparison")
+    _add_settings(groups, ComputeSettings, "compute")
+    groups.set_defaults(handler=_compare_groups)
+
+    models = commands.add_parser("compare-models", help="compare the concepts two explained runs' filters are named by")
+    models.add_argument("runs", type=Path, nargs=2, metavar="RUN_DIR", help="two run directories after 'lavise explain'")
+    models.add_argument("--out", required=True, type=Path, help="folder for models.json and models.csv")
+    models.add_argument("--target", type=Path, default=None,
+                        help="images to match filters on by peak-activation correlation (default: match by words)")
+    models.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: $LAVISE_CACHE or ~/.cache/lavise)")
+    _add_settings(models, ModelComparisonSettings, "model comparison")
+    _add_settings(models, ComputeSettings, "compute")
+    models.set_defaults(handler=_compare_models)
+
+    demo = commands.add_parser("demo-bias", help="plant a bias in two groups of scenes and find it without labels")
+    demo.add_argument("--out", type=Path, default=Path("lavise-bias-demo"), help="output folder (default: lavise-bias-demo)")
+    _add_settings(demo, BiasDemoSettings, "planted-bias demo")
+    _add_settings(demo, ComputeSettings, "compute")
+    demo.set_defaults(handler=_demo_bias)
+
+
+def _compare_groups(args: argparse.Namespace) -> int:
+    from lavise.groups import GroupSettings, compare_groups, format_comparison
+
+    comparison = compare_groups(
+        args.run, args.target, args.groups, settings=_settings(args, GroupSettings),
+        compute=_settings(args, ComputeSettings), cache_dir=args.cache_dir, out=args.out,
+    )
+    print("\n" + format_comparison(comparison))
+    print(f"\nWritten: {comparison.path} (and groups.csv, groups.png)")
+    return 0
+
+
+def _compare_models(args: argparse.Namespace) -> int:
+    from lavise.groups import ModelComparisonSettings, compare_models
+
+    comparison = compare_models(
+        *args.runs, settings=_settings(args, ModelComparisonSettings), target=args.target,
+        compute=_settings(args, ComputeSettings), cache_dir=args.cache_dir, out=args.out,
+    )
+    for key, run in zip(("a", "b"), args.runs):
+        unique = comparison.unique[key]
+        print(f"{key}: {run}: {len(comparison.concepts[key])} distinct concepts, {len(unique)} only here: "
+              f"{', '.join(unique[:15])}{' ...' if len(unique) > 15 else ''}")
+    print(f"shared: {len(comparison.shared)} concepts: {', '.join(comparison.shared[:15])}")
+    print(f"best-matching filters (by {comparison.matched_by}):")
+    for match in comparison.matches[:10]:
+        print(f"  a {match.a:4d} <-> b {match.b:4d}  similarity {match.similarity:.2f}"
+              + ("" if match.correlation is None else f", correlation {match.correlation:.2f}")
+              + f"  {', '.join(match.words_a[:3])} | {', '.join(match.words_b[:3])}")
+    print(f"Written: {comparison.path} and {comparison.path.with_suffix('.csv')}")
+    return 0
+
+
+def _demo_bias(args: argparse.Namespace) -> int:
+    from lavise.bias_demo import BiasDemoSettings, run_bias_demo
+
+    run_bias_demo(args.out, _settings(args, BiasDemoSettings), _settings(args, ComputeSettings))
     return 0
 
 

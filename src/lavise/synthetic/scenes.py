@@ -22,11 +22,20 @@ The concepts are split into seen and unseen ones, from the seed alone. The
 ``"evaluation"`` part uses all of them. Both parts of one seed share the split and the
 category ids, and draw different scenes.
 
+A planted bias (``SceneSettings.group_bias``) splits the scenes into groups "a", "b",
+... (scene i belongs to group i mod G) that differ only in how often some concepts
+appear: each biased concept is pasted into a scene of group g with its own probability
+for g, independently of everything else; every other choice (background, the other
+emoji, sizes, positions) is drawn the same way in every group. ``groups.csv`` then
+lists each image (relative to ``images/``) with its group: the input of ``lavise
+compare-groups``.
+
 Output folder::
 
     images/000000.png ...   the scenes (RGB PNG, no timestamps)
     annotations.json        COCO instances: RLE masks, area, bbox, iscrowd 0
     split.json              seen and unseen concept words
+    groups.csv              with a planted bias only: image,group for every scene
     scenes.json             settings, attribution and summary; written last
 
 Same settings, seed and words give the same bytes (on the same Pillow, FreeType and
@@ -61,6 +70,7 @@ TEXTURE_TINTS = {"brick": (185, 95, 70), "grass": (95, 160, 60), "gravel": (150,
 PHOTOS = ("astronaut", "coffee", "hubble_deep_field", "immunohistochemistry")
 SKIMAGE_ATTRIBUTION = "Backgrounds: scikit-image sample data (skimage.data); see its licences"
 VISIBLE_WEIGHT = 0.5  # a pixel belongs to a layer when more than this share of it is that layer
+GROUP_NAMES = tuple("abcdefghijklmnopqrstuvwxyz")  # names of the groups of a planted bias
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,13 @@ class SceneSettings:
         min_visible_area: instances with fewer visible pixels are dropped.
         min_visible_fraction: instances with less than this share of their own opaque
             area visible are dropped.
+        group_bias: a planted bias: for each of some emoji concepts, its probability of
+            appearing in a scene of each group, e.g. ``(("dog", (0.6, 0.1)),
+            ("car", (0.1, 0.6)))`` for two groups "a" and "b"; scene i belongs to group
+            i mod G. Also accepted as a mapping ``{"dog": (0.6, 0.1), ...}`` or, as on
+            the command line, a string ``"dog=0.6:0.1,car=0.1:0.6"``. The biased
+            concepts are always among the ``num_concepts`` drawn, and never among the
+            ``concepts_per_image`` drawn per scene. None: no groups.
     """
 
     image_size: int = 224
@@ -100,8 +117,16 @@ class SceneSettings:
     texture_area: tuple[float, float] = (0.4, 1.0)
     min_visible_area: int = 64
     min_visible_fraction: float = 0.25
+    group_bias: tuple[tuple[str, tuple[float, ...]], ...] | None = field(
+        default=None,
+        metadata={
+            "help": "planted bias between groups a, b, ...: per concept its probability in each "
+            "group's scenes, e.g. dog=0.6:0.1,car=0.1:0.6 (writes groups.csv)"
+        },
+    )
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "group_bias", parse_group_bias(self.group_bias))
         for name in ("concepts_per_image", "scale", "texture_area", "backgrounds"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
@@ -142,7 +167,10 @@ class SceneSettings:
             object.__setattr__(self, name, float(getattr(self, name)))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if data["group_bias"] is None:  # scenes made before group_bias keep their key
+            del data["group_bias"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> SceneSettings:
@@ -192,14 +220,16 @@ def generate_scenes(
         "allowed_words_sha256": _words_digest(allowed_words),
     }
     key = json.loads(json.dumps(key))  # tuples -> lists, as read back from disk
-    if _is_complete(out, key, settings.num_images):
+    if _is_complete(out, key, settings.num_images, with_groups=settings.group_bias is not None):
         return out
 
     concepts, unseen = choose_concepts(settings, allowed_words)
     category_ids = {c.word: i + 1 for i, c in enumerate(concepts)}
     usable = [c for c in concepts if part == "evaluation" or c.word not in unseen]
-    emoji = [c for c in usable if c.source == "openmoji"]
+    chances = dict(settings.group_bias or ())
+    emoji = [c for c in usable if c.source == "openmoji" and c.word not in chances]
     textures = [c for c in usable if c.source == "texture"]
+    biased = [(c, chances[c.word]) for c in usable if c.word in chances]
     if len(emoji) < settings.concepts_per_image[0]:
         raise LaviseError(
             f"Only {len(emoji)} emoji concepts are usable in the {part} part, fewer than "
@@ -214,21 +244,24 @@ def generate_scenes(
         rng = np.random.Generator(
             np.random.PCG64(np.random.SeedSequence(settings.seed, spawn_key=(part_index, index)))
         )
-        scene = _draw_scene(rng, settings, emoji, textures)
+        group = group_of_scene(index, settings)
+        group_index = GROUP_NAMES.index(group) if group else 0
+        scene = _draw_scene(rng, settings, emoji, textures, biased, group_index)
         image, masks, keep = compose(scene.background, scene.layers, settings)
         dropped += int(np.count_nonzero(~keep))
         file_name = f"{index:06d}.png"
         _write_atomic(out / "images" / file_name, _png_bytes(image))
-        images.append(
-            {
-                "id": index + 1,
-                "file_name": file_name,
-                "width": settings.image_size,
-                "height": settings.image_size,
-                "license": 1,
-                "lavise_background": scene.background_info,
-            }
-        )
+        entry = {
+            "id": index + 1,
+            "file_name": file_name,
+            "width": settings.image_size,
+            "height": settings.image_size,
+            "license": 1,
+            "lavise_background": scene.background_info,
+        }
+        if group is not None:
+            entry["lavise_group"] = group
+        images.append(entry)
         kept_layers = [layer for layer, k in zip(scene.layers, keep) if k]
         for layer, mask in zip(kept_layers, masks):
             annotations.append(
@@ -270,6 +303,12 @@ def generate_scenes(
         "dropped_hidden_instances": dropped,
         "instances_per_concept": dict(sorted(per_word.items())),
     }
+    if settings.group_bias is not None:
+        _write_atomic(
+            out / "groups.csv",
+            ("image,group\n" + "".join(f"{i['file_name']},{i['lavise_group']}\n" for i in images)).encode("ascii"),
+        )
+        summary["groups"] = _group_summary(images, annotations, word_of_id, chances)
     record = {
         **key,
         "attribution": [OPENMOJI_ATTRIBUTION, SKIMAGE_ATTRIBUTION],
@@ -284,6 +323,88 @@ def generate_scenes(
             file=sys.stderr,
         )
     return out
+
+
+def parse_group_bias(value: object) -> tuple[tuple[str, tuple[float, ...]], ...] | None:
+    """The canonical form of ``SceneSettings.group_bias``: ((word, (p_a, p_b, ...)), ...).
+
+    Example:
+        >>> parse_group_bias("dog=0.6:0.1, car=0.1:0.6")
+        (('dog', (0.6, 0.1)), ('car', (0.1, 0.6)))
+    """
+    if value is None or value == "":
+        return None
+    fix = "give it as 'dog=0.6:0.1,car=0.1:0.6' or as ((word, (probability per group, ...)), ...)"
+    if isinstance(value, str):
+        pairs = []
+        for item in value.split(","):
+            word, sep, probabilities = item.partition("=")
+            if not sep:
+                raise LaviseError(f"group_bias item {item.strip()!r} has no '='; {fix}.")
+            try:
+                numbers = tuple(float(p) for p in probabilities.split(":"))
+            except ValueError:
+                raise LaviseError(
+                    f"group_bias item {item.strip()!r} has a probability that is not a number; {fix}."
+                ) from None
+            pairs.append((word.strip(), numbers))
+    elif isinstance(value, dict):
+        pairs = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        pairs = list(value)
+    else:
+        raise LaviseError(f"group_bias must be a string, a mapping or pairs, not {value!r}; {fix}.")
+    canonical = []
+    for pair in pairs:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise LaviseError(f"group_bias entry {pair!r} is not a (word, probabilities) pair; {fix}.")
+        word, probabilities = pair
+        numeric = isinstance(probabilities, (list, tuple)) and all(
+            isinstance(p, (int, float, np.integer, np.floating)) and not isinstance(p, bool) for p in probabilities
+        )
+        if not numeric:
+            raise LaviseError(f"group_bias probabilities of {word!r} must be numbers, not {probabilities!r}; {fix}.")
+        probabilities = tuple(float(p) for p in probabilities)
+        if not all(0.0 <= p <= 1.0 for p in probabilities):
+            raise LaviseError(f"group_bias probabilities of {word!r} must lie in [0, 1], not {probabilities}.")
+        canonical.append((word, probabilities))
+    if not canonical:
+        raise LaviseError(f"group_bias names no concept; {fix}.")
+    words = [w for w, _ in canonical]
+    if len(set(words)) != len(words) or not all(words):
+        raise LaviseError(f"group_bias must name distinct, non-empty words, not {words}.")
+    sizes = {len(p) for _, p in canonical}
+    if len(sizes) != 1 or not 2 <= min(sizes) <= len(GROUP_NAMES):
+        raise LaviseError(
+            f"group_bias must give every concept one probability per group, for 2 to "
+            f"{len(GROUP_NAMES)} groups; got {dict(canonical)}."
+        )
+    return tuple(canonical)
+
+
+def group_of_scene(index: int, settings: SceneSettings) -> str | None:
+    """The group of scene ``index`` under a planted bias (None without one).
+
+    Example:
+        >>> group_of_scene(3, SceneSettings(group_bias="dog=0.6:0.1"))
+        'b'
+    """
+    if settings.group_bias is None:
+        return None
+    return GROUP_NAMES[index % len(settings.group_bias[0][1])]
+
+
+def _group_summary(images: list[dict], annotations: list[dict], word_of_id: dict, chances: dict) -> dict:
+    """Per group: its scenes, and how many hold each biased concept (visible after occlusion)."""
+    group_of_image = {i["id"]: i["lavise_group"] for i in images}
+    holding = {(group_of_image[a["image_id"]], word_of_id[a["category_id"]], a["image_id"]) for a in annotations}
+    summary = {}
+    for group in sorted(set(group_of_image.values())):
+        summary[group] = {
+            "images": sum(1 for g in group_of_image.values() if g == group),
+            "images_with": {w: sum(1 for g, word, _ in holding if g == group and word == w) for w in chances},
+        }
+    return summary
 
 
 @dataclass(frozen=True)
@@ -334,14 +455,31 @@ def choose_concepts(
         ]
     texture_words = {t.word for t in textures}
     pool: list[Concept] = [c for c in concept_pool(allowed) if c.word not in texture_words]
+    forced = [word for word, _ in settings.group_bias or ()]
+    missing = sorted(set(forced) - {c.word for c in pool})
+    if missing:
+        raise LaviseError(
+            f"group_bias names {', '.join(missing)}, not among the emoji concepts that pass the "
+            "pool rule and allowed_words (see lavise.synthetic.concept_pool)."
+        )
     if settings.num_concepts is not None:
         if settings.num_concepts > len(pool):
             raise LaviseError(
                 f"num_concepts={settings.num_concepts} but only {len(pool)} emoji concepts "
                 "pass the pool rule and allowed_words."
             )
-        picked = rng.choice(len(pool), size=settings.num_concepts, replace=False)
-        pool = [pool[i] for i in sorted(picked)]
+        if not forced:
+            picked = rng.choice(len(pool), size=settings.num_concepts, replace=False)
+            pool = [pool[i] for i in sorted(picked)]
+        else:  # the biased concepts first, the rest drawn as usual
+            if settings.num_concepts < len(forced):
+                raise LaviseError(
+                    f"num_concepts={settings.num_concepts} is fewer than the {len(forced)} concepts of group_bias."
+                )
+            rest = [c for c in pool if c.word not in forced]
+            picked = rng.choice(len(rest), size=settings.num_concepts - len(forced), replace=False)
+            keep = set(forced) | {rest[i].word for i in picked}
+            pool = [c for c in pool if c.word in keep]
     emoji = [SceneConcept(word=c.word, source="openmoji", codepoint=c.codepoint, name=c.name) for c in pool]
     concepts = sorted(emoji + textures, key=lambda c: c.word)
     num_unseen = int(round(settings.unseen_fraction * len(concepts)))
@@ -441,8 +579,14 @@ def _draw_scene(
     settings: SceneSettings,
     emoji: Sequence[SceneConcept],
     textures: Sequence[SceneConcept],
+    biased: Sequence[tuple[SceneConcept, tuple[float, ...]]] = (),
+    group: int = 0,
 ) -> _Scene:
-    """Draw one scene's background and layers (not yet composed)."""
+    """Draw one scene's background and layers (not yet composed).
+
+    ``biased`` concepts (with a planted bias) join the scene with the probability given
+    for ``group``; every other draw is the same whatever the group.
+    """
     size = settings.image_size
     kinds = [k for k in settings.backgrounds if k != "texture" or textures or not settings.texture_concepts]
     if not kinds:
@@ -468,8 +612,13 @@ def _draw_scene(
         info["texture"] = name
     low, high = settings.concepts_per_image
     count = min(int(rng.integers(low, high + 1)), len(emoji))
-    for i in rng.choice(len(emoji), size=count, replace=False):
-        layers.append(_emoji_layer(rng, emoji[int(i)], settings, len(layers)))
+    chosen = [emoji[int(i)] for i in rng.choice(len(emoji), size=count, replace=False)]
+    if biased:
+        draws = rng.random(len(biased))
+        chosen += [concept for (concept, chances), u in zip(biased, draws) if u < chances[group]]
+        chosen = [chosen[int(i)] for i in rng.permutation(len(chosen))]  # any layer order
+    for concept in chosen:
+        layers.append(_emoji_layer(rng, concept, settings, len(layers)))
     return _Scene(background=background, background_info=info, layers=layers)
 
 
@@ -568,7 +717,7 @@ def _annotation(ann_id: int, image_id: int, category_id: int, mask: np.ndarray, 
     }
 
 
-def _is_complete(out: Path, key: dict, num_images: int) -> bool:
+def _is_complete(out: Path, key: dict, num_images: int, *, with_groups: bool = False) -> bool:
     """True when ``out`` holds a finished run with this key; raises on another key."""
     record_path = out / "scenes.json"
     if not record_path.is_file():
@@ -586,7 +735,7 @@ def _is_complete(out: Path, key: dict, num_images: int) -> bool:
             f"'{out}' already holds scenes generated with other arguments "
             f"(differing: {', '.join(changed)}); choose another out_dir or delete it."
         )
-    files = [out / "annotations.json", out / "split.json"]
+    files = [out / "annotations.json", out / "split.json"] + ([out / "groups.csv"] if with_groups else [])
     files += [out / "images" / f"{i:06d}.png" for i in range(num_images)]
     return all(path.is_file() for path in files)
 
