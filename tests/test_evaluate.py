@@ -253,6 +253,23 @@ def named_run(tmp_path_factory):
     return run, data, root / "cache"
 
 
+def test_several_layers_in_one_call_give_one_table(named_run, tmp_path, capsys):
+    run, data, cache = named_run
+    from lavise.models import ModelSpec
+    from lavise.settings import ComputeSettings
+
+    compute = ComputeSettings(device="cpu", batch_size=8, num_workers=0, progress=False)
+    layer2 = train(ModelSpec("resnet18"), "layer2", open_reference(data), tmp_path / "layer2",
+                   settings=TrainSettings(epochs=1), compute=compute, cache_dir=cache)
+    code = main(["evaluate", str(layer2.path), str(run.path), "--dataset", str(data), "--methods", "activation",
+                 "--no-lenient", "--iou-size", "32", "--cache-dir", str(cache), "--num-workers", "0", "--no-progress",
+                 "--device", "cpu", "--out", str(tmp_path / "layers.md")])
+    assert code == 0
+    table = (tmp_path / "layers.md").read_text()
+    assert "| resnet18 | layer2 | activation |" in table and "| resnet18 | layer3 | activation |" in table
+    assert (layer2.path / "evaluation.json").is_file() and (run.path / "evaluation.json").is_file()
+
+
 COLOUR_REGIONS = ExplainSettings(quantile=0.3)  # the shapes cover well over 0.5 % of the pixels
 
 
