@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--target", default="scene_cnn", choices=("scene_cnn", "efficientnet_lite0"))
     parser.add_argument("--poolings", nargs="+", default=["mean", "region"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/lavise-pooling"))
+    parser.add_argument("--learning-rate", type=float, default=None, help="override the run's learning rate")
+    parser.add_argument("--epochs", type=int, default=None, help="override the run's epochs")
     args = parser.parse_args()
 
     compute = ComputeSettings(progress=False)
@@ -63,11 +65,12 @@ def main() -> None:
     print(f"  activation region: {region.mean():.3f} of the grid on a top image; "
           f"reference masks: {pooled.areas.mean():.3f} of the grid on average")
 
+    overrides = {k: v for k, v in (("learning_rate", args.learning_rate), ("epochs", args.epochs)) if v is not None}
     runs = []
     for pooling in args.poolings:
         runs.append(train(
-            model_spec, base.layer, reference, args.work / f"{args.target}-{pooling}",
-            settings=replace(TrainSettings(**base.config["train"]), pooling=pooling), compute=compute, cache_dir=cache,
+            model_spec, base.layer, reference, args.work / f"{args.demo.name}-{args.target}-{pooling}",
+            settings=replace(TrainSettings(**base.config["train"]), pooling=pooling, **overrides), compute=compute, cache_dir=cache,
         ))
     evaluations = evaluate(runs, dataset, settings=EvaluateSettings(methods=METHODS, lenient=False),
                            compute=compute, cache_dir=cache, write=False)
