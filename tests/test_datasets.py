@@ -276,3 +276,26 @@ def test_left_half_stays_left_after_centre_crop():
     out = preprocess_masks(top, Preprocessing(64, 64))[0]
     # resized to 64x96, cropped from y=16: the top third ends at y = 32 - 16 = 16
     assert out[:15].min() > 0.99 and out[17:].max() < 0.01
+
+
+def test_coco_images_without_width_and_height_take_the_file_size(tmp_path, coco_maker):
+    import json
+
+    import numpy as np
+
+    from lavise.datasets import open_reference
+
+    path = coco_maker(tmp_path / "c", images=6)
+    data = json.loads(path.read_text())
+    for image in data["images"]:
+        del image["width"], image["height"]
+    data["annotations"][0]["segmentation"]["size"] = [32, 32]  # an RLE that fits no image: counted
+    path.write_text(json.dumps(data))
+    dataset = open_reference(path)
+    concepts, masks = dataset.masks(1, (64, 64))
+    assert masks.shape == (len(concepts), 64, 64) and masks.sum() > 0
+    with pytest.raises(ValueError, match="RLE"):
+        dataset.masks(0, (64, 64))
+    reference = coco_maker(tmp_path / "d", images=6)
+    expected = open_reference(reference).masks(1, (64, 64))
+    assert expected[0] == concepts and np.array_equal(expected[1], masks)

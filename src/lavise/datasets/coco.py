@@ -110,13 +110,22 @@ class CocoDataset:
         """
         image_id = self._image_ids[index]
         info = self._coco.imgs[image_id]
+        if info.get("width") is None or info.get("height") is None:
+            # Some exporters leave the size out: the file's own size is all there is to go by
+            # (pycocotools needs it to draw polygons).
+            info["width"], info["height"] = int(size[0]), int(size[1])
         width, height = int(info["width"]), int(info["height"])
         if (width, height) != tuple(size):
             raise ValueError(
                 f"image is {size[0]}x{size[1]} but the annotations say {width}x{height}"
             )
+        anns = self._coco.loadAnns(self._coco.getAnnIds(imgIds=[image_id]))
+        for ann in anns:
+            rle = ann.get("segmentation")
+            if isinstance(rle, dict) and list(rle.get("size") or []) != [height, width]:
+                raise ValueError(f"a mask (RLE) is {rle.get('size')} but the image is {height}x{width}")
         merged: dict[int, np.ndarray] = {}
-        for ann in self._coco.loadAnns(self._coco.getAnnIds(imgIds=[image_id])):
+        for ann in anns:
             if ann.get("segmentation"):
                 mask = self._coco.annToMask(ann)
             else:  # a box only
@@ -148,9 +157,13 @@ def _valid_segmentation(segmentation: object, size: tuple[object, object]) -> bo
         )
     if isinstance(segmentation, dict):
         counts = segmentation.get("counts")
-        return (
-            list(segmentation.get("size") or []) == list(size)
-            and (isinstance(counts, str) or (isinstance(counts, list) and all(isinstance(c, int) for c in counts)))
+        rle_size = list(segmentation.get("size") or [])
+        # Without the image's size in the JSON, the RLE's is checked against the file later.
+        size_fits = rle_size == list(size) if None not in size else (
+            len(rle_size) == 2 and all(isinstance(v, int) and v > 0 for v in rle_size)
+        )
+        return size_fits and (
+            isinstance(counts, str) or (isinstance(counts, list) and all(isinstance(c, int) for c in counts))
         )
     return False
 
