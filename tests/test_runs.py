@@ -291,3 +291,18 @@ def test_region_pooling_is_recorded_and_divides_by_the_mask_area(tmp_path, tiny_
     run = train(tiny_model, "features.3", reference, tmp_path / "run", settings=TrainSettings(epochs=1, pooling="region"),
                 compute=compute, cache_dir=tmp_path / "cache")
     assert load_run(run.path).pooling == "region" and run.config["train"]["pooling"] == "region"
+
+
+def test_a_custom_module_with_other_weights_is_warned_about(tiny_run, tiny_model, tiny_net_type):
+    import warnings
+
+    from lavise.datasets import LaviseWarning
+    from lavise.models import TargetModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LaviseWarning)
+        assert tiny_run.target_model(tiny_model) is tiny_model  # the same weights: silent
+    torch.manual_seed(123)
+    other = TargetModel.from_module(tiny_net_type(), tiny_model.preprocessing, name="tiny")
+    with pytest.warns(LaviseWarning, match="does not have the weights"):
+        tiny_run.target_model(other)

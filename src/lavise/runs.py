@@ -72,6 +72,16 @@ class Run:
     def target_model(self, model: TargetModel | None = None) -> TargetModel:
         """The run's model, rebuilt from its spec (a custom module must be passed again)."""
         if model is not None:
+            trained, given = self.config["model"], model.description
+            if trained.get("custom") and trained.get("weights_sha256") != given.get("weights_sha256"):
+                warnings.warn(
+                    f"The module passed for run '{self.path}' does not have the weights the run was "
+                    f"trained with (digest {str(given.get('weights_sha256'))[:12]}, trained on "
+                    f"{str(trained.get('weights_sha256'))[:12]}); its filters may not be the ones the "
+                    "explainer learnt.",
+                    LaviseWarning,
+                    stacklevel=2,
+                )
             return model
         spec = self.config["model"]
         if spec.get("custom"):
