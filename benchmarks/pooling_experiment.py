@@ -38,6 +38,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/lavise-pooling"))
     parser.add_argument("--learning-rate", type=float, default=None, help="override the run's learning rate")
     parser.add_argument("--epochs", type=int, default=None, help="override the run's epochs")
+    parser.add_argument("--word-vectors", default=None,
+                        help="word space for the retrained explainers (default: the run's), e.g. a file "
+                             "written by benchmarks/minilm_vectors.py")
+    parser.add_argument("--lenient", action="store_true", help="also score lenient recall")
     args = parser.parse_args()
 
     compute = ComputeSettings(progress=False)
@@ -70,9 +74,10 @@ def main() -> None:
     for pooling in args.poolings:
         runs.append(train(
             model_spec, base.layer, reference, args.work / f"{args.demo.name}-{args.target}-{pooling}",
+            word_vectors=args.word_vectors or base.config["word_vectors"],
             settings=replace(TrainSettings(**base.config["train"]), pooling=pooling, **overrides), compute=compute, cache_dir=cache,
         ))
-    evaluations = evaluate(runs, dataset, settings=EvaluateSettings(methods=METHODS, lenient=False),
+    evaluations = evaluate(runs, dataset, settings=EvaluateSettings(methods=METHODS, lenient=args.lenient),
                            compute=compute, cache_dir=cache, write=False)
     for pooling, evaluation in zip(args.poolings, evaluations):
         print(f"\n{pooling} pooling\n")
