@@ -24,6 +24,8 @@ def test_demo_writes_runs_for_both_targets_and_reuses_them(tmp_path, capsys):
         summary = run_demo(tmp_path, SMALL, QUIET)
     printed = capsys.readouterr().out
     assert OPENMOJI_ATTRIBUTION in printed and "held-out concept" in printed
+    assert f"Next: lavise evaluate {tmp_path / 'runs' / 'efficientnet_lite0'}" in printed
+    assert f"--dataset {tmp_path / 'data' / 'evaluation' / 'annotations.json'}" in printed
     assert summary["unseen_concepts"] and set(summary["unseen_concepts"]).isdisjoint(summary["seen_concepts"])
     reference = json.loads((tmp_path / "data/reference/annotations.json").read_text())
     assert {c["name"] for c in reference["categories"]}.isdisjoint(summary["unseen_concepts"])

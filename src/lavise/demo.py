@@ -109,6 +109,9 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), compute: Comput
     for target in targets:
         print_table(target.title, target.layer, results[target.key], split["seen"], split["unseen"])
     print(f"\nOutputs: {out} (runs/<target>/explanations.json, explanations.csv)")
+    runs = " ".join(str(out / "runs" / key) for key in results)
+    print(f"Next: lavise evaluate {runs} --dataset {evaluation_dir / 'annotations.json'}")
+    print(f"      lavise report {out / 'runs' / targets[0].key}")
     print(OPENMOJI_ATTRIBUTION)
     return summary
 
