@@ -83,7 +83,7 @@ def main() -> None:
             cells = [target, method, f"{np.mean([s['filters'] for s in summaries]):.0f}",
                      *[mean_sd([get(s) for s in summaries]) for _, get in COLUMNS]]
             print("| " + " | ".join(cells) + " |")
-    print(f"\nEvaluation time (both targets, all methods, cold cache): "
+    print("\nEvaluation time (both targets, all methods, cold cache): "
           + ", ".join(f"seed {s}: {t:.0f} s" for s, t in timings.items()))
     if args.json:
         args.json.write_text(json.dumps({"seeds": args.seeds, "results": results, "seconds": timings}, indent=1))

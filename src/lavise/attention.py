@@ -68,6 +68,11 @@ def _pair_rows(maps: torch.Tensor, filters: torch.Tensor) -> tuple[torch.Tensor,
     return flat, target
 
 
+def _active_region(target: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """1[F_u > T_u] for each pair, in the maps' dtype. (n, hw), (n,) -> (n, hw)"""
+    return (target > thresholds.unsqueeze(1)).to(target.dtype)
+
+
 def spatial_attention(maps: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     """input_k = <F_k, F_u> / (‖F_u‖ · hw) for each pair (image n, filter u = filters[n]).
 
@@ -97,7 +102,7 @@ def activation_masking(maps: torch.Tensor, filters: torch.Tensor, thresholds: to
     (n, d, h, w), (n,), (d,) -> (n, d)
     """
     flat, target = _pair_rows(maps, filters)
-    region = (target > thresholds[filters].unsqueeze(1)).to(flat.dtype)  # (n, hw)
+    region = _active_region(target, thresholds[filters])
     return torch.bmm(flat, region.unsqueeze(2)).squeeze(2) / flat.shape[2]
 
 
@@ -125,7 +130,7 @@ def region_activation_masking(maps: torch.Tensor, filters: torch.Tensor, thresho
     (n, d, h, w), (n,), (d,) -> (n, d)
     """
     flat, target = _pair_rows(maps, filters)
-    region = (target > thresholds[filters].unsqueeze(1)).to(flat.dtype)  # (n, hw)
+    region = _active_region(target, thresholds[filters])
     return torch.bmm(flat, region.unsqueeze(2)).squeeze(2) / region.sum(dim=1, keepdim=True).clamp_min(1.0)
 
 

@@ -35,7 +35,7 @@ from lavise.explain import explain
 from lavise.groups import GroupComparison, GroupSettings, compare_groups, format_comparison
 from lavise.models import ModelSpec
 from lavise.scene_cnn import DEFAULT_LAYER
-from lavise.settings import ComputeSettings, ExplainSettings, TrainSettings, _opt
+from lavise.settings import ComputeSettings, ExplainSettings, TrainSettings, option
 from lavise.storage import read_json, write_json
 from lavise.synthetic import OPENMOJI_ATTRIBUTION, SceneSettings, generate_scenes
 from lavise.synthetic.scenes import GROUP_NAMES, parse_group_bias
@@ -45,25 +45,25 @@ from lavise.synthetic.scenes import GROUP_NAMES, parse_group_bias
 class BiasDemoSettings:
     """The planted-bias demo: scenes, the group classifier, the explainer and the comparison."""
 
-    planted: str = _opt("dog=0.6:0.1,car=0.1:0.6", "planted bias: per concept its probability in each group's scenes")
-    reference_images: int = _opt(300, "reference scenes (with masks) the explainer learns from")
-    target_images: int = _opt(400, "target scenes, alternately in group a and group b")
-    concepts: int = _opt(12, "emoji concepts in the scenes, the planted ones included")
-    image_size: int = _opt(112, "side of the scenes in pixels (the scene CNN reads 112)")
-    backgrounds: tuple[str, ...] = _opt(("plain", "texture", "photo"), "background kinds of the scenes")
-    concepts_per_image: tuple[int, int] = _opt((1, 3), "(min, max) emoji per scene besides the planted ones")
-    seed: int = _opt(0, "seed of the scenes, the classifier and the explainer")
-    pretrain_epochs: int = _opt(
+    planted: str = option("dog=0.6:0.1,car=0.1:0.6", "planted bias: per concept its probability in each group's scenes")
+    reference_images: int = option(300, "reference scenes (with masks) the explainer learns from")
+    target_images: int = option(400, "target scenes, alternately in group a and group b")
+    concepts: int = option(12, "emoji concepts in the scenes, the planted ones included")
+    image_size: int = option(112, "side of the scenes in pixels (the scene CNN reads 112)")
+    backgrounds: tuple[str, ...] = option(("plain", "texture", "photo"), "background kinds of the scenes")
+    concepts_per_image: tuple[int, int] = option((1, 3), "(min, max) emoji per scene besides the planted ones")
+    seed: int = option(0, "seed of the scenes, the classifier and the explainer")
+    pretrain_epochs: int = option(
         10, "epochs of concept recognition on the reference scenes before the group task (0: from random weights)"
     )
-    classifier_epochs: int = _opt(5, "training epochs of the group classifier (longer fine-tuning blurs the concepts)")
-    classifier_batch_size: int = _opt(16, "images per training step of the group classifier")
-    explainer_epochs: int = _opt(100, "training epochs of the explainer")
-    explainer_learning_rate: float = _opt(1e-3, "Adam learning rate of the explainer (converges in fewer epochs than 1e-4)")
-    vocabulary_size: int = _opt(20_000, "candidate words: the N most frequent clean GloVe words")
-    vocabulary_file: str | None = _opt(None, "a file of candidate words, one per line (overrides the size)")
-    words_per_image: int = _opt(0, "nearest words taken per image when naming filters (0: explain's default)")
-    top_filters: int = _opt(5, "a planted concept is found when it is among the first 3 words of one of this many top filters")
+    classifier_epochs: int = option(5, "training epochs of the group classifier (longer fine-tuning blurs the concepts)")
+    classifier_batch_size: int = option(16, "images per training step of the group classifier")
+    explainer_epochs: int = option(100, "training epochs of the explainer")
+    explainer_learning_rate: float = option(1e-3, "Adam learning rate of the explainer (converges in fewer epochs than 1e-4)")
+    vocabulary_size: int = option(20_000, "candidate words: the N most frequent clean GloVe words")
+    vocabulary_file: str | None = option(None, "a file of candidate words, one per line (overrides the size)")
+    words_per_image: int = option(0, "nearest words taken per image when naming filters (0: explain's default)")
+    top_filters: int = option(5, "a planted concept is found when it is among the first 3 words of one of this many top filters")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -34,6 +34,12 @@ def _add_settings(parser: argparse.ArgumentParser, settings_type, title: str, ex
             group.add_argument(flag, dest=f.name, type=kind, default=default, choices=f.metadata.get("choices"), help=help_text)
 
 
+def _add_compute(parser: argparse.ArgumentParser) -> None:
+    """The compute options, and where features are cached."""
+    parser.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: $LAVISE_CACHE or ~/.cache/lavise)")
+    _add_settings(parser, ComputeSettings, "compute")
+
+
 def _settings(args: argparse.Namespace, settings_type):
     values = {f.name: getattr(args, f.name) for f in fields(settings_type) if hasattr(args, f.name)}
     return settings_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
@@ -63,16 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_settings(train, ReferenceSettings, "reference data")
     train.add_argument("--word-vectors", default="glove-6b-50d", help="glove-6b-50d (built in) or a GloVe/word2vec text file")
     train.add_argument("--out", required=True, type=Path, help="run directory to write")
-    train.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: $LAVISE_CACHE or ~/.cache/lavise)")
     _add_settings(train, TrainSettings, "training")
-    _add_settings(train, ComputeSettings, "compute")
+    _add_compute(train)
 
     explain = commands.add_parser("explain", help="name every filter of a trained run from unlabelled images")
     explain.add_argument("run", type=Path, metavar="RUN_DIR", help="a directory written by 'lavise train'")
     explain.add_argument("--target", required=True, type=Path, help="folder of target images (searched recursively)")
-    explain.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: $LAVISE_CACHE or ~/.cache/lavise)")
     _add_settings(explain, ExplainSettings, "explanation")
-    _add_settings(explain, ComputeSettings, "compute")
+    _add_compute(explain)
 
     demo = commands.add_parser("demo", help="the built-in demo: planted-concept scenes, two real targets, offline")
     demo.add_argument("--out", type=Path, default=Path("lavise-demo"), help="output folder (default: lavise-demo)")
@@ -209,7 +213,6 @@ def _add_evaluate_commands(commands) -> None:
     evaluate.add_argument("--dataset-images", type=Path, default=None, help="image folder of a COCO dataset (default: 'images' beside the JSON)")
     evaluate.add_argument("--dataset-format", choices=REFERENCE_FORMATS, default=None, help="default: guessed from --dataset")
     evaluate.add_argument("--out", type=Path, default=None, help="also save the combined Markdown table of all runs here")
-    evaluate.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: $LAVISE_CACHE or ~/.cache/lavise)")
     evaluate.add_argument("--annotated-fractions", type=float, nargs="+", default=None, metavar="F",
                           help="Figure 7: retrain with these shares of reference concepts annotated and score unseen concepts")
     evaluate.add_argument("--sweep-reference", type=Path, default=None, help="reference data to retrain on for the sweep")
@@ -217,7 +220,7 @@ def _add_evaluate_commands(commands) -> None:
     _add_settings(evaluate, ReferenceSettings, "evaluation data (format options, as for train)")
     _add_settings(evaluate, EvaluateSettings, "evaluation")
     _add_settings(evaluate, ExplainSettings, "explanation", exclude=("method",))
-    _add_settings(evaluate, ComputeSettings, "compute")
+    _add_compute(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
 
@@ -270,9 +273,8 @@ def _add_report_commands(commands) -> None:
                         help="where the target images are now, if they moved since 'explain' (default: the folder it used)")
     report.add_argument("--evaluation", type=Path, default=None, help="an evaluation.json (default: the run's, if any)")
     report.add_argument("--groups", type=Path, default=None, help="a groups.json (default: the run's, if any)")
-    report.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: $LAVISE_CACHE or ~/.cache/lavise)")
     _add_settings(report, ReportSettings, "report")
-    _add_settings(report, ComputeSettings, "compute")
+    _add_compute(report)
     report.set_defaults(handler=_report)
 
 
@@ -298,9 +300,8 @@ def _add_groups_commands(commands) -> None:
     groups.add_argument("--groups", type=Path, default=None,
                         help="CSV of image,group rows, paths relative to --target (default: one sub-folder of --target per group)")
     groups.add_argument("--out", type=Path, default=None, help="folder for groups.json/.csv/.png (default: RUN_DIR)")
-    groups.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: $LAVISE_CACHE or ~/.cache/lavise)")
     _add_settings(groups, GroupSettings, "group comparison")
-    _add_settings(groups, ComputeSettings, "compute")
+    _add_compute(groups)
     groups.set_defaults(handler=_compare_groups)
 
     models = commands.add_parser("compare-models", help="compare the concepts two explained runs' filters are named by")
@@ -308,9 +309,8 @@ def _add_groups_commands(commands) -> None:
     models.add_argument("--out", required=True, type=Path, help="folder for models.json and models.csv")
     models.add_argument("--target", type=Path, default=None,
                         help="images to match filters on by peak-activation correlation (default: match by words)")
-    models.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: $LAVISE_CACHE or ~/.cache/lavise)")
     _add_settings(models, ModelComparisonSettings, "model comparison")
-    _add_settings(models, ComputeSettings, "compute")
+    _add_compute(models)
     models.set_defaults(handler=_compare_models)
 
     demo = commands.add_parser("demo-bias", help="plant a bias in two groups of scenes and find it without labels")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from lavise.embeddings import load_word_vectors
 from lavise.explain import Explanations, explain
 from lavise.models import ModelSpec, load_target_model
 from lavise.runs import Run, load_run, train
-from lavise.settings import ComputeSettings, ExplainSettings, TrainSettings
+from lavise.settings import ComputeSettings, ExplainSettings, TrainSettings, option
 from lavise.storage import read_json, write_json
 from lavise.synthetic import OPENMOJI_ATTRIBUTION, SceneSettings, generate_scenes
 
@@ -37,20 +37,16 @@ from lavise.synthetic import OPENMOJI_ATTRIBUTION, SceneSettings, generate_scene
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "stereo_motorcycle", "camera", "coins", "hubble_deep_field")
 
 
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class DemoSettings:
-    reference_images: int = _opt(800, "reference scenes the explainers learn from")
-    evaluation_images: int = _opt(300, "held-out scenes among the target images")
-    concepts: int = _opt(60, "emoji concepts planted in the scenes")
-    unseen_fraction: float = _opt(0.3, "share of concepts kept out of the reference scenes")
-    seed: int = _opt(0, "seed for scenes, split, scene CNN and explainers")
-    scene_cnn_epochs: int = _opt(10, "training epochs of the small scene CNN")
-    explainer_epochs: int = _opt(60, "training epochs of each explainer")
-    vocabulary_size: int = _opt(20_000, "candidate words: the N most frequent clean GloVe words")
+    reference_images: int = option(800, "reference scenes the explainers learn from")
+    evaluation_images: int = option(300, "held-out scenes among the target images")
+    concepts: int = option(60, "emoji concepts planted in the scenes")
+    unseen_fraction: float = option(0.3, "share of concepts kept out of the reference scenes")
+    seed: int = option(0, "seed for scenes, split, scene CNN and explainers")
+    scene_cnn_epochs: int = option(10, "training epochs of the small scene CNN")
+    explainer_epochs: int = option(60, "training epochs of each explainer")
+    vocabulary_size: int = option(20_000, "candidate words: the N most frequent clean GloVe words")
 
 
 @dataclass(frozen=True)

@@ -348,15 +348,17 @@ def tally_dataset(
     thresholds = thresholds.to(device)
     with tqdm(total=len(dataset), desc="IoU tallies", unit="img", disable=not compute.progress) as bar:
         for items in loader:
-            usable = []
+            usable, usable_rows = [], []
             for item in items:
+                row = row_of.get(str(dataset.image_path(item.index)))
                 if item.problem:
                     skipped.add(*item.problem)
-                elif str(dataset.image_path(item.index)) in row_of:
+                elif row is not None:  # images without features were counted when features were taken
                     usable.append(item)
+                    usable_rows.append(row)
             for start in range(0, len(usable), step):
                 chunk = usable[start : start + step]
-                rows = torch.tensor([row_of[str(dataset.image_path(it.index))] for it in chunk])
+                rows = torch.tensor(usable_rows[start : start + step])
                 regions = activation_regions(maps[rows].to(device), thresholds, size)
                 masks, indices = _pad_masks(chunk, pixels)
                 masks, indices = masks.to(device), indices.to(device)
@@ -516,8 +518,10 @@ def _evaluate_run(
     seen = set(run.split["seen"])
 
     scored = torch.tensor([u for u, t in enumerate(truth_ids) if t], dtype=torch.long)
-    words = _method_words(run, target_model, maps, features.paths, thresholds, label_tally, names, scored,
-                          settings, explain_settings, compute, cache_dir)
+    vocabulary = _vocabulary(run, explain_settings, cache_dir)
+    label_iou = label_tally.iou() if label_tally.images else None
+    words = _method_words(run, target_model, maps, features.paths, thresholds, label_iou, names, scored, vocabulary,
+                          settings, explain_settings, compute)
     methods, per_method = {}, {}
     for method, method_words in words.items():
         summary, per_filter = score_filters(method_words, truth, seen)
@@ -530,7 +534,6 @@ def _evaluate_run(
         methods[method] = summary
         per_method[method] = per_filter
 
-    label_iou = label_tally.iou() if label_tally.images else None
     filters = []
     for u in range(maps.shape[1]):
         entry = {
@@ -547,7 +550,7 @@ def _evaluate_run(
             entry["methods"][method] = {"words": list(method_words[u]), **scores}
         filters.append(entry)
 
-    outside = sorted({c for t in truth for c in t} - set(_vocabulary(run, explain_settings, cache_dir).words))
+    outside = sorted({c for t in truth for c in t} - set(vocabulary.words))
     info = {
         "run": str(run.path),
         "dataset": {"description": repr(dataset), "images": len(maps), "labelling_images": int(labelling.sum()),
@@ -601,8 +604,8 @@ def _cached_tallies(run, target_model, dataset, maps, paths, thresholds, labelli
     return label_tally, score_tally, skipped
 
 
-def _method_words(run, target_model, maps, paths, thresholds, label_tally, names, scored, settings, explain_settings,
-                  compute, cache_dir):
+def _method_words(run, target_model, maps, paths, thresholds, label_iou, names, scored, vocabulary, settings,
+                  explain_settings, compute):
     """Per method, each filter's ranked words (NetDissect: concepts by labelling IoU).
 
     Only the ``scored`` filters (those with ground truth) are named by the explainer
@@ -613,7 +616,6 @@ def _method_words(run, target_model, maps, paths, thresholds, label_tally, names
     words: dict[str, list[list[str]]] = {}
     explained = [m for m in settings.methods if m != "netdissect"]
     if explained and len(scored):
-        vocabulary = _vocabulary(run, explain_settings, cache_dir)
         device = resolve_device(compute.device)
         per_filter = min(explain_settings.top_images, len(maps))
         chosen = top_images(maps, per_filter)[scored]
@@ -638,10 +640,10 @@ def _method_words(run, target_model, maps, paths, thresholds, label_tally, names
     for method in explained:
         words.setdefault(method, [[] for _ in range(d)])
     if "netdissect" in settings.methods:
-        iou = label_tally.iou()
-        order = torch.argsort(iou, dim=1, descending=True, stable=True)[:, : max(RECALL_KS)]
+        top = torch.topk(label_iou, min(max(RECALL_KS), label_iou.shape[1]), dim=1)
         words["netdissect"] = [
-            [names[c] for c in order[u].tolist() if float(iou[u, c]) > 0] for u in range(iou.shape[0])
+            [names[c] for c, value in zip(ids, values) if value > 0]
+            for ids, values in zip(top.indices.tolist(), top.values.tolist())
         ]
     return {m: words[m] for m in settings.methods}
 

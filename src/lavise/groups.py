@@ -53,7 +53,7 @@ from lavise.explain import quantile_thresholds
 from lavise.features import cpu_threads, target_features
 from lavise.models import TargetModel
 from lavise.runs import Run, load_run
-from lavise.settings import ComputeSettings, _opt
+from lavise.settings import ComputeSettings, option
 from lavise.storage import atomic_path, default_cache_dir, files_digest, load_tensors, read_json, write_csv, write_json
 
 TESTS = ("z", "fisher")
@@ -64,24 +64,24 @@ THRESHOLD_SOURCES = ("groups", "run")
 class GroupSettings:
     """How groups of images are compared (``lavise compare-groups``)."""
 
-    test: str = _opt(
+    test: str = option(
         "z",
         "per-filter test: z (two-proportion z-test; Pearson chi-square for more than two "
         "groups) or fisher (Fisher's exact test, two groups)",
         choices=TESTS,
     )
-    fdr: float = _opt(0.05, "false discovery rate: filters with a Benjamini-Hochberg q-value below it are significant")
-    confidence: float = _opt(0.95, "level of the confidence interval on each difference")
-    thresholds: str = _opt(
+    fdr: float = option(0.05, "false discovery rate: filters with a Benjamini-Hochberg q-value below it are significant")
+    confidence: float = option(0.95, "level of the confidence interval on each difference")
+    thresholds: str = option(
         "groups",
         "T_u: groups (recomputed on the group images at the quantile the run was explained "
         "with) or run (the thresholds.safetensors of the run's last explain)",
         choices=THRESHOLD_SOURCES,
     )
-    min_group_images: int = _opt(20, "refuse a group with fewer usable images than this")
-    concept_words: int = _opt(3, "first words of each filter's explanation that count as its concepts")
-    examples: int = _opt(4, "qualified example images listed per group and filter (most activated first)")
-    chart_filters: int = _opt(20, "filters shown in groups.png")
+    min_group_images: int = option(20, "refuse a group with fewer usable images than this")
+    concept_words: int = option(3, "first words of each filter's explanation that count as its concepts")
+    examples: int = option(4, "qualified example images listed per group and filter (most activated first)")
+    chart_filters: int = option(20, "filters shown in groups.png")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,8 +91,8 @@ class GroupSettings:
 class ModelComparisonSettings:
     """How two explained runs are compared (``lavise compare-models``)."""
 
-    words_per_filter: int = _opt(1, "first words of each filter's explanation counted as the concepts it learned")
-    matches: int = _opt(20, "best-matching filter pairs reported")
+    words_per_filter: int = option(1, "first words of each filter's explanation counted as the concepts it learned")
+    matches: int = option(20, "best-matching filter pairs reported")
 
     def to_dict(self) -> dict:
         return asdict(self)

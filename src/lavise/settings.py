@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 
-def _opt(default, help: str, **extra):
+def option(default, help: str, **extra):
+    """A settings field with its command-line help (and extra metadata such as ``choices``)."""
     return field(default=default, metadata={"help": help, **extra})
 
 
@@ -13,19 +14,19 @@ def _opt(default, help: str, **extra):
 class TrainSettings:
     """How the explainer is trained (paper §3.1, method-notes)."""
 
-    unseen_fraction: float = _opt(
+    unseen_fraction: float = option(
         0.0, "share of concepts held out of training as unseen (the paper used 0.3)"
     )
-    seed: int = _opt(0, "seed for the concept split, validation split, initialisation and batches")
-    epochs: int = _opt(60, "passes over the pooled reference vectors")
-    train_batch_size: int = _opt(128, "pooled vectors per training step")
-    learning_rate: float = _opt(1e-4, "Adam learning rate (the authors' value)")
-    margin: float = _opt(1.0, "margin of the hinge rank loss")
-    dropout: float = _opt(0.1, "dropout before each linear layer of the explainer")
-    validation_fraction: float = _opt(
+    seed: int = option(0, "seed for the concept split, validation split, initialisation and batches")
+    epochs: int = option(60, "passes over the pooled reference vectors")
+    train_batch_size: int = option(128, "pooled vectors per training step")
+    learning_rate: float = option(1e-4, "Adam learning rate (the authors' value)")
+    margin: float = option(1.0, "margin of the hinge rank loss")
+    dropout: float = option(0.1, "dropout before each linear layer of the explainer")
+    validation_fraction: float = option(
         0.1, "share of reference images held out to choose the best epoch"
     )
-    pooling: str = _opt(
+    pooling: str = option(
         "mean",
         "how masked features are pooled: mean (over the whole grid, the authors' code) or region "
         "(over the mask, so inputs do not shrink with the region's area); explain follows the run",
@@ -40,21 +41,21 @@ class TrainSettings:
 class ExplainSettings:
     """How filters are named (paper §3.2 and the word selection of method-notes)."""
 
-    method: str = _opt(
+    method: str = option(
         "attention",
         "explainer input per filter: attention (spatial filter attention), "
         "cosine-attention (the paper's scalar equation), activation (activation masking), "
         "original (no mask)",
         choices=("attention", "cosine-attention", "activation", "original"),
     )
-    top_images: int = _opt(25, "p: most activated target images per filter")
-    words_per_image: int = _opt(5, "s: nearest words taken for each image")
-    top_words: int = _opt(10, "x: words reported per filter")
-    quantile: float = _opt(0.005, "a filter's region is where it exceeds its top-quantile level T_u")
-    vocabulary_size: int = _opt(
+    top_images: int = option(25, "p: most activated target images per filter")
+    words_per_image: int = option(5, "s: nearest words taken for each image")
+    top_words: int = option(10, "x: words reported per filter")
+    quantile: float = option(0.005, "a filter's region is where it exceeds its top-quantile level T_u")
+    vocabulary_size: int = option(
         20_000, "name filters from the N most frequent clean words (0: every word)"
     )
-    vocabulary_file: str | None = _opt(None, "a file of candidate words, one per line (overrides the size)")
+    vocabulary_file: str | None = option(None, "a file of candidate words, one per line (overrides the size)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,14 +65,14 @@ class ExplainSettings:
 class ComputeSettings:
     """Where and how fast; these never change results."""
 
-    device: str = _opt("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
-    batch_size: int = _opt(32, "images per forward pass")
-    num_workers: int = _opt(2, "processes decoding images")
-    threads: int = _opt(
+    device: str = option("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
+    batch_size: int = option(32, "images per forward pass")
+    num_workers: int = option(2, "processes decoding images")
+    threads: int = option(
         0, "torch CPU threads; 0: the cores left after the decoding workers, at least 1 "
         "(oversubscribed cores made a 2-core machine 2-600x slower, see README)"
     )
-    progress: bool = _opt(True, "show progress bars")
+    progress: bool = option(True, "show progress bars")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,21 +85,21 @@ EVALUATION_METHODS = ("original", "image", "activation", "attention", "cosine-at
 class EvaluateSettings:
     """How explanations are scored against annotated data (paper §4.5, NetDissect's protocol)."""
 
-    methods: tuple[str, ...] = _opt(
+    methods: tuple[str, ...] = option(
         EVALUATION_METHODS,
         "methods compared: the four explainer inputs, image (image masking: the image masked "
         "to the filter's region and run again) and netdissect (highest-IoU concepts)",
         choices=EVALUATION_METHODS,
     )
-    iou_threshold: float = _opt(0.04, "a concept is a filter's ground truth when their IoU exceeds this")
-    iou_size: int = _opt(
+    iou_threshold: float = option(0.04, "a concept is a filter's ground truth when their IoU exceeds this")
+    iou_size: int = option(
         112, "side of the grid where activation regions meet masks (Broden's 112 for 224-pixel images)"
     )
-    labelling_fraction: float = _opt(
+    labelling_fraction: float = option(
         0.5, "share of images on which NetDissect picks labels; ground truth comes from the rest (0: no NetDissect)"
     )
-    split_seed: int = _opt(0, "seed of the labelling/scoring split of the evaluation images")
-    lenient: bool = _opt(True, "also report lenient recall (WordNet plurals and synonyms count)")
+    split_seed: int = option(0, "seed of the labelling/scoring split of the evaluation images")
+    lenient: bool = option(True, "also report lenient recall (WordNet plurals and synonyms count)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,14 +109,14 @@ class EvaluateSettings:
 class ReferenceSettings:
     """Format-specific options of the reference readers (see docs/datasets.md)."""
 
-    min_images: int = _opt(
+    min_images: int = option(
         100, "Visual Genome: drop categories present in fewer images (the paper's 100)"
     )
-    categories: str | None = _opt(
+    categories: str | None = option(
         None, "Broden: comma-separated categories to read, e.g. object,part,material; None: all"
     )
-    split: str | None = _opt(None, "Broden: only images of this split of index.csv, e.g. train; None: all")
-    class_names: str | None = _opt(
+    split: str | None = option(None, "Broden: only images of this split of index.csv, e.g. train; None: all")
+    class_names: str | None = option(
         None, "folder: a file mapping folder names (e.g. WordNet ids) to words, or 'imagenet' "
         "for torchvision's ImageNet class names (folders: the 1000 WordNet ids); None: folder names"
     )

@@ -27,7 +27,7 @@ from __future__ import annotations
 import html
 import shutil
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -54,7 +54,7 @@ from lavise.report.thumbnails import (
     filter_thumbnail_name,
     stale_filters,
 )
-from lavise.settings import ComputeSettings
+from lavise.settings import ComputeSettings, option
 from lavise.storage import atomic_path, default_cache_dir
 
 __all__ = ["ReportSettings", "write_report"]
@@ -62,22 +62,18 @@ __all__ = ["ReportSettings", "write_report"]
 STATIC_FILES = ("report.js", "report.css")
 
 
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class ReportSettings:
     """What the report shows and how its images are made."""
 
-    thumbnail_size: int = _opt(128, "side of the square image thumbnails, in pixels")
-    jpeg_quality: int = _opt(80, "JPEG quality of the thumbnails, 1-95")
-    overlays: bool = _opt(
+    thumbnail_size: int = option(128, "side of the square image thumbnails, in pixels")
+    jpeg_quality: int = option(80, "JPEG quality of the thumbnails, 1-95")
+    overlays: bool = option(
         True, "draw each filter's region (above its threshold T_u) over its top images; needs the "
         "run's model and its target features (cached by 'explain')"
     )
-    examples_per_group: int = _opt(6, "example images shown per group on a filter's page")
-    absolute_paths: bool = _opt(False, "show data folders by their absolute paths (default: their names only)")
+    examples_per_group: int = option(6, "example images shown per group on a filter's page")
+    absolute_paths: bool = option(False, "show data folders by their absolute paths (default: their names only)")
 
     def to_dict(self) -> dict:
         return asdict(self)
