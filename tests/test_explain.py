@@ -41,6 +41,20 @@ def test_quantile_thresholds_equal_numpy(quantile, chunk):
     np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-12)
 
 
+def test_a_saturated_filter_keeps_a_region_where_it_saturates():
+    """ReLU6 filters at 6 on more than the quantile's share of positions: '> 6' is never true."""
+    generator = torch.Generator().manual_seed(2)
+    maps = torch.rand(4, 3, 5, 5, generator=generator) * 5  # (N, d, h, w), below 6 everywhere
+    maps[:, 0, :2, :2] = 6.0  # filter 0 saturates on 16 % of positions
+    maps[:, 2] = 6.0  # filter 2 is constant
+    thresholds = quantile_thresholds(maps, 0.05)
+    assert thresholds[0] < 6.0 and (maps[:, 0] > thresholds[0]).sum() == 16  # exactly the saturated cells
+    assert thresholds[0] == torch.nextafter(torch.tensor(6.0), torch.tensor(0.0))
+    expected = np.quantile(maps[:, 1].flatten().numpy(), 0.95)
+    np.testing.assert_allclose(float(thresholds[1]), expected, rtol=1e-6)  # ordinary filters: the quantile
+    assert thresholds[2] == 6.0 and not (maps[:, 2] > thresholds[2]).any()  # constant: no region
+
+
 def test_quantile_thresholds_float32_and_single_position():
     generator = torch.Generator().manual_seed(1)
     maps = torch.rand(3, 65, 2, 2, generator=generator)

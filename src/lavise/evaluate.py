@@ -48,7 +48,7 @@ from lavise.settings import EVALUATION_METHODS, ComputeSettings, EvaluateSetting
 from lavise.storage import cache_key, default_cache_dir, load_cached, save_tensors, write_json, atomic_path
 
 RECALL_KS = (5, 10, 20)
-_TALLY_VERSION = 1
+_TALLY_VERSION = 2  # 2: T_u of saturated filters lies just below their maximum
 
 
 # --------------------------------------------------------------------------------------

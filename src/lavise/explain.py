@@ -35,6 +35,13 @@ def quantile_thresholds(maps: torch.Tensor, quantile: float = 0.005, *, chunk: i
     The (1 − quantile) quantile with linear interpolation, as numpy.quantile computes
     it, per filter over every position of every image.
 
+    A filter that sits at its maximum on more than ``quantile`` of the positions (a
+    ReLU6 filter saturated at 6, say) has its quantile *at* that maximum, and nothing
+    exceeds it: every region {F_u > T_u} would be empty, so the filter would be named
+    from all-zero inputs and never reach ground truth or qualify an image. For such a
+    filter T_u is the largest float below its maximum, so its region is where it
+    saturates. Constant filters keep T_u = their value (an empty region).
+
     (N, d, h, w) -> (d,)
     """
     if not 0 < quantile < 1:
@@ -49,7 +56,11 @@ def quantile_thresholds(maps: torch.Tensor, quantile: float = 0.005, *, chunk: i
         values = maps[:, start : start + chunk].transpose(0, 1).reshape(-1, count)
         top = torch.topk(values, count - low, dim=1, sorted=True).values  # descending
         lower, upper = top[:, -1], top[:, count - 1 - high]
-        thresholds[start : start + chunk] = lower + frac * (upper - lower)
+        level = lower + frac * (upper - lower)
+        saturated = (level >= top[:, 0]) & (top[:, 0] > values.amin(dim=1))
+        thresholds[start : start + chunk] = torch.where(
+            saturated, torch.nextafter(top[:, 0], torch.tensor(-float("inf"), dtype=maps.dtype)), level
+        )
     return thresholds
 
 
