@@ -68,7 +68,7 @@ def test_train_and_explain_end_to_end(tmp_path, coco, targets, capsys):
     code = main(["explain", str(run), "--target", str(targets), "--top-images", "3", "--cache-dir", str(cache), *FAST])
     assert code == 0
     out = capsys.readouterr().out
-    assert "Explained 512 filters of resnet18 layer4 with attention" in out
+    assert "Explained 512 filters of resnet18 layer4 with activation" in out
     assert f"Written: {run / 'explanations.json'} and {run / 'explanations.csv'}" in out
     assert out.count("  filter ") == 8  # a few examples
     data = json.loads((run / "explanations.json").read_text())

@@ -45,6 +45,15 @@ def test_demo_writes_runs_for_both_targets_and_reuses_them(tmp_path, capsys):
         warnings.simplefilter("ignore", LaviseWarning)
         run_demo(tmp_path, SMALL, QUIET)
     assert (checkpoint.stat().st_mtime_ns, config.stat().st_mtime_ns) == stamps  # reused, not retrained
+    assert json.loads(config.read_text())["train"]["pooling"] == "region"  # lavise's default explainer
+
+    authors = DemoSettings(**{**SMALL.__dict__, "explainer_pooling": "mean", "explainer_learning_rate": 1e-4})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LaviseWarning)
+        run_demo(tmp_path, authors, QUIET)
+    trained = json.loads(config.read_text())["train"]
+    assert (trained["pooling"], trained["learning_rate"]) == ("mean", 1e-4)  # the explainers were retrained
+    assert checkpoint.stat().st_mtime_ns == stamps[0]  # on the same scenes and scene CNN
 
 
 def test_scene_cnn_learns_and_loads_as_a_target(tmp_path):

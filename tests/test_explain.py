@@ -142,7 +142,7 @@ def test_explain_end_to_end(tmp_path, tiny_run, tiny_model, targets, compute):
     assert result.path == out
     data = json.loads(out.read_text())
     assert {"model", "layer", "method", "filters"} <= set(data)
-    assert (data["model"], data["layer"], data["method"]) == ("tiny", "features.3", "attention")
+    assert (data["model"], data["layer"], data["method"]) == ("tiny", "features.3", "activation")
     filters = data["filters"]
     assert [f["filter"] for f in filters] == list(range(8))
 
@@ -168,7 +168,10 @@ def test_explain_end_to_end(tmp_path, tiny_run, tiny_model, targets, compute):
         assert peak[chosen].tolist() == sorted(peak[chosen].tolist(), reverse=True)
         assert float(peak[chosen].min()) >= float(peak[others].max())
 
-    # the words, recomputed here from the definitions: attention input, head, cosine
+    # the words, recomputed here from the definitions of the defaults: activation masking
+    # pooled inside the region (the run was trained with region pooling), head, cosine
+    assert tiny_run.pooling == "region"
+    levels = load_file(str(tiny_run.path / "thresholds.safetensors"))["thresholds"]
     vocabulary = load_word_vectors().vocabulary(size=settings.vocabulary_size)
     head = tiny_run.head.eval()
     for f in filters:
@@ -176,8 +179,8 @@ def test_explain_end_to_end(tmp_path, tiny_run, tiny_model, targets, compute):
         votes: Counter = Counter()
         for name in f["top_images"]:
             fm = maps[names.index(name)].flatten(1)  # (d, hw)
-            target = fm[u]
-            inputs = (fm @ target) / (target.norm() * fm.shape[1])
+            region = fm[u] > levels[u]
+            inputs = fm[:, region].sum(dim=1) / max(int(region.sum()), 1)
             with torch.no_grad():
                 cosines = F.normalize(head(inputs[None]), dim=1)[0] @ vocabulary.unit_vectors.T
             votes.update(vocabulary.words[i] for i in torch.argsort(cosines, descending=True)[:S].tolist())

@@ -470,7 +470,7 @@ def test_compare_models_warns_about_unlike_naming(explained, tiny_model, grouped
 
     other = train(tiny_model, "features.3", open_reference(coco), tmp_path / "other", settings=TrainSettings(epochs=1, seed=4),
                   compute=compute, cache_dir=tmp_path / "cache")
-    explain(other, grouped, settings=ExplainSettings(method="activation", top_images=6, vocabulary_size=500),
+    explain(other, grouped, settings=ExplainSettings(method="attention", top_images=6, vocabulary_size=500),
             compute=compute, model=tiny_model, cache_dir=tmp_path / "cache")
     with pytest.warns(LaviseWarning, match="explained with different method, naming settings"):
         compare_models(explained, other)

@@ -238,7 +238,7 @@ def test_report_end_to_end(explained, build, tiny_model, targets):
 
     explanations = json.loads((explained / "explanations.json").read_text())
     data = read_data(report)
-    assert (data["model"], data["layer"], data["method"]) == ("tiny", "features.3", "attention")
+    assert (data["model"], data["layer"], data["method"]) == ("tiny", "features.3", "activation")
     assert data["evaluation"] is None and data["groups"] is None and data["score_name"] is None
     about = dict(data["about"])
     assert about["Model"] == "tiny (custom module)" and about["Layer"] == "features.3: 8 filters, grid 8×8"

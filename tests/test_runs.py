@@ -125,7 +125,7 @@ def test_unseen_concepts_are_never_training_targets(tmp_path, coco, tiny_model, 
     is_seen = torch.tensor([n in seen for n in names])
     assert run.config["training_pairs"] == int(is_seen.sum()) == len(captured["vectors"])
     assert 0 < int(is_seen.sum()) < len(names)  # some pairs were held out
-    torch.testing.assert_close(captured["vectors"], features.vectors[is_seen])
+    torch.testing.assert_close(captured["vectors"], features.pooled(settings.pooling)[is_seen])
     torch.testing.assert_close(captured["groups"], features.images[is_seen])
     # every target is a seen concept, and it is the row's own concept
     assert [seen[t] for t in captured["targets"].tolist()] == [n for n in names if n in seen]
@@ -291,6 +291,10 @@ def test_region_pooling_is_recorded_and_divides_by_the_mask_area(tmp_path, tiny_
     run = train(tiny_model, "features.3", reference, tmp_path / "run", settings=TrainSettings(epochs=1, pooling="region"),
                 compute=compute, cache_dir=tmp_path / "cache")
     assert load_run(run.path).pooling == "region" and run.config["train"]["pooling"] == "region"
+    authors = train(tiny_model, "features.3", reference, tmp_path / "authors", settings=TrainSettings.authors(epochs=1),
+                    compute=compute, cache_dir=tmp_path / "cache")
+    assert load_run(authors.path).pooling == "mean"
+    assert (authors.config["train"]["learning_rate"], authors.config["train"]["epochs"]) == (1e-4, 1)
 
 
 def test_a_custom_module_with_other_weights_is_warned_about(tiny_run, tiny_model, tiny_net_type):

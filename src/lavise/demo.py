@@ -46,6 +46,10 @@ class DemoSettings:
     seed: int = option(0, "seed for scenes, split, scene CNN and explainers")
     scene_cnn_epochs: int = option(10, "training epochs of the small scene CNN")
     explainer_epochs: int = option(60, "training epochs of each explainer")
+    explainer_pooling: str = option(
+        TrainSettings.pooling, "pooling of the explainers' inputs (mean: the authors')", choices=("region", "mean")
+    )
+    explainer_learning_rate: float = option(TrainSettings.learning_rate, "Adam learning rate of the explainers (1e-4: the authors')")
     vocabulary_size: int = option(20_000, "candidate words: the N most frequent clean GloVe words")
 
 
@@ -86,7 +90,10 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), compute: Comput
         DemoTarget("scene_cnn", ModelSpec("scene_cnn", None, str(scene_cnn)), "features.11",
                    "small CNN trained on the scenes"),
     ]
-    train_settings = TrainSettings(seed=settings.seed, epochs=settings.explainer_epochs)
+    train_settings = TrainSettings(
+        seed=settings.seed, epochs=settings.explainer_epochs,
+        pooling=settings.explainer_pooling, learning_rate=settings.explainer_learning_rate,
+    )
     explain_settings = ExplainSettings(vocabulary_size=settings.vocabulary_size)
     results = {}
     for target in targets:
