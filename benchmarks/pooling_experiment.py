@@ -34,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", type=Path, required=True)
     parser.add_argument("--target", default="scene_cnn", choices=("scene_cnn", "efficientnet_lite0"))
+    parser.add_argument("--layer", default=None, help="another layer of the target (default: the demo run's)")
     parser.add_argument("--poolings", nargs="+", default=["mean", "region"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/lavise-pooling"))
     parser.add_argument("--learning-rate", type=float, default=None, help="override the run's learning rate")
@@ -53,13 +54,14 @@ def main() -> None:
     dataset = CocoDataset(args.demo / "data/evaluation/annotations.json", args.demo / "data/evaluation/images")
 
     model = base.target_model()
-    pooled = reference_features(model, base.layer, reference, cache_dir=cache, progress=False)
-    maps = target_features(model, base.layer, dataset, cache_dir=cache, progress=False).maps
+    layer = args.layer or base.layer
+    pooled = reference_features(model, layer, reference, cache_dir=cache, progress=False)
+    maps = target_features(model, layer, dataset, cache_dir=cache, progress=False).maps
     thresholds = quantile_thresholds(maps, 0.005)
     chosen = top_images(maps, 25)
     filters = torch.arange(maps.shape[1]).repeat_interleave(chosen.shape[1])
     rows = chosen.flatten()
-    print(f"{args.target} {base.layer}: mean norm of explainer inputs")
+    print(f"{args.target} {layer}: mean norm of explainer inputs")
     for pooling in args.poolings:
         print(f"  training vectors, {pooling} pooling: {pooled.pooled(pooling).norm(dim=1).mean():.3f}")
         for method in METHODS:
@@ -73,7 +75,7 @@ def main() -> None:
     runs = []
     for pooling in args.poolings:
         runs.append(train(
-            model_spec, base.layer, reference, args.work / f"{args.demo.name}-{args.target}-{pooling}",
+            model_spec, layer, reference, args.work / f"{args.demo.name}-{args.target}-{layer}-{pooling}",
             word_vectors=args.word_vectors or base.config["word_vectors"],
             settings=replace(TrainSettings(**base.config["train"]), pooling=pooling, **overrides), compute=compute, cache_dir=cache,
         ))
