@@ -310,3 +310,16 @@ def test_a_custom_module_with_other_weights_is_warned_about(tiny_run, tiny_model
     other = TargetModel.from_module(tiny_net_type(), tiny_model.preprocessing, name="tiny")
     with pytest.warns(LaviseWarning, match="does not have the weights"):
         tiny_run.target_model(other)
+
+
+def test_a_run_from_before_pooling_was_recorded_reads_as_mean_pooling(tiny_run):
+    from lavise.runs import load_run
+
+    config = json.loads((tiny_run.path / "config.json").read_text())
+    del config["train"]["pooling"]  # runs before 0.2 pooled over the whole grid and did not say so
+    (tiny_run.path / "config.json").write_text(json.dumps(config))
+    old = load_run(tiny_run.path)
+    assert old.pooling == old.train_settings.pooling == "mean"
+    assert old.train_settings.learning_rate == config["train"]["learning_rate"]
+    with pytest.raises(LaviseError, match="custom module"):
+        old.model_spec  # the tiny model is a custom module: there is no spec to rebuild it from

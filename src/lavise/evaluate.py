@@ -42,9 +42,9 @@ from lavise.embeddings import load_word_vectors
 from lavise.errors import LaviseError
 from lavise.explain import feature_inputs, pair_words, quantile_thresholds, rank_words, top_images
 from lavise.features import cpu_threads, preprocess_image, preprocess_masks, resolve_device, target_features
-from lavise.models import ModelSpec, Preprocessing, TargetModel, layer_reader
+from lavise.models import Preprocessing, TargetModel, layer_reader
 from lavise.runs import Run, load_run
-from lavise.settings import EVALUATION_METHODS, ComputeSettings, EvaluateSettings, ExplainSettings, TrainSettings
+from lavise.settings import EVALUATION_METHODS, ComputeSettings, EvaluateSettings, ExplainSettings
 from lavise.storage import cache_key, default_cache_dir, load_cached, save_tensors, write_json, atomic_path
 
 RECALL_KS = (5, 10, 20)
@@ -535,16 +535,17 @@ def _evaluate_run(
         per_method[method] = per_filter
 
     filters = []
+    score_rows = score_iou.tolist()  # one conversion, not one per (filter, concept)
+    best_iou, best_concept = ([], []) if label_iou is None else (t.tolist() for t in label_iou.max(dim=1))
     for u in range(maps.shape[1]):
         entry = {
             "filter": u,
-            "ground_truth": [{"concept": names[c], "iou": round(float(score_iou[u, c]), 5)} for c in truth_ids[u]],
+            "ground_truth": [{"concept": names[c], "iou": round(score_rows[u][c], 5)} for c in truth_ids[u]],
             "netdissect": None,
             "methods": {},
         }
-        if label_iou is not None and float(label_iou[u].max()) > 0:
-            best = int(label_iou[u].argmax())
-            entry["netdissect"] = {"concept": names[best], "iou": round(float(label_iou[u, best]), 5)}
+        if label_iou is not None and best_iou[u] > 0:
+            entry["netdissect"] = {"concept": names[best_concept[u]], "iou": round(best_iou[u], 5)}
         for method, method_words in words.items():
             scores = per_method[method][u] or {f"recall@{k}": None for k in RECALL_KS} | {"precision@1": None}
             entry["methods"][method] = {"words": list(method_words[u]), **scores}
@@ -740,14 +741,12 @@ def annotated_fraction_sweep(
     methods = tuple(m for m in settings.methods if m in FEATURE_METHODS)
     if not methods:
         raise LaviseError(f"The sweep scores feature-space methods only ({', '.join(FEATURE_METHODS)}); none was selected.")
-    spec = run.config["model"]
-    train_settings = TrainSettings(**run.config["train"])
     rows = []
     for fraction in fractions:
         swept = train(
-            ModelSpec(spec["name"], spec.get("weights"), spec.get("checkpoint")), run.layer, reference,
+            run.model_spec, run.layer, reference,
             run.path / "sweep" / f"annotated-{fraction:.2f}", word_vectors=run.config["word_vectors"],
-            settings=replace(train_settings, unseen_fraction=round(1 - fraction, 6)), compute=compute, cache_dir=cache_dir,
+            settings=replace(run.train_settings, unseen_fraction=round(1 - fraction, 6)), compute=compute, cache_dir=cache_dir,
         )
         (evaluation,) = evaluate(
             [swept], dataset, settings=replace(settings, methods=methods, labelling_fraction=0.0),

@@ -65,9 +65,26 @@ class Run:
         return self.config["layer"]
 
     @property
+    def train_settings(self) -> TrainSettings:
+        """The settings the explainer was trained with (runs before 0.2 recorded no
+        pooling: they pooled over the whole grid, ``mean``)."""
+        return TrainSettings(**{"pooling": "mean", **self.config["train"]})
+
+    @property
     def pooling(self) -> str:
-        """How the explainer's inputs were pooled in training (runs before 0.2: mean)."""
-        return self.config["train"].get("pooling", "mean")
+        """How the explainer's inputs were pooled in training; explain pools alike."""
+        return self.train_settings.pooling
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        """The spec the run's model was built from; a custom module has none."""
+        spec = self.config["model"]
+        if spec.get("custom"):
+            raise LaviseError(
+                f"Run '{self.path}' was trained on a custom module ({spec['name']}); pass the "
+                "same module again as model=TargetModel(...)."
+            )
+        return ModelSpec(spec["name"], spec.get("weights"), spec.get("checkpoint"))
 
     def target_model(self, model: TargetModel | None = None) -> TargetModel:
         """The run's model, rebuilt from its spec (a custom module must be passed again)."""
@@ -83,13 +100,7 @@ class Run:
                     stacklevel=2,
                 )
             return model
-        spec = self.config["model"]
-        if spec.get("custom"):
-            raise LaviseError(
-                f"Run '{self.path}' was trained on a custom module ({spec['name']}); pass the "
-                "same module again as model=TargetModel(...)."
-            )
-        return load_target_model(ModelSpec(spec["name"], spec.get("weights"), spec.get("checkpoint")))
+        return load_target_model(self.model_spec)
 
 
 def load_run(path: Path) -> Run:
