@@ -23,11 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lavise.datasets.coco import CocoDataset
+from demo_folder import DemoFolder  # benchmarks/ is on the path when a script in it runs
 from lavise.embeddings import concept_vectors, load_word_vectors
 from lavise.evaluate import evaluate, markdown_table
-from lavise.models import ModelSpec
-from lavise.runs import load_run, train
+from lavise.runs import train
 from lavise.settings import ComputeSettings, EvaluateSettings, TrainSettings
 
 
@@ -57,12 +56,10 @@ def main() -> None:
     args = parser.parse_args()
 
     compute = ComputeSettings(progress=False, threads=args.threads, num_workers=0)
-    cache = args.demo / "cache"
-    base = load_run(args.demo / "runs" / args.target)
-    spec = base.config["model"]
-    reference = CocoDataset(args.demo / "data/reference/annotations.json", args.demo / "data/reference/images")
-    dataset = CocoDataset(args.demo / "data/evaluation/annotations.json", args.demo / "data/evaluation/images")
-    run = train(ModelSpec(spec["name"], spec.get("weights"), spec.get("checkpoint")), base.layer, reference,
+    demo = DemoFolder(args.demo)
+    cache, reference, dataset = demo.cache, demo.reference, demo.evaluation
+    base = demo.run(args.target)
+    run = train(base.model_spec, base.layer, reference,
                 args.work / f"{args.demo.name}-{args.target}",
                 settings=TrainSettings(seed=base.config["train"]["seed"], epochs=base.config["train"]["epochs"],
                                        pooling="region", learning_rate=1e-3),

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluate_demo import mean_sd  # benchmarks/ is on the path when a script in it runs
 from lavise.datasets.coco import CocoDataset
 from lavise.demo import DemoSettings, run_demo
 from lavise.evaluate import evaluate
@@ -114,13 +115,6 @@ def pick(summary: dict, keys: tuple[str, ...]) -> float | None:
     for key in keys:
         value = value.get(key) if isinstance(value, dict) else None
     return value
-
-
-def mean_sd(values: list[float | None]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "–"
-    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
 
 
 def main() -> None:

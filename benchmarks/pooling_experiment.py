@@ -18,14 +18,13 @@ from pathlib import Path
 
 import torch
 
+from demo_folder import DemoFolder  # benchmarks/ is on the path when a script in it runs
 from lavise.attention import explainer_inputs
-from lavise.datasets.coco import CocoDataset
 from lavise.evaluate import evaluate, markdown_table
 from lavise.explain import quantile_thresholds, top_images
 from lavise.features import reference_features, target_features
-from lavise.models import ModelSpec
-from lavise.runs import load_run, train
-from lavise.settings import ComputeSettings, EvaluateSettings, TrainSettings
+from lavise.runs import train
+from lavise.settings import ComputeSettings, EvaluateSettings
 
 METHODS = ("original", "activation", "attention", "cosine-attention")
 
@@ -46,12 +45,9 @@ def main() -> None:
     args = parser.parse_args()
 
     compute = ComputeSettings(progress=False)
-    cache = args.demo / "cache"
-    base = load_run(args.demo / "runs" / args.target)
-    spec = base.config["model"]
-    model_spec = ModelSpec(spec["name"], spec.get("weights"), spec.get("checkpoint"))
-    reference = CocoDataset(args.demo / "data/reference/annotations.json", args.demo / "data/reference/images")
-    dataset = CocoDataset(args.demo / "data/evaluation/annotations.json", args.demo / "data/evaluation/images")
+    demo = DemoFolder(args.demo)
+    cache, reference, dataset = demo.cache, demo.reference, demo.evaluation
+    base = demo.run(args.target)
 
     model = base.target_model()
     layer = args.layer or base.layer
@@ -75,9 +71,9 @@ def main() -> None:
     runs = []
     for pooling in args.poolings:
         runs.append(train(
-            model_spec, layer, reference, args.work / f"{args.demo.name}-{args.target}-{layer}-{pooling}",
+            base.model_spec, layer, reference, args.work / f"{args.demo.name}-{args.target}-{layer}-{pooling}",
             word_vectors=args.word_vectors or base.config["word_vectors"],
-            settings=replace(TrainSettings(**base.config["train"]), pooling=pooling, **overrides), compute=compute, cache_dir=cache,
+            settings=replace(base.train_settings, pooling=pooling, **overrides), compute=compute, cache_dir=cache,
         ))
     evaluations = evaluate(runs, dataset, settings=EvaluateSettings(methods=METHODS, lenient=args.lenient),
                            compute=compute, cache_dir=cache, write=False)

@@ -16,10 +16,10 @@ import argparse
 import json
 from pathlib import Path
 
+from demo_folder import DemoFolder  # benchmarks/ is on the path when a script in it runs
 from lavise.datasets.coco import CocoDataset
 from lavise.evaluate import evaluate
-from lavise.models import ModelSpec
-from lavise.runs import load_run, train
+from lavise.runs import train
 from lavise.settings import ComputeSettings, EvaluateSettings, TrainSettings
 
 
@@ -44,17 +44,16 @@ def main() -> None:
     args = parser.parse_args()
 
     compute = ComputeSettings(progress=False, threads=args.threads, num_workers=0)
-    cache = args.demo / "cache"
-    dataset = CocoDataset(args.demo / "data/evaluation/annotations.json", args.demo / "data/evaluation/images")
+    demo = DemoFolder(args.demo)
+    cache, dataset = demo.cache, demo.evaluation
     rows = []
     for target in args.targets:
-        base = load_run(args.demo / "runs" / target)
-        spec = base.config["model"]
+        base = demo.run(target)
         for size in args.sizes:
             subset = first_scenes(args.demo / "data/reference/annotations.json", size,
                                   args.work / args.demo.name / f"reference-{size}.json")
             reference = CocoDataset(subset, args.demo / "data/reference/images")
-            run = train(ModelSpec(spec["name"], spec.get("weights"), spec.get("checkpoint")), base.layer, reference,
+            run = train(base.model_spec, base.layer, reference,
                         args.work / args.demo.name / f"{target}-{size}",
                         settings=TrainSettings(seed=base.config["train"]["seed"]), compute=compute, cache_dir=cache)
             (evaluation,) = evaluate([run], dataset, settings=EvaluateSettings(methods=("activation",), lenient=False),

@@ -14,10 +14,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from lavise.datasets.coco import CocoDataset
+from demo_folder import DemoFolder  # benchmarks/ is on the path when a script in it runs
 from lavise.embeddings import load_word_vectors
 from lavise.evaluate import evaluate, markdown_table
-from lavise.runs import load_run
 from lavise.settings import ComputeSettings, EvaluateSettings, ExplainSettings
 
 
@@ -26,12 +25,13 @@ def main() -> None:
     parser.add_argument("--demo", type=Path, required=True)
     parser.add_argument("--targets", nargs="+", default=["scene_cnn", "efficientnet_lite0"])
     args = parser.parse_args()
-    cache = args.demo / "cache"
+    demo = DemoFolder(args.demo)
+    cache = demo.cache
     vocabulary = load_word_vectors(cache_dir=cache).vocabulary(size=ExplainSettings().vocabulary_size)
-    dataset = CocoDataset(args.demo / "data/evaluation/annotations.json", args.demo / "data/evaluation/images")
+    dataset = demo.evaluation
     with tempfile.TemporaryDirectory() as tmp:
         for target in args.targets:
-            run = load_run(args.demo / "runs" / target)
+            run = demo.run(target)
             seen = set(run.split["seen"])
             words = Path(tmp) / f"{target}.txt"
             words.write_text("\n".join(w for w in vocabulary.words if w not in seen) + "\n")

@@ -23,11 +23,10 @@ import torch
 import torch.nn.functional as F
 
 import lavise.runs
-from lavise.datasets.coco import CocoDataset
+from demo_folder import DemoFolder  # benchmarks/ is on the path when a script in it runs
 from lavise.embeddings import load_word_vectors
 from lavise.evaluate import evaluate, markdown_table
-from lavise.models import ModelSpec
-from lavise.runs import load_run, train
+from lavise.runs import train
 from lavise.settings import ComputeSettings, EvaluateSettings, ExplainSettings, TrainSettings
 
 
@@ -53,12 +52,9 @@ def main() -> None:
     args = parser.parse_args()
 
     compute = ComputeSettings(progress=False, threads=0, num_workers=0)
-    cache = args.demo / "cache"
-    base = load_run(args.demo / "runs" / args.target)
-    spec = base.config["model"]
-    model_spec = ModelSpec(spec["name"], spec.get("weights"), spec.get("checkpoint"))
-    reference = CocoDataset(args.demo / "data/reference/annotations.json", args.demo / "data/reference/images")
-    dataset = CocoDataset(args.demo / "data/evaluation/annotations.json", args.demo / "data/evaluation/images")
+    demo = DemoFolder(args.demo)
+    cache, reference, dataset = demo.cache, demo.reference, demo.evaluation
+    base = demo.run(args.target)
     vocabulary = load_word_vectors(cache_dir=cache).vocabulary(size=ExplainSettings().vocabulary_size)
     settings = TrainSettings(seed=base.config["train"]["seed"], epochs=base.config["train"]["epochs"])
     real = lavise.runs.train_explainer
@@ -72,7 +68,7 @@ def main() -> None:
             return real(vectors, targets, groups, torch.cat([concept_vectors, extra]), settings, **kwargs)
 
         with mock.patch.object(lavise.runs, "train_explainer", with_negatives):
-            run = train(model_spec, base.layer, reference, args.work / f"{args.demo.name}-{args.target}-{kind}",
+            run = train(base.model_spec, base.layer, reference, args.work / f"{args.demo.name}-{args.target}-{kind}",
                         settings=settings, compute=compute, cache_dir=cache)
         (evaluation,) = evaluate([run], dataset, settings=EvaluateSettings(methods=("activation",), lenient=False),
                                  compute=compute, cache_dir=cache, write=False)
