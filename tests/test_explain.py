@@ -96,7 +96,12 @@ def test_nearest_words_equal_brute_force_cosine():
         np.testing.assert_allclose(sims[q].numpy(), [cosines[v] for v in order], atol=1e-5)
 
 
-def test_rank_words_by_hand():
+def _ranked(word_ids, sims, top, *, s=1, ranking="frequency"):
+    return [[(r.word, r.count) for r in words]
+            for words in rank_words(word_ids, sims, top, words_per_image=s, ranking=ranking)]
+
+
+def test_rank_words_by_frequency_by_hand():
     word_ids = torch.tensor(
         [
             [3, 1, 3, 2, 1, 5],  # counts 3:2 (Σ1.7), 1:2 (Σ1.1), 2:1, 5:1
@@ -111,15 +116,39 @@ def test_rank_words_by_hand():
             [0.5, 0.5, 0.5, 0.5, 0.5, 0.5],
         ]
     )
-    assert rank_words(word_ids, sims, 3) == [
+    assert _ranked(word_ids, sims, 3) == [
         [(3, 2), (1, 2), (2, 1)],
         [(7, 2), (0, 2), (4, 2)],
         [(6, 2), (8, 2), (9, 2)],
     ]
-    assert rank_words(word_ids, sims, 1) == [[(3, 2)], [(7, 2)], [(6, 2)]]
-    assert rank_words(word_ids, sims, 10)[0] == [(3, 2), (1, 2), (2, 1), (5, 1)]
+    assert _ranked(word_ids, sims, 1) == [[(3, 2)], [(7, 2)], [(6, 2)]]
+    assert _ranked(word_ids, sims, 10)[0] == [(3, 2), (1, 2), (2, 1), (5, 1)]
     # frequency beats similarity
-    assert rank_words(torch.tensor([[1, 2, 2]]), torch.tensor([[0.99, 0.1, 0.1]]), 2) == [[(2, 2), (1, 1)]]
+    assert _ranked(torch.tensor([[1, 2, 2]]), torch.tensor([[0.99, 0.1, 0.1]]), 2) == [[(2, 2), (1, 1)]]
+
+
+def test_first_choice_ranks_each_images_nearest_word_first():
+    # Three images, s = 3 words each, nearest first. Word 7 is every image's second or
+    # third word (count 3) but nobody's first; 1 is the first of two images, 2 of one.
+    word_ids = torch.tensor([[1, 7, 8, 1, 8, 7, 2, 7, 9]])
+    sims = torch.tensor([[0.9, 0.8, 0.7, 0.9, 0.8, 0.7, 0.9, 0.8, 0.7]])
+    frequency = rank_words(word_ids, sims, 5, words_per_image=3, ranking="frequency")[0]
+    first = rank_words(word_ids, sims, 5, words_per_image=3, ranking="first-choice")[0]
+    assert [r.word for r in frequency] == [7, 1, 8, 2, 9]
+    assert [r.word for r in first] == [1, 2, 7, 8, 9]
+    assert [(r.count, r.first) for r in first] == [(2, 2), (1, 1), (3, 0), (2, 0), (1, 0)]
+    # with one word per image both rankings agree
+    single = word_ids[:, ::3]
+    assert rank_words(single, sims[:, ::3], 3, words_per_image=1, ranking="first-choice") == rank_words(
+        single, sims[:, ::3], 3, words_per_image=1, ranking="frequency")
+
+
+def test_rank_words_refuses_bad_arguments():
+    ids, sims = torch.zeros(1, 6, dtype=torch.long), torch.zeros(1, 6)
+    with pytest.raises(LaviseError, match="Unknown ranking 'votes'"):
+        rank_words(ids, sims, 3, words_per_image=3, ranking="votes")
+    with pytest.raises(ValueError, match="not whole images"):
+        rank_words(ids, sims, 3, words_per_image=4, ranking="frequency")
 
 
 # --- explain end to end ------------------------------------------------------------------
@@ -154,9 +183,11 @@ def test_explain_end_to_end(tmp_path, tiny_run, tiny_model, targets, compute):
         words = f["words"]
         assert 1 <= len(words) <= X
         assert all(isinstance(w["word"], str) and isinstance(w["count"], int) for w in words)
-        counts = [w["count"] for w in words]
-        assert counts == sorted(counts, reverse=True)
-        assert sum(counts) <= P * S and max(counts) <= P  # one vote per image and word
+        assert all(isinstance(w["first"], int) for w in words)
+        keys = [(w["first"], w["count"]) for w in words]
+        assert keys == sorted(keys, reverse=True)  # first choices, then frequency
+        assert sum(w["count"] for w in words) <= P * S and max(w["count"] for w in words) <= P
+        assert sum(w["first"] for w in words) <= P  # one first choice per image
         assert len({w["word"] for w in words}) == len(words)
         assert isinstance(f["top_images"], list) and len(f["top_images"]) == P
         assert all(isinstance(name, str) and (targets / name).is_file() for name in f["top_images"])
@@ -177,23 +208,27 @@ def test_explain_end_to_end(tmp_path, tiny_run, tiny_model, targets, compute):
     for f in filters:
         u = f["filter"]
         votes: Counter = Counter()
+        firsts: Counter = Counter()
         for name in f["top_images"]:
             fm = maps[names.index(name)].flatten(1)  # (d, hw)
             region = fm[u] > levels[u]
             inputs = fm[:, region].sum(dim=1) / max(int(region.sum()), 1)
             with torch.no_grad():
                 cosines = F.normalize(head(inputs[None]), dim=1)[0] @ vocabulary.unit_vectors.T
-            votes.update(vocabulary.words[i] for i in torch.argsort(cosines, descending=True)[:S].tolist())
-        reported = {w["word"]: w["count"] for w in f["words"]}
-        assert all(votes[word] == count for word, count in reported.items())
-        left_out = [c for word, c in votes.items() if word not in reported]
+            nearest = [vocabulary.words[i] for i in torch.argsort(cosines, descending=True)[:S].tolist()]
+            votes.update(nearest)
+            firsts[nearest[0]] += 1
+        reported = {w["word"]: (w["first"], w["count"]) for w in f["words"]}
+        assert all((firsts[word], votes[word]) == key for word, key in reported.items())
+        left_out = [(firsts[word], c) for word, c in votes.items() if word not in reported]
         assert not left_out or min(reported.values()) >= max(left_out)
 
     # the CSV holds the same words, in rank order
     with (tiny_run.path / "explanations.csv").open(newline="") as handle:
         rows = list(csv.reader(handle))
-    assert rows[0] == ["filter", "rank", "word", "count"]
-    expected_rows = [[str(f["filter"]), str(r + 1), w["word"], str(w["count"])] for f in filters for r, w in enumerate(f["words"])]
+    assert rows[0] == ["filter", "rank", "word", "count", "first"]
+    expected_rows = [[str(f["filter"]), str(r + 1), w["word"], str(w["count"]), str(w["first"])]
+                     for f in filters for r, w in enumerate(f["words"])]
     assert rows[1:] == expected_rows
 
     # thresholds: the per-filter quantile of the maps

@@ -87,8 +87,9 @@ def made_run(tmp_path, tiny_model, targets) -> Path:
         batch = torch.stack([preprocess_image(load_rgb(targets / n), tiny_model.preprocessing) for n in chosen])
         with layer_reader(tiny_model.module, "features.3") as read, torch.no_grad():
             threshold = float(read(batch)[:, u].median())
-        filters.append({"filter": u, "words": [{"word": WORDS[u], "count": 4}, {"word": "red", "count": 2},
-                                               {"word": "blue", "count": 1}],
+        filters.append({"filter": u, "words": [{"word": WORDS[u], "count": 4, "first": 3},
+                                               {"word": "red", "count": 2, "first": 1},
+                                               {"word": "blue", "count": 1, "first": 0}],
                         "top_images": chosen, "threshold": threshold, "active": True})
     (run / "explanations.json").write_text(json.dumps({
         "model": "tiny", "layer": "features.3", "method": "attention", "model_spec": tiny_model.description,
@@ -312,6 +313,18 @@ def test_without_overlays_no_model_is_needed(made_run, build, targets):
     entry = data["filters"][2]["images"][1]
     plain = load_thumbnail(targets / entry["name"], Preprocessing(64, 64), 64)
     assert jpeg_difference(made_run / "report" / entry["src"], plain) < 2.0
+
+
+def test_explanations_before_first_choice_counts_still_show(made_run, build):
+    # lavise before 0.3 wrote no "first" count; such runs still make a report
+    explanations = json.loads((made_run / "explanations.json").read_text())
+    for f in explanations["filters"]:
+        for w in f["words"]:
+            w.pop("first", None)
+    (made_run / "explanations.json").write_text(json.dumps(explanations))
+    build(made_run, model=None, settings=ReportSettings(overlays=False, thumbnail_size=64))
+    words = read_data(made_run / "report")["filters"][0]["words"]
+    assert words == [{"word": w["word"], "count": w["count"], "first": None} for w in explanations["filters"][0]["words"]]
 
 
 def test_no_absolute_paths_unless_asked(made_run, build, tmp_path, targets):

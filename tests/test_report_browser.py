@@ -164,8 +164,8 @@ def test_browse_search_open_a_filter_from_file_and_http(browser, report, tmp_pat
     assert captions == [f"{rank + 1}. {name}" for rank, name in enumerate(data["top_images"])]
     assert any(QUOTED in caption for caption in captions)  # the quoted file name, literally
     assert watched.all_images_loaded("#images img", 128)
-    rows = page.eval_on_selector_all("#words tbody tr", "rs => rs.map(r => [r.cells[0].textContent, r.cells[1].textContent])")
-    assert rows == [[w["word"], str(w["count"])] for w in data["words"]]
+    rows = page.eval_on_selector_all("#words tbody tr", "rs => rs.map(r => [0, 1, 2].map(i => r.cells[i].textContent))")
+    assert rows == [[w["word"], str(w["first"]), str(w["count"])] for w in data["words"]]
     evaluation = page.inner_text("#filter-evaluation")
     assert SCRIPT_WORD in evaluation and NETDISSECT in evaluation
     groups = page.inner_text("#filter-groups")

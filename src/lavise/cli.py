@@ -163,13 +163,16 @@ def _explain(args: argparse.Namespace) -> int:
 
 def print_summary(explanations, examples: int = 8) -> None:
     """Where the outputs are, how many filters, and the most consistent explanations."""
+    from lavise.explain import consistency
+
     filters = explanations.filters
     active = [f for f in filters if f.active]
     print(f"\nExplained {len(filters)} filters of {explanations.model} {explanations.layer} "
           f"with {explanations.method} ({len(filters) - len(active)} never active)")
-    ranked = sorted(active, key=lambda f: (-(f.words[0]["count"] if f.words else 0), f.filter))
+    ranked = sorted(active, key=lambda f: (-consistency(f.words), f.filter))
+    print("  (word (n): the word is the nearest for n of the filter's top images)")
     for f in ranked[:examples]:
-        words = ", ".join(f"{w['word']} ({w['count']})" for w in f.words[:5])
+        words = ", ".join(f"{w['word']} ({w['first']})" for w in f.words[:5])
         print(f"  filter {f.filter:4d}: {words}")
     if explanations.path is not None:
         print(f"Written: {explanations.path} and {explanations.path.with_suffix('.csv')}")

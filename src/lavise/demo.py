@@ -26,7 +26,7 @@ from PIL import Image
 
 from lavise.datasets.coco import CocoDataset
 from lavise.embeddings import load_word_vectors
-from lavise.explain import Explanations, explain
+from lavise.explain import Explanations, consistency, explain
 from lavise.models import ModelSpec, load_target_model
 from lavise.runs import Run, load_run, train
 from lavise.settings import ComputeSettings, ExplainSettings, TrainSettings, option
@@ -191,10 +191,10 @@ def print_table(title: str, layer: str, explanations: Explanations, seen: list[s
         return f"{word}*" if word in unseen_set else f"{word}+" if word in seen_set else word
 
     active = [f for f in explanations.filters if f.words]
-    ranked = sorted(active, key=lambda f: (-f.words[0]["count"], f.filter))[:rows]
+    ranked = sorted(active, key=lambda f: (-consistency(f.words), f.filter))[:rows]
     print(f"\n{title} — {layer}, {len(explanations.filters)} filters, method {explanations.method}")
-    print(f"{'filter':>6}  top words (count)   [+ seen concept, * held-out concept]")
+    print(f"{'filter':>6}  top words (images whose nearest word it is)   [+ seen concept, * held-out concept]")
     for f in ranked:
-        print(f"{f.filter:>6}  " + ", ".join(f"{mark(w['word'])} ({w['count']})" for w in f.words[:6]))
+        print(f"{f.filter:>6}  " + ", ".join(f"{mark(w['word'])} ({w['first']})" for w in f.words[:6]))
     named_unseen = sorted({w["word"] for f in active for w in f.words[:5]} & unseen_set)
     print(f"held-out concepts among some filter's top 5 words: {', '.join(named_unseen) or 'none'}")

@@ -634,10 +634,11 @@ def _method_words(run, target_model, maps, paths, thresholds, label_iou, names, 
                     run.head, inputs, chosen, vocabulary.unit_vectors, explain_settings.words_per_image,
                     device=device, progress=compute.progress, chunk=chunk, filter_ids=scored,
                 )
-            ranked = rank_words(ids, sims, explain_settings.top_words)
+            ranked = rank_words(ids, sims, explain_settings.top_words,
+                                words_per_image=explain_settings.words_per_image, ranking=explain_settings.ranking)
             words[method] = [[] for _ in range(d)]
             for u, filter_words in zip(scored.tolist(), ranked):
-                words[method][u] = [vocabulary.words[w] for w, _ in filter_words]
+                words[method][u] = [vocabulary.words[r.word] for r in filter_words]
     for method in explained:
         words.setdefault(method, [[] for _ in range(d)])
     if "netdissect" in settings.methods:

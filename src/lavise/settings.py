@@ -63,6 +63,13 @@ class ExplainSettings:
     )
     top_images: int = option(25, "p: most activated target images per filter")
     words_per_image: int = option(5, "s: nearest words taken for each image")
+    ranking: str = option(
+        "first-choice",
+        "how a filter's collected words are ordered: first-choice (by how many top images have "
+        "the word as their nearest, then by frequency; lavise's default, docs/evaluation.md) or "
+        "frequency (by how often among each image's s nearest words; the paper)",
+        choices=("first-choice", "frequency"),
+    )
     top_words: int = option(10, "x: words reported per filter")
     quantile: float = option(0.005, "a filter's region is where it exceeds its top-quantile level T_u")
     vocabulary_size: int = option(

@@ -301,7 +301,9 @@ def page_data(
             "filter": u,
             "active": bool(entry.get("active", True)),
             "threshold": _number(entry.get("threshold")),
-            "words": [{"word": str(w.get("word")), "count": int(w.get("count", 0))} for w in entry.get("words", [])],
+            # "first" (images whose nearest word it is) is absent from explanations before 0.3.
+            "words": [{"word": str(w.get("word")), "count": int(w.get("count", 0)),
+                       "first": int(w["first"]) if "first" in w else None} for w in entry.get("words", [])],
             "images": images.get(u, []),
             "score": score,
             "evaluation": evaluation_entry(evaluated) if evaluated is not None else None,

@@ -228,12 +228,13 @@
     var heading = el("h1", { id: "filter-title", text: "Filter " + n + " of " + D.layer });
     var facts = el("p", { class: "muted", text: "threshold T_u = " + fmt(f.threshold, 4) + (f.score !== null ? " · " + D.score_name + " " + fmt(f.score) : "") });
 
-    var maxCount = f.words.length ? f.words[0].count : 1;
+    var maxCount = Math.max.apply(null, f.words.map(function (w) { return w.count; }).concat([1]));
     var words = f.words.length
-      ? table(["word", "count", ""], f.words.map(function (w) {
+      ? table(["word", "nearest on", "among nearest", ""], f.words.map(function (w) {
           var bar = el("div", { class: "bar" });
           bar.style.width = (100 * w.count / maxCount).toFixed(1) + "%";
-          return [w.word, el("span", { class: "int", text: String(w.count) }), bar];
+          return [w.word, el("span", { class: "int", text: w.first === null ? "–" : String(w.first) }),
+                  el("span", { class: "int", text: String(w.count) }), bar];
         }))
       : el("p", { class: "muted", text: f.active ? "No words." : "Never active on the target images: no words." });
     if (f.words.length) words.id = "words";
