@@ -74,7 +74,19 @@ def test_train_and_explain_end_to_end(tmp_path, coco, targets, capsys):
     data = json.loads((run / "explanations.json").read_text())
     assert len(data["filters"]) == 512
     assert all(len(f["top_images"]) == 3 for f in data["filters"])
-    assert data["settings"]["top_images"] == 3
+    assert data["settings"]["top_images"] == 3 and data["settings"]["ranking"] == "first-choice"
+
+    # the paper's ranking, one option away: the same counts, ordered by count alone
+    code = main(["explain", str(run), "--target", str(targets), "--top-images", "3", "--ranking", "frequency",
+                 "--cache-dir", str(cache), *FAST])
+    assert code == 0
+    by_frequency = json.loads((run / "explanations.json").read_text())
+    assert by_frequency["settings"]["ranking"] == "frequency"
+    for first, frequency in zip(data["filters"], by_frequency["filters"]):
+        counts = [w["count"] for w in frequency["words"]]
+        assert counts == sorted(counts, reverse=True)
+        shared = {w["word"]: (w["count"], w["first"]) for w in first["words"]}
+        assert all(shared[w["word"]] == (w["count"], w["first"]) for w in frequency["words"] if w["word"] in shared)
 
 
 def test_custom_module_run_needs_the_python_api(tiny_run, targets, capsys):
@@ -154,4 +166,7 @@ def test_usage_errors_are_argparse_errors(capsys):
     assert "--layer" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["explain", "run", "--target", "t", "--method", "gradcam"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["explain", "run", "--target", "t", "--ranking", "votes"])
     assert exit_info.value.code == 2
