@@ -109,8 +109,9 @@ def rank_words(
     ``frequency`` (the paper): by ``count``, then by summed similarity, then word order.
     ``first-choice`` (lavise's default): by ``first``, then as ``frequency``. One image's
     second to s-th words are mostly near-synonyms of its first, so under ``frequency``
-    the neighbours of one image's word crowd out the word of another; in the evaluation
-    of docs/evaluation.md this raised seen recall@5 on every development seed and layer.
+    the neighbours of one image's word crowd out the word of another; on the demo's
+    development seeds this raised the mean seen recall@5 on every layer tried
+    (docs/evaluation.md).
 
     (d, p·s) word indices, each image's s words nearest first, and their similarities ->
     per filter its ranked words.
