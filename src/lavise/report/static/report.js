@@ -101,11 +101,17 @@
     });
   }
 
-  function topCount(f) { return f.words.length ? f.words[0].count : -1; }
+  // How many top images agree on a word: its first choices (lavise 0.3 on), or before
+  // 0.3, when explanations had no "first", the top word's count.
+  function agreement(f) {
+    if (!f.words.length) return -1;
+    if (f.words[0].first === null) return f.words[0].count;
+    return Math.max.apply(null, f.words.map(function (w) { return w.first; }));
+  }
 
   var SORTS = {
     filter: function (a, b) { return a.filter - b.filter; },
-    count: function (a, b) { return topCount(b) - topCount(a) || a.filter - b.filter; },
+    count: function (a, b) { return agreement(b) - agreement(a) || a.filter - b.filter; },
     score: function (a, b) {
       var x = a.score === null ? -Infinity : a.score, y = b.score === null ? -Infinity : b.score;
       return y - x || a.filter - b.filter;
@@ -134,7 +140,7 @@
     if (!f.active) head.appendChild(el("span", { class: "badge", text: "inactive" }));
     var words = el("ol", { class: "words" });
     f.words.slice(0, 5).forEach(function (w) {
-      words.appendChild(el("li", null, el("span", { class: "word", text: w.word }), el("span", { class: "count", text: "(" + w.count + ")" })));
+      words.appendChild(el("li", null, el("span", { class: "word", text: w.word }), el("span", { class: "count", text: "(" + (w.first === null ? w.count : w.first) + ")" })));
     });
     if (!f.words.length) words.appendChild(el("li", { class: "muted", text: f.active ? "no words" : "never active on the target images" }));
     var strip = el("div", { class: "strip" });
@@ -171,7 +177,7 @@
     search.value = state.query;
     var sort = el("select", { id: "sort", "aria-label": "sort filters" },
       el("option", { value: "filter", text: "sort by filter" }),
-      el("option", { value: "count", text: "sort by top-word count" }));
+      el("option", { value: "count", text: "sort by agreement of top images" }));
     if (D.score_name) sort.appendChild(el("option", { value: "score", text: "sort by evaluation score, " + D.score_name }));
     sort.value = state.sort;
     var jumpInput = el("input", { id: "jump-input", type: "number", min: 0, step: 1, placeholder: "filter #", "aria-label": "filter number" });
