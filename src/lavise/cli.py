@@ -170,9 +170,9 @@ def print_summary(explanations, examples: int = 8) -> None:
     print(f"\nExplained {len(filters)} filters of {explanations.model} {explanations.layer} "
           f"with {explanations.method} ({len(filters) - len(active)} never active)")
     ranked = sorted(active, key=lambda f: (-consistency(f.words), f.filter))
-    print("  (word (n): the word is the nearest for n of the filter's top images)")
+    print("  (word (n/m): the nearest word on n of the filter's top images, among the nearest on m)")
     for f in ranked[:examples]:
-        words = ", ".join(f"{w['word']} ({w['first']})" for w in f.words[:5])
+        words = ", ".join(f"{w['word']} ({w['first']}/{w['count']})" for w in f.words[:5])
         print(f"  filter {f.filter:4d}: {words}")
     if explanations.path is not None:
         print(f"Written: {explanations.path} and {explanations.path.with_suffix('.csv')}")

@@ -193,8 +193,9 @@ def print_table(title: str, layer: str, explanations: Explanations, seen: list[s
     active = [f for f in explanations.filters if f.words]
     ranked = sorted(active, key=lambda f: (-consistency(f.words), f.filter))[:rows]
     print(f"\n{title} — {layer}, {len(explanations.filters)} filters, method {explanations.method}")
-    print(f"{'filter':>6}  top words (images whose nearest word it is)   [+ seen concept, * held-out concept]")
+    print(f"{'filter':>6}  top words (n/m: the nearest word on n top images, among the 5 nearest on m)"
+          "   [+ seen concept, * held-out concept]")
     for f in ranked:
-        print(f"{f.filter:>6}  " + ", ".join(f"{mark(w['word'])} ({w['first']})" for w in f.words[:6]))
+        print(f"{f.filter:>6}  " + ", ".join(f"{mark(w['word'])} ({w['first']}/{w['count']})" for w in f.words[:6]))
     named_unseen = sorted({w["word"] for f in active for w in f.words[:5]} & unseen_set)
     print(f"held-out concepts among some filter's top 5 words: {', '.join(named_unseen) or 'none'}")
