@@ -1,0 +1,137 @@
+"""Train the explainer on activation-shaped regions too, as it sees at inference.
+
+lavise's explainer is trained on the mean of the features inside each concept's mask,
+but at inference it gets the mean inside one filter's region above T_u, which covers a
+few cells of the concept. This script adds, for each reference (image, concept) pair,
+K extra training rows shaped like that: for the K filters most active inside the mask,
+the mean of the features where the filter exceeds its T_u (over the reference images)
+and the mask covers at least half a cell. It retrains the run's explainer with the same
+settings and scores both on the demo's evaluation scenes (activation masking,
+first-choice ranking, exact match), seen and unseen.
+
+    python benchmarks/activation_masks_experiment.py --work /tmp/lavise-dev --seeds 0 1 2
+
+WORK is a folder written by ``benchmarks/fresh_seeds.py`` (its ``seed-S/protocol`` runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from demo_folder import DemoFolder  # benchmarks/ is on the path when a script in it runs
+from evaluate_demo import mean_sd
+from ranking_experiment import LAYERS, filter_vectors
+from lavise.attention import masks_to_grid
+from lavise.embeddings import concept_vectors, load_word_vectors
+from lavise.evaluate import evaluate, score_filters
+from lavise.explain import nearest_words, quantile_thresholds, rank_words, top_images
+from lavise.explainer import train_explainer
+from lavise.features import _batches, target_features
+from lavise.runs import load_run
+from lavise.settings import ComputeSettings, EvaluateSettings
+
+
+@dataclass
+class Head:
+    """What filter_vectors needs of a run: its head and pooling."""
+
+    head: torch.nn.Module
+    pooling: str = "region"
+
+
+def training_rows(run, reference, cache: Path, extra: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(n, d) pooled vectors, (n,) seen-concept index, (n,) image: the masks, plus ``extra`` activation regions each."""
+    model = run.target_model()
+    features = target_features(model, run.layer, reference, cache_dir=cache, progress=False)
+    row_of_path = {p: i for i, p in enumerate(features.paths)}
+    maps = features.maps
+    thresholds = quantile_thresholds(maps, 0.005)
+    seen = {name: i for i, name in enumerate(run.split["seen"])}
+    vectors, targets, images = [], [], []
+    for items in _batches(reference, model.preprocessing, True, 32, 0, "masks", False):
+        for item in items:
+            if item.problem or not item.concepts:
+                continue
+            row = row_of_path.get(str(reference.image_path(item.index)))
+            if row is None:
+                continue
+            fm = maps[row]  # (d, h, w)
+            cells = masks_to_grid(item.masks, tuple(fm.shape[-2:]))  # (m, h, w)
+            for concept, coverage in zip(item.concepts, cells):
+                name = reference.concepts[concept]
+                if name not in seen or coverage.sum() <= 0:
+                    continue
+                weight = coverage.flatten()
+                flat = fm.flatten(1)
+                vectors.append(flat @ weight / weight.sum())
+                targets.append(seen[name])
+                images.append(row)
+                inside = weight >= 0.5
+                if extra == 0 or not inside.any():
+                    continue
+                strongest = flat[:, inside].mean(dim=1).topk(extra).indices
+                for u in strongest.tolist():
+                    region = inside & (flat[u] > thresholds[u])
+                    if region.any():
+                        vectors.append(flat[:, region].mean(dim=1))
+                        targets.append(seen[name])
+                        images.append(row)
+    return torch.stack(vectors), torch.tensor(targets), torch.tensor(images)
+
+
+def seen_unseen(head, run, dataset, cache, truth, scored, vocabulary) -> tuple[float, float]:
+    maps = target_features(run.target_model(), run.layer, dataset, cache_dir=cache, progress=False).maps
+    thresholds = quantile_thresholds(maps, 0.005)
+    chosen = top_images(maps, 25)
+    vectors = filter_vectors(head, maps, thresholds, chosen, scored)  # (f, p, D)
+    f, p, _ = vectors.shape
+    ids, sims = nearest_words(vectors.reshape(f * p, -1), vocabulary.unit_vectors, 5)
+    ranked = rank_words(ids.reshape(f, p * 5), sims.reshape(f, p * 5), 20, words_per_image=5, ranking="first-choice")
+    words = [[vocabulary.words[r.word] for r in filter_words] for filter_words in ranked]
+    summary, _ = score_filters(words, [truth[u] for u in scored.tolist()], set(run.split["seen"]))
+    return summary["seen"]["recall@5"], summary["unseen"]["recall@20"] if summary["unseen"] else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/lavise-dev"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--extra", type=int, default=3, help="activation regions added per (image, concept) pair")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    compute = ComputeSettings(progress=False, threads=2, num_workers=0)
+    table: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for seed in args.seeds:
+        demo = DemoFolder(args.work / f"seed-{seed}")
+        for target, layers in LAYERS.items():
+            for layer in layers:
+                run = load_run(demo.path / "protocol" / f"{target}-{layer}-lavise")
+                [evaluation] = evaluate([run], demo.evaluation, settings=EvaluateSettings(methods=("activation",)),
+                                        compute=compute, cache_dir=demo.cache, write=False)
+                truth = [[g["concept"] for g in f["ground_truth"]] for f in evaluation.filters]
+                scored = torch.tensor([u for u, t in enumerate(truth) if t])
+                words = load_word_vectors(run.config["word_vectors"], cache_dir=demo.cache)
+                vocabulary = words.vocabulary(size=20_000)
+                _, seen_vectors, _ = concept_vectors(run.split["seen"], words)
+                for name, extra in (("masks only (retrained)", 0), (f"masks + {args.extra} activation regions", args.extra)):
+                    vectors, targets, images = training_rows(run, demo.reference, demo.cache, extra)
+                    result = train_explainer(vectors, targets, images, seen_vectors, run.train_settings, progress=False)
+                    score = seen_unseen(Head(result.head), run, demo.evaluation, demo.cache, truth, scored, vocabulary)
+                    table.setdefault(f"{target} {layer}", {}).setdefault(name, []).append(score)
+                    print(f"seed {seed} {target} {layer} {name}: {len(vectors)} rows, seen R@5 {score[0]:.3f}", flush=True)
+    print(f"\nSeen recall@5 and unseen recall@20 (activation masking, first-choice), seeds {args.seeds}\n")
+    print("| layer | training rows | seen R@5 | unseen R@20 |")
+    print("|---|---|---|---|")
+    for layer, rows in table.items():
+        for name, values in rows.items():
+            seen_r, unseen_r = np.array(values).T
+            print(f"| {layer} | {name} | {mean_sd(list(seen_r))} | {mean_sd(list(unseen_r))} |")
+
+
+if __name__ == "__main__":
+    main()
