@@ -15,10 +15,11 @@ class TrainSettings:
     """How the explainer is trained (paper §3.1, method-notes).
 
     The defaults are lavise's: features pooled inside the mask and Adam at 1e-3, which
-    named seen concepts better than the authors' set-up on every development seed and,
-    on the fresh seeds of docs/evaluation.md, at every seed on three of four layers
-    (level on the fourth). ``TrainSettings.authors()`` is the authors' set-up (global
-    mean of F ⊙ M, Adam at 1e-4), kept for comparison.
+    named seen concepts better than the authors' set-up at every development seed on the
+    demo's layers and, on the fresh seeds of docs/evaluation.md, at every seed on three
+    of four layers (slightly worse on the fourth, EfficientNet ``blocks.6.0.bn1``).
+    ``TrainSettings.authors()`` is the authors' set-up (global mean of F ⊙ M, Adam at
+    1e-4), kept for comparison.
     """
 
     unseen_fraction: float = option(
