@@ -23,17 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from demo_folder import DemoFolder  # benchmarks/ is on the path when a script in it runs
-from evaluate_demo import mean_sd
-from ranking_experiment import LAYERS, filter_vectors
+from evaluate_demo import mean_sd  # benchmarks/ is on the path when a script in it runs
+from ranking_experiment import ScoredLayer, filter_vectors, protocol_layers
 from lavise.attention import masks_to_grid
-from lavise.embeddings import concept_vectors, load_word_vectors
-from lavise.evaluate import evaluate, score_filters
-from lavise.explain import nearest_words, quantile_thresholds, rank_words, top_images
+from lavise.embeddings import concept_vectors
+from lavise.evaluate import score_filters
+from lavise.explain import nearest_words, quantile_thresholds, rank_words
 from lavise.explainer import train_explainer
 from lavise.features import _batches, target_features
-from lavise.runs import load_run
-from lavise.settings import ComputeSettings, EvaluateSettings
+from lavise.settings import ComputeSettings
 
 
 @dataclass
@@ -44,15 +42,16 @@ class Head:
     pooling: str = "region"
 
 
-def training_rows(run, reference, cache: Path, extra: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(n, d) pooled vectors, (n,) seen-concept index, (n,) image: the masks, plus ``extra`` activation regions each."""
+def training_rows(run, reference, cache: Path, extra: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(n, d) pooled vectors, (n,) seen-concept index, (n,) image, (n,) whether the row is a
+    whole mask: each mask's row followed by up to ``extra`` activation-region rows."""
     model = run.target_model()
     features = target_features(model, run.layer, reference, cache_dir=cache, progress=False)
     row_of_path = {p: i for i, p in enumerate(features.paths)}
     maps = features.maps
     thresholds = quantile_thresholds(maps, 0.005)
     seen = {name: i for i, name in enumerate(run.split["seen"])}
-    vectors, targets, images = [], [], []
+    vectors, targets, images, whole = [], [], [], []
     for items in _batches(reference, model.preprocessing, True, 32, 0, "masks", False):
         for item in items:
             if item.problem or not item.concepts:
@@ -71,6 +70,7 @@ def training_rows(run, reference, cache: Path, extra: int) -> tuple[torch.Tensor
                 vectors.append(flat @ weight / weight.sum())
                 targets.append(seen[name])
                 images.append(row)
+                whole.append(True)
                 inside = weight >= 0.5
                 if extra == 0 or not inside.any():
                     continue
@@ -81,19 +81,18 @@ def training_rows(run, reference, cache: Path, extra: int) -> tuple[torch.Tensor
                         vectors.append(flat[:, region].mean(dim=1))
                         targets.append(seen[name])
                         images.append(row)
-    return torch.stack(vectors), torch.tensor(targets), torch.tensor(images)
+                        whole.append(False)
+    return torch.stack(vectors), torch.tensor(targets), torch.tensor(images), torch.tensor(whole)
 
 
-def seen_unseen(head, run, dataset, cache, truth, scored, vocabulary) -> tuple[float, float]:
-    maps = target_features(run.target_model(), run.layer, dataset, cache_dir=cache, progress=False).maps
-    thresholds = quantile_thresholds(maps, 0.005)
-    chosen = top_images(maps, 25)
-    vectors = filter_vectors(head, maps, thresholds, chosen, scored)  # (f, p, D)
+def seen_unseen(head: torch.nn.Module, layer: ScoredLayer) -> tuple[float, float]:
+    """Seen recall@5 and unseen recall@20 of ``head`` on the layer (activation masking, first-choice)."""
+    vectors = filter_vectors(Head(head), layer.maps, layer.thresholds, layer.chosen, layer.scored)  # (f, p, D)
     f, p, _ = vectors.shape
-    ids, sims = nearest_words(vectors.reshape(f * p, -1), vocabulary.unit_vectors, 5)
+    ids, sims = nearest_words(vectors.reshape(f * p, -1), layer.vocabulary.unit_vectors, 5)
     ranked = rank_words(ids.reshape(f, p * 5), sims.reshape(f, p * 5), 20, words_per_image=5, ranking="first-choice")
-    words = [[vocabulary.words[r.word] for r in filter_words] for filter_words in ranked]
-    summary, _ = score_filters(words, [truth[u] for u in scored.tolist()], set(run.split["seen"]))
+    words = [[layer.vocabulary.words[r.word] for r in filter_words] for filter_words in ranked]
+    summary, _ = score_filters(words, layer.scored_truth, set(layer.run.split["seen"]))
     return summary["seen"]["recall@5"], summary["unseen"]["recall@20"] if summary["unseen"] else 0.0
 
 
@@ -106,24 +105,17 @@ def main() -> None:
     torch.set_num_threads(2)
     compute = ComputeSettings(progress=False, threads=2, num_workers=0)
     table: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    for seed in args.seeds:
-        demo = DemoFolder(args.work / f"seed-{seed}")
-        for target, layers in LAYERS.items():
-            for layer in layers:
-                run = load_run(demo.path / "protocol" / f"{target}-{layer}-lavise")
-                [evaluation] = evaluate([run], demo.evaluation, settings=EvaluateSettings(methods=("activation",)),
-                                        compute=compute, cache_dir=demo.cache, write=False)
-                truth = [[g["concept"] for g in f["ground_truth"]] for f in evaluation.filters]
-                scored = torch.tensor([u for u, t in enumerate(truth) if t])
-                words = load_word_vectors(run.config["word_vectors"], cache_dir=demo.cache)
-                vocabulary = words.vocabulary(size=20_000)
-                _, seen_vectors, _ = concept_vectors(run.split["seen"], words)
-                for name, extra in (("masks only (retrained)", 0), (f"masks + {args.extra} activation regions", args.extra)):
-                    vectors, targets, images = training_rows(run, demo.reference, demo.cache, extra)
-                    result = train_explainer(vectors, targets, images, seen_vectors, run.train_settings, progress=False)
-                    score = seen_unseen(Head(result.head), run, demo.evaluation, demo.cache, truth, scored, vocabulary)
-                    table.setdefault(f"{target} {layer}", {}).setdefault(name, []).append(score)
-                    print(f"seed {seed} {target} {layer} {name}: {len(vectors)} rows, seen R@5 {score[0]:.3f}", flush=True)
+    for layer in protocol_layers(args.work, args.seeds, "lavise", compute):
+        run = layer.run
+        _, seen_vectors, _ = concept_vectors(run.split["seen"], layer.word_vectors)
+        vectors, targets, images, whole = training_rows(run, layer.demo.reference, layer.demo.cache, args.extra)
+        # the masks' rows alone are exactly what extra = 0 gives, in the same order
+        for name, rows in (("masks only (retrained)", whole), (f"masks + {args.extra} activation regions", slice(None))):
+            result = train_explainer(vectors[rows], targets[rows], images[rows], seen_vectors, run.train_settings,
+                                     progress=False)
+            score = seen_unseen(result.head, layer)
+            table.setdefault(layer.name, {}).setdefault(name, []).append(score)
+            print(f"seed {layer.seed} {layer.name} {name}: {len(targets[rows])} rows, seen R@5 {score[0]:.3f}", flush=True)
     print(f"\nSeen recall@5 and unseen recall@20 (activation masking, first-choice), seeds {args.seeds}\n")
     print("| layer | training rows | seen R@5 | unseen R@20 |")
     print("|---|---|---|---|")

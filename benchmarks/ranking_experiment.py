@@ -28,6 +28,8 @@ the seeds, per layer and ranking.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,30 +38,67 @@ import torch.nn.functional as F
 
 from demo_folder import DemoFolder  # benchmarks/ is on the path when a script in it runs
 from evaluate_demo import mean_sd
-from lavise.attention import explainer_inputs
-from lavise.embeddings import load_word_vectors
-from lavise.evaluate import evaluate, score_filters
-from lavise.explain import nearest_words, quantile_thresholds, rank_words, top_images
+from fresh_seeds import LAYERS
+from lavise.embeddings import Vocabulary, WordVectors, load_word_vectors
+from lavise.evaluate import Evaluation, evaluate, score_filters
+from lavise.explain import feature_inputs, nearest_words, quantile_thresholds, rank_words, top_images
 from lavise.features import target_features
-from lavise.runs import load_run
+from lavise.runs import Run, load_run
 from lavise.settings import ComputeSettings, EvaluateSettings
 
-LAYERS = {
-    "efficientnet_lite0": ("blocks.5.0.bn1", "blocks.6.0.bn1"),
-    "scene_cnn": ("features.11", "features.8"),
-}
+
+@dataclass
+class ScoredLayer:
+    """One protocol run on its demo's evaluation scenes: what the experiments here share."""
+
+    seed: int
+    name: str  # "target layer"
+    demo: DemoFolder
+    run: Run
+    evaluation: Evaluation  # lavise's default naming, for its ground truth and as a check
+    truth: list[list[str]]  # per filter, its ground-truth concepts
+    scored: torch.Tensor  # (f,) the filters with ground truth
+    maps: torch.Tensor  # (N, d, h, w) on the evaluation scenes
+    thresholds: torch.Tensor  # (d,)
+    chosen: torch.Tensor  # (d, p) top scenes
+    word_vectors: WordVectors
+    vocabulary: Vocabulary  # the default 20,000 words
+
+    @property
+    def scored_truth(self) -> list[list[str]]:
+        return [self.truth[u] for u in self.scored.tolist()]
 
 
-def filter_vectors(run, maps, thresholds, chosen, scored) -> torch.Tensor:
-    """(f, p, D) unit explainer outputs for each scored filter's top images."""
+def protocol_layers(work: Path, seeds: list[int], explainer: str, compute: ComputeSettings,
+                    top: int = 25) -> Iterator[ScoredLayer]:
+    """Every protocol run of ``explainer`` in ``work``, seed by seed and layer by layer."""
+    for seed in seeds:
+        demo = DemoFolder(work / f"seed-{seed}")
+        for target, layers in LAYERS.items():
+            for layer in layers:
+                run = load_run(demo.path / "protocol" / f"{target}-{layer}-{explainer}")
+                [evaluation] = evaluate([run], demo.evaluation, settings=EvaluateSettings(methods=("activation",)),
+                                        compute=compute, cache_dir=demo.cache, write=False)
+                truth = [[g["concept"] for g in f["ground_truth"]] for f in evaluation.filters]
+                maps = target_features(run.target_model(), layer, demo.evaluation, cache_dir=demo.cache, progress=False).maps
+                word_vectors = load_word_vectors(run.config["word_vectors"], cache_dir=demo.cache)
+                yield ScoredLayer(
+                    seed, f"{target} {layer}", demo, run, evaluation, truth,
+                    torch.tensor([u for u, t in enumerate(truth) if t]), maps, quantile_thresholds(maps, 0.005),
+                    top_images(maps, top), word_vectors, word_vectors.vocabulary(size=20_000),
+                )
+
+
+def filter_vectors(run, maps, thresholds, chosen, scored, chunk: int = 2048) -> torch.Tensor:
+    """(f, p, D) unit explainer outputs for each scored filter's top images (activation masking)."""
+    inputs = feature_inputs("activation", maps, thresholds, torch.device("cpu"), run.pooling)
+    p = chosen.shape[1]
+    filters, rows = scored.repeat_interleave(p), chosen[scored].flatten()
     head = run.head.eval()
-    out = []
     with torch.inference_mode():
-        for u in scored.tolist():
-            rows = chosen[u]
-            inputs = explainer_inputs("activation", maps[rows], torch.full((len(rows),), u), thresholds, run.pooling)
-            out.append(F.normalize(head(inputs), dim=1))
-    return torch.stack(out)
+        out = [F.normalize(head(inputs(filters[i : i + chunk], rows[i : i + chunk])), dim=1)
+               for i in range(0, len(rows), chunk)]
+    return torch.cat(out).reshape(len(scored), p, -1)
 
 
 def rankings(vectors: torch.Tensor, peaks: torch.Tensor, vocab: torch.Tensor, top: int = 20) -> dict[str, list[list[int]]]:
@@ -105,33 +144,19 @@ def main() -> None:
     torch.set_num_threads(2)
     compute = ComputeSettings(progress=False, threads=2, num_workers=0)
     table: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    for seed in args.seeds:
-        demo = DemoFolder(args.work / f"seed-{seed}")
-        dataset = demo.evaluation
-        for target, layers in LAYERS.items():
-            for layer in layers:
-                run = load_run(demo.path / "protocol" / f"{target}-{layer}-{args.explainer}")
-                [evaluation] = evaluate([run], dataset, settings=EvaluateSettings(methods=("activation",)),
-                                        compute=compute, cache_dir=demo.cache)
-                truth = [[g["concept"] for g in f["ground_truth"]] for f in evaluation.filters]
-                scored = torch.tensor([u for u, t in enumerate(truth) if t])
-                maps = target_features(run.target_model(), layer, dataset, cache_dir=demo.cache, progress=False).maps
-                thresholds = quantile_thresholds(maps, 0.005)
-                chosen = top_images(maps, args.top_images)
-                peaks = maps.flatten(2).amax(dim=2).T.gather(1, chosen)[scored]  # (f, p)
-                vocab = load_word_vectors(run.config["word_vectors"], cache_dir=demo.cache).vocabulary(size=20_000)
-                vectors = filter_vectors(run, maps, thresholds, chosen, scored)
-                seen = set(run.split["seen"])
-                scored_truth = [truth[u] for u in scored.tolist()]
-                for name, ranked in rankings(vectors, peaks, vocab.unit_vectors).items():
-                    words = [[vocab.words[w] for w in r] for r in ranked]
-                    summary, _ = score_filters(words, scored_truth, seen)
-                    cell = table.setdefault(f"{target} {layer}", {}).setdefault(name, [])
-                    if name == "first-choice s=5":  # what evaluate does by default: must match
-                        assert abs(summary["seen"]["recall@5"] - evaluation.methods["activation"]["seen"]["recall@5"]) < 1e-9
-                    cell.append((summary["seen"]["recall@5"], summary["seen"]["recall@10"], summary["seen"]["recall@20"],
-                                 summary["recall@5"], summary["unseen"]["recall@20"] if summary["unseen"] else 0.0))
-                print(f"seed {seed} {target} {layer} done", flush=True)
+    for layer in protocol_layers(args.work, args.seeds, args.explainer, compute, args.top_images):
+        peaks = layer.maps.flatten(2).amax(dim=2).T.gather(1, layer.chosen)[layer.scored]  # (f, p)
+        vectors = filter_vectors(layer.run, layer.maps, layer.thresholds, layer.chosen, layer.scored)
+        vocab = layer.vocabulary
+        for name, ranked in rankings(vectors, peaks, vocab.unit_vectors).items():
+            words = [[vocab.words[w] for w in r] for r in ranked]
+            summary, _ = score_filters(words, layer.scored_truth, set(layer.run.split["seen"]))
+            if name == "first-choice s=5" and args.top_images == 25:  # what evaluate does by default: must match
+                assert abs(summary["seen"]["recall@5"] - layer.evaluation.methods["activation"]["seen"]["recall@5"]) < 1e-9
+            table.setdefault(layer.name, {}).setdefault(name, []).append((
+                summary["seen"]["recall@5"], summary["seen"]["recall@10"], summary["seen"]["recall@20"],
+                summary["recall@5"], summary["unseen"]["recall@20"] if summary["unseen"] else 0.0))
+        print(f"seed {layer.seed} {layer.name} done", flush=True)
     print(f"\nRecall, mean ± sd over seeds {args.seeds}, explainer {args.explainer}\n")
     print("| layer | ranking | seen R@5 | seen R@10 | seen R@20 | all R@5 | unseen R@20 |")
     print("|---|---|---|---|---|---|---|")

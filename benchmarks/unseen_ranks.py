@@ -20,16 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from demo_folder import DemoFolder  # benchmarks/ is on the path when a script in it runs
-from ranking_experiment import LAYERS, filter_vectors
-from lavise.embeddings import load_word_vectors
-from lavise.evaluate import evaluate
-from lavise.explain import quantile_thresholds, top_images
-from lavise.features import target_features
-from lavise.runs import load_run
-from lavise.settings import ComputeSettings, EvaluateSettings
+from ranking_experiment import filter_vectors, protocol_layers  # benchmarks/ is on the path
+from lavise.settings import ComputeSettings
 
 
 def best_ranks(vectors: torch.Tensor, vocabulary: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
@@ -49,32 +42,19 @@ def main() -> None:
     torch.set_num_threads(2)
     compute = ComputeSettings(progress=False, threads=2, num_workers=0)
     ranks: dict[str, dict[str, list[int]]] = {}
-    for seed in args.seeds:
-        demo = DemoFolder(args.work / f"seed-{seed}")
-        for target, layers in LAYERS.items():
-            for layer in layers:
-                run = load_run(demo.path / "protocol" / f"{target}-{layer}-{args.explainer}")
-                [evaluation] = evaluate([run], demo.evaluation, settings=EvaluateSettings(methods=("activation",)),
-                                        compute=compute, cache_dir=demo.cache, write=False)
-                truth = [[g["concept"] for g in f["ground_truth"]] for f in evaluation.filters]
-                scored = torch.tensor([u for u, t in enumerate(truth) if t])
-                maps = target_features(run.target_model(), layer, demo.evaluation, cache_dir=demo.cache, progress=False).maps
-                thresholds = quantile_thresholds(maps, 0.005)
-                chosen = top_images(maps, 25)
-                vocabulary = load_word_vectors(run.config["word_vectors"], cache_dir=demo.cache).vocabulary(size=20_000)
-                index = {w: i for i, w in enumerate(vocabulary.words)}
-                vectors = filter_vectors(run, maps, thresholds, chosen, scored)
-                seen = set(run.split["seen"])
-                cell = ranks.setdefault(f"{target} {layer}", {"seen": [], "unseen": []})
-                for row, u in enumerate(scored.tolist()):
-                    concepts = [c for c in truth[u] if c in index]
-                    if not concepts:
-                        continue
-                    best = best_ranks(F.normalize(vectors[row], dim=1), vocabulary.unit_vectors,
-                                      torch.tensor([index[c] for c in concepts]))
-                    for concept, rank in zip(concepts, best.tolist()):
-                        cell["seen" if concept in seen else "unseen"].append(rank)
-                print(f"seed {seed} {target} {layer} done", flush=True)
+    for layer in protocol_layers(args.work, args.seeds, args.explainer, compute):
+        index = {w: i for i, w in enumerate(layer.vocabulary.words)}
+        vectors = filter_vectors(layer.run, layer.maps, layer.thresholds, layer.chosen, layer.scored)
+        seen = set(layer.run.split["seen"])
+        cell = ranks.setdefault(layer.name, {"seen": [], "unseen": []})
+        for row, concepts in enumerate(layer.scored_truth):
+            concepts = [c for c in concepts if c in index]
+            if not concepts:
+                continue
+            best = best_ranks(vectors[row], layer.vocabulary.unit_vectors, torch.tensor([index[c] for c in concepts]))
+            for concept, rank in zip(concepts, best.tolist()):
+                cell["seen" if concept in seen else "unseen"].append(rank)
+        print(f"seed {layer.seed} {layer.name} done", flush=True)
     print(f"\nBest rank of a filter's ground-truth concept word over its 25 top scenes, seeds {args.seeds}, "
           f"explainer {args.explainer}, 20,000 words (0 = nearest); (filter, concept) pairs\n")
     print("| layer | concepts | pairs | rank < 20 | rank < 100 | rank < 1,000 | median rank |")

@@ -24,7 +24,7 @@ from lavise.errors import LaviseError
 from lavise.features import cpu_threads, resolve_device, target_features
 from lavise.models import TargetModel
 from lavise.runs import Run, load_run
-from lavise.settings import ComputeSettings, ExplainSettings
+from lavise.settings import RANKINGS, ComputeSettings, ExplainSettings
 from lavise.storage import default_cache_dir, save_tensors, write_csv, write_json
 
 
@@ -86,9 +86,6 @@ def nearest_words(
         indices.append(top.indices)
         values.append(top.values)
     return torch.cat(indices), torch.cat(values)
-
-
-RANKINGS = ("first-choice", "frequency")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,9 @@ def option(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
 
 
+RANKINGS = ("first-choice", "frequency")  # ExplainSettings.ranking; lavise.explain.rank_words
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """How the explainer is trained (paper §3.1, method-notes).
@@ -69,7 +72,7 @@ class ExplainSettings:
         "how a filter's collected words are ordered: first-choice (by how many top images have "
         "the word as their nearest, then by frequency; lavise's default, docs/evaluation.md) or "
         "frequency (by how often among each image's s nearest words; the paper)",
-        choices=("first-choice", "frequency"),
+        choices=RANKINGS,
     )
     top_words: int = option(10, "x: words reported per filter")
     quantile: float = option(0.005, "a filter's region is where it exceeds its top-quantile level T_u")
