@@ -7,7 +7,10 @@ import math
 import pytest
 import torch
 
-from lavise.attention import METHODS, explainer_inputs, masked_mean, masks_to_grid
+from lavise.attention import (
+    METHODS, ThresholdTally, explainer_inputs, masked_mean, masks_to_grid, quantile_thresholds, strongest_regions,
+)
+from lavise.errors import LaviseError
 
 N, D, H, W = 3, 6, 5, 4
 
@@ -166,3 +169,45 @@ def test_region_pooling_does_not_shrink_with_the_region():
     assert mean[1, 1] == pytest.approx(8 * mean[0, 1])  # the whole-grid mean scales with the area
     with pytest.raises(ValueError, match="pooling"):
         explainer_inputs("activation", maps, filters, thresholds, pooling="max")
+
+
+def test_strongest_regions_by_hand():
+    """Filters ranked by their mean inside the mask; regions are their active cells inside it."""
+    maps = torch.tensor([[
+        [[5.0, 0.0], [0.0, 0.0]],  # filter 0: mean 5/3 inside the mask
+        [[1.0, 1.0], [1.0, 1.0]],  # filter 1: mean 1
+        [[0.0, 4.0], [9.0, 4.0]],  # filter 2: mean 8/3 inside; its 9 lies outside the mask
+    ]])
+    coverage = torch.tensor([[[1.0, 1.0], [0.4, 0.6]]])  # inside: the cells covered at least half
+    thresholds = torch.tensor([1.0, 0.5, 3.0])
+    regions = strongest_regions(maps, coverage, thresholds, 2)
+    expected = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 0.0]]]])  # filter 2, then filter 0
+    assert torch.equal(regions, expected)
+    assert strongest_regions(maps, coverage, thresholds, 5).shape == (1, 3, 2, 2)  # at most d regions
+    assert strongest_regions(maps, coverage * 0.3, thresholds, 2).sum() == 0  # no cell covered by half: empty
+
+
+@pytest.mark.parametrize("quantile", [0.005, 0.05, 0.3])
+@pytest.mark.parametrize("batch", [1, 4, 11])
+def test_threshold_tally_equals_quantile_thresholds(quantile, batch):
+    """Merging batches keeps exactly what the thresholds of all the maps at once need."""
+    generator = torch.Generator().manual_seed(3)
+    maps = torch.randn(23, 7, 3, 5, generator=generator).clamp_min(0)  # ties at 0
+    maps[:, 1] = maps[:, 1].clamp(max=0.2)  # saturated on most positions
+    maps[:, 2] = 1.5  # constant
+    maps[:, 3] = maps[:, 3].round()  # many ties
+    tally = ThresholdTally(quantile, positions=maps.shape[0] * 15 + 40)  # a generous bound is fine
+    for part in maps.split(batch):
+        tally.add(part)
+    assert torch.equal(tally.thresholds(), quantile_thresholds(maps, quantile))
+
+
+def test_threshold_tally_refuses_what_it_cannot_do():
+    with pytest.raises(LaviseError, match="quantile must be in"):
+        ThresholdTally(1.0, positions=10)
+    with pytest.raises(LaviseError, match="No feature maps"):
+        ThresholdTally(0.1, positions=10).thresholds()
+    tally = ThresholdTally(0.5, positions=4)  # sized for 4 positions
+    tally.add(torch.rand(5, 2, 2, 2))  # 20
+    with pytest.raises(LaviseError, match="sized for"):
+        tally.thresholds()

@@ -23,7 +23,8 @@ FAST = ["--num-workers", "0", "--no-progress", "--device", "cpu"]
 @pytest.mark.parametrize(
     ("command", "expected"),
     [
-        ("train", ["--layer", "--reference", "--unseen-fraction", "(default: 0.0)", "--epochs", "--no-progress", "--checkpoint"]),
+        ("train", ["--layer", "--reference", "--unseen-fraction", "(default: 0.0)", "--epochs", "--no-progress", "--checkpoint",
+                   "--activation-regions", "--region-quantile"]),
         ("explain", ["RUN_DIR", "--target", "--top-images", "--method", "cosine-attention", "--vocabulary-size", "(default: 20000)"]),
     ],
 )
@@ -113,6 +114,26 @@ def test_cache_defaults_to_the_environment(tmp_path, capsys):
     assert "3 seen, 0 unseen; 6 training pairs" in capsys.readouterr().out
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     assert split["seen"] == ["cat", "dog", "hot dog"]
+
+
+def test_train_with_activation_regions(tmp_path, capsys):
+    from PIL import Image
+
+    for name, colour in (("dog", "red"), ("cat", "green")):
+        (tmp_path / "ref" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 30), colour).save(tmp_path / "ref" / name / f"{i}.png")
+    args = ["train", "--model", "squeezenet1_1", "--layer", "features.12", "--reference", str(tmp_path / "ref"),
+            "--out", str(tmp_path / "run"), "--epochs", "1", *FAST]
+    assert main([*args, "--activation-regions", "2", "--region-quantile", "0.1"]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["train"]["activation_regions"], config["train"]["region_quantile"]) == (2, 0.1)
+    regional = config["training_rows"] - config["training_pairs"]
+    assert config["training_pairs"] == 6 and 0 < regional <= 12
+    assert f"6 training pairs and {regional} activation-region rows" in capsys.readouterr().out
+
+    assert main([*args, "--activation-regions", "-1"]) == 2
+    assert "activation_regions must be 0 or more" in _one_error_line(capsys.readouterr().err)
 
 
 def _one_error_line(err: str) -> str:

@@ -323,3 +323,93 @@ def test_a_run_from_before_pooling_was_recorded_reads_as_mean_pooling(tiny_run):
     assert old.train_settings.learning_rate == config["train"]["learning_rate"]
     with pytest.raises(LaviseError, match="custom module"):
         old.model_spec  # the tiny model is a custom module: there is no spec to rebuild it from
+
+
+def _literal_maps_and_masks(model, layer, dataset):
+    """Each image's feature map and its concepts' coverage of the grid, one image at a time."""
+    from lavise.attention import masks_to_grid
+    from lavise.datasets.base import load_rgb
+    from lavise.features import preprocess_image, preprocess_masks
+    from lavise.models import layer_reader
+
+    out = []
+    with layer_reader(model.module, layer) as read, torch.inference_mode():
+        for index in range(len(dataset)):
+            image = load_rgb(dataset.image_path(index))
+            fm = read(preprocess_image(image, model.preprocessing).unsqueeze(0)).float()[0]  # (d, h, w)
+            concepts, masks = dataset.masks(index, image.size)
+            out.append((index, fm, concepts, masks_to_grid(preprocess_masks(masks, model.preprocessing), tuple(fm.shape[1:]))))
+    return out
+
+
+def test_activation_region_rows_follow_their_definition(tmp_path, coco, tiny_model):
+    """Extra rows: for each pair, the k filters most active inside the mask, pooled where they
+    exceed T_u (over the reference images) inside it. Checked against a loop over images."""
+    from lavise.explain import quantile_thresholds
+    from lavise.features import reference_thresholds
+
+    dataset, k, quantile = open_reference(coco), 2, 0.05
+    plain = reference_features(tiny_model, "features.3", dataset, cache_dir=None, num_workers=0, progress=False)
+    rich = reference_features(tiny_model, "features.3", dataset, cache_dir=tmp_path / "cache", num_workers=0,
+                              progress=False, activation_regions=k, quantile=quantile)
+    whole = ~rich.regional
+    assert rich.pairs == len(plain.vectors) and not plain.regional.any()
+    for name in ("vectors", "areas", "concepts", "images"):  # the whole masks' rows are unchanged
+        torch.testing.assert_close(getattr(rich, name)[whole], getattr(plain, name))
+
+    literal = _literal_maps_and_masks(tiny_model, "features.3", dataset)
+    thresholds = quantile_thresholds(torch.stack([fm for _, fm, _, _ in literal]), quantile)
+    got = reference_thresholds(tiny_model, "features.3", dataset, quantile, cache_dir=None, num_workers=0, progress=False)
+    torch.testing.assert_close(got, thresholds)
+
+    expected: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for index, fm, concepts, coverage in literal:
+        hw = fm.shape[1] * fm.shape[2]
+        for concept, cover in zip(concepts, coverage):
+            inside = cover >= 0.5
+            means = [float(fm[u][inside].mean()) if inside.any() else 0.0 for u in range(fm.shape[0])]
+            for u in sorted(range(fm.shape[0]), key=lambda u: -means[u])[:k]:
+                region = inside & (fm[u] > thresholds[u])
+                if region.any():
+                    row = torch.stack([fm[c][region].sum() / hw for c in range(fm.shape[0])])
+                    expected.setdefault((index, concept), []).append(torch.cat([row, region.sum().reshape(1) / hw]))
+    got_rows: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for row in rich.regional.nonzero().flatten().tolist():
+        key = (int(rich.images[row]), int(rich.concepts[row]))
+        got_rows.setdefault(key, []).append(torch.cat([rich.vectors[row], rich.areas[row].reshape(1)]))
+    assert sum(map(len, expected.values())) > rich.pairs // 2  # most pairs give regions: the test has teeth
+    assert sorted(got_rows) == sorted(expected)
+    for key, rows in expected.items():
+        order = lambda rows: torch.stack(sorted(rows, key=lambda r: float(r.sum())))  # noqa: E731
+        torch.testing.assert_close(order(got_rows[key]), order(rows))
+
+
+def test_training_with_activation_regions_records_its_rows(tmp_path, coco, tiny_model, compute, monkeypatch, capsys):
+    captured = {}
+    real = lavise.runs.train_explainer
+
+    def spy(vectors, targets, groups, concept_vectors, settings, **kwargs):
+        captured.update(vectors=vectors, groups=groups)
+        return real(vectors, targets, groups, concept_vectors, settings, **kwargs)
+
+    monkeypatch.setattr(lavise.runs, "train_explainer", spy)
+    settings = TrainSettings(epochs=1, activation_regions=3)
+    run = train(tiny_model, "features.3", open_reference(coco), tmp_path / "run", settings=settings, compute=compute,
+                cache_dir=tmp_path / "cache")
+    assert run.config["training_pairs"] == 48  # 24 images, 2 concepts each, as without regions
+    assert run.config["training_rows"] == len(captured["vectors"]) > 48
+    assert load_run(run.path).train_settings.activation_regions == 3
+    features = reference_features(tiny_model, "features.3", open_reference(coco), cache_dir=tmp_path / "cache",
+                                  num_workers=0, progress=False, activation_regions=3)
+    torch.testing.assert_close(captured["vectors"], features.pooled("region"))
+    torch.testing.assert_close(captured["groups"], features.images)  # regions stay with their image's split
+
+    config = json.loads((run.path / "config.json").read_text())
+    for key in ("activation_regions", "region_quantile"):
+        del config["train"][key]  # runs before 0.4 trained on whole masks and did not say so
+    (run.path / "config.json").write_text(json.dumps(config))
+    assert load_run(run.path).train_settings.activation_regions == 0
+
+    with pytest.raises(LaviseError, match="activation_regions must be 0 or more"):
+        reference_features(tiny_model, "features.3", open_reference(coco), cache_dir=None, num_workers=0,
+                           progress=False, activation_regions=-1)

@@ -1,4 +1,5 @@
-"""The explainer's inputs: pooled masked features, filter attention and masking baselines.
+"""The explainer's inputs: pooled masked features, filter attention and masking baselines,
+and the thresholds T_u that define a filter's active region.
 
 Pure tensor functions. Every explainer input is a d-vector: the explainer pools first,
 so Exp(F ⊙ M) depends on F and M only through mean_hw(F ⊙ M). For a target filter u the
@@ -19,11 +20,37 @@ same numbers as the full (d, d) matrix per image at 1/d of the cost.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from lavise.errors import LaviseError
+
 METHODS = ("attention", "cosine-attention", "activation", "original")
 _EPS = 1e-12
+
+
+def _check_quantile(quantile: float) -> None:
+    if not 0 < quantile < 1:
+        raise LaviseError(f"quantile must be in (0, 1), got {quantile}.")
+
+
+def _thresholds_from_top(top: torch.Tensor, count: int, quantile: float, minimum: torch.Tensor) -> torch.Tensor:
+    """T_u from each filter's largest values, sorted descending, of ``count`` in all.
+
+    ``top`` must hold at least count − ⌊(1 − quantile)(count − 1)⌋ values per filter;
+    ``minimum`` is each filter's smallest value. (d, k), (d,) -> (d,)
+    """
+    position = (1 - quantile) * (count - 1)
+    low, frac = math.floor(position), position - math.floor(position)
+    high = min(low + 1, count - 1)
+    lower, upper = top[:, count - 1 - low], top[:, count - 1 - high]
+    level = lower + frac * (upper - lower)
+    saturated = (level >= top[:, 0]) & (top[:, 0] > minimum)
+    below_maximum = torch.nextafter(top[:, 0], torch.tensor(-float("inf"), dtype=top.dtype, device=top.device))
+    return torch.where(saturated, below_maximum, level)
+
 
 
 def masks_to_grid(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -56,6 +83,69 @@ def region_mean(maps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     weights = weights.to(maps.dtype)
     total = weights.flatten(1).sum(dim=1).clamp_min(_EPS).unsqueeze(1)  # (n, 1)
     return torch.einsum("ndhw,nhw->nd", maps, weights) / total
+
+
+def quantile_thresholds(maps: torch.Tensor, quantile: float = 0.005, *, chunk: int = 64) -> torch.Tensor:
+    """T_u such that filter u exceeds it with probability ``quantile`` over all positions.
+
+    The (1 − quantile) quantile with linear interpolation, as numpy.quantile computes
+    it, per filter over every position of every image.
+
+    A filter that sits at its maximum on more than ``quantile`` of the positions (a
+    ReLU6 filter saturated at 6, say) has its quantile *at* that maximum, and nothing
+    exceeds it: every region {F_u > T_u} would be empty, so the filter would be named
+    from all-zero inputs and never reach ground truth or qualify an image. For such a
+    filter T_u is the largest float below its maximum, so its region is where it
+    saturates. Constant filters keep T_u = their value (an empty region).
+
+    (N, d, h, w) -> (d,)
+    """
+    _check_quantile(quantile)
+    n, d = maps.shape[0], maps.shape[1]
+    count = n * maps.shape[2] * maps.shape[3]
+    keep = count - math.floor((1 - quantile) * (count - 1))
+    thresholds = torch.empty(d, dtype=maps.dtype, device=maps.device)
+    for start in range(0, d, chunk):  # chunks of filters bound the memory of the copy
+        values = maps[:, start : start + chunk].transpose(0, 1).reshape(-1, count)
+        top = torch.topk(values, keep, dim=1, sorted=True).values  # descending
+        thresholds[start : start + chunk] = _thresholds_from_top(top, count, quantile, values.amin(dim=1))
+    return thresholds
+
+
+class ThresholdTally:
+    """:func:`quantile_thresholds` over maps that arrive in batches (a reference set too
+    large to hold): each filter's largest values and its minimum, merged batch by batch.
+
+    ``positions`` bounds how many positions (images × h × w) will be added; it sets how
+    many values are kept per filter, about ``quantile`` of them. The result equals
+    quantile_thresholds of all the batches concatenated.
+    """
+
+    def __init__(self, quantile: float, positions: int) -> None:
+        _check_quantile(quantile)
+        self.quantile = quantile
+        self.keep = max(1, math.ceil(quantile * positions) + 2)
+        self.count = 0
+        self.top: torch.Tensor | None = None
+        self.minimum: torch.Tensor | None = None
+
+    def add(self, maps: torch.Tensor) -> None:
+        """Count a batch of maps. (n, d, h, w)"""
+        values = maps.transpose(0, 1).flatten(1)  # (d, n·h·w)
+        merged = values if self.top is None else torch.cat([self.top, values.to(self.top.device)], dim=1)
+        self.top = merged.topk(min(self.keep, merged.shape[1]), dim=1, sorted=True).values
+        low = values.amin(dim=1)
+        self.minimum = low if self.minimum is None else torch.minimum(self.minimum, low.to(self.minimum.device))
+        self.count += values.shape[1]
+
+    def thresholds(self) -> torch.Tensor:
+        """(d,) T_u of everything added."""
+        if self.top is None:
+            raise LaviseError("No feature maps were counted, so there are no thresholds.")
+        needed = self.count - math.floor((1 - self.quantile) * (self.count - 1))
+        if needed > self.top.shape[1]:
+            raise LaviseError(f"More positions were added ({self.count}) than the tally was sized for.")
+        return _thresholds_from_top(self.top, self.count, self.quantile, self.minimum)
 
 
 def _pair_rows(maps: torch.Tensor, filters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,3 +250,25 @@ def explainer_inputs(
     if method == "original":
         return original(maps, filters)
     raise ValueError(f"Unknown method '{method}'; valid: {', '.join(METHODS)}.")
+
+
+def strongest_regions(maps: torch.Tensor, masks: torch.Tensor, thresholds: torch.Tensor, count: int) -> torch.Tensor:
+    """Activation regions inside a concept's mask, shaped like explain's inputs.
+
+    For each (image, mask) pair: the ``count`` filters whose mean inside the mask (the
+    cells it covers at least half of) is highest, and for each the cells of the mask
+    where that filter exceeds its T_u. Pooling the features over such a region gives a
+    training row like the input activation masking makes at inference. A region may be
+    empty (the filter peaks elsewhere, or the mask covers no cell by half).
+
+    (n, d, h, w), (n, h, w) mask coverage, (d,), count -> (n, count, h, w) 0/1 in the maps' dtype
+    """
+    n, d, h, w = maps.shape
+    flat = maps.flatten(2)  # (n, d, hw)
+    inside = (masks >= 0.5).flatten(1)  # (n, hw)
+    cells = inside.to(maps.dtype)
+    inside_mean = torch.bmm(flat, cells.unsqueeze(2)).squeeze(2) / cells.sum(dim=1, keepdim=True).clamp_min(1.0)
+    strongest = inside_mean.topk(min(count, d), dim=1).indices  # (n, k)
+    target = flat.gather(1, strongest.unsqueeze(2).expand(-1, -1, h * w))  # (n, k, hw)
+    region = (target > thresholds[strongest].unsqueeze(2)) & inside.unsqueeze(1)
+    return region.reshape(n, -1, h, w).to(maps.dtype)

@@ -143,8 +143,10 @@ def _train(args: argparse.Namespace) -> int:
     print(f"\nTrained an explainer for {config['model']['name']} {config['layer']} "
           f"({config['feature_shape'][0]} filters, grid {config['feature_shape'][1]}x{config['feature_shape'][2]})")
     print(f"  reference: {repr(reference)}")
+    regional = config["training_rows"] - config["training_pairs"]
+    rows = f" and {regional} activation-region rows" if regional else ""
     print(f"  concepts: {len(run.split['seen'])} seen, {len(run.split['unseen'])} unseen; "
-          f"{config['training_pairs']} training pairs; best epoch {config['best_epoch']}")
+          f"{config['training_pairs']} training pairs{rows}; best epoch {config['best_epoch']}")
     print(f"  run directory: {run.path}")
     print(f"Next: lavise explain {run.path} --target IMAGE_FOLDER")
     return 0

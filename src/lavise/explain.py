@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lavise.attention import METHODS, explainer_inputs
+from lavise.attention import METHODS, explainer_inputs, quantile_thresholds  # noqa: F401 (part of this module's API)
 from lavise.datasets.base import ImageFiles, LaviseWarning
 from lavise.embeddings import load_word_vectors
 from lavise.errors import LaviseError
@@ -26,41 +26,6 @@ from lavise.models import TargetModel
 from lavise.runs import Run, load_run
 from lavise.settings import RANKINGS, ComputeSettings, ExplainSettings
 from lavise.storage import default_cache_dir, save_tensors, write_csv, write_json
-
-
-def quantile_thresholds(maps: torch.Tensor, quantile: float = 0.005, *, chunk: int = 64) -> torch.Tensor:
-    """T_u such that filter u exceeds it with probability ``quantile`` over all positions.
-
-    The (1 − quantile) quantile with linear interpolation, as numpy.quantile computes
-    it, per filter over every position of every image.
-
-    A filter that sits at its maximum on more than ``quantile`` of the positions (a
-    ReLU6 filter saturated at 6, say) has its quantile *at* that maximum, and nothing
-    exceeds it: every region {F_u > T_u} would be empty, so the filter would be named
-    from all-zero inputs and never reach ground truth or qualify an image. For such a
-    filter T_u is the largest float below its maximum, so its region is where it
-    saturates. Constant filters keep T_u = their value (an empty region).
-
-    (N, d, h, w) -> (d,)
-    """
-    if not 0 < quantile < 1:
-        raise LaviseError(f"quantile must be in (0, 1), got {quantile}.")
-    n, d = maps.shape[0], maps.shape[1]
-    count = n * maps.shape[2] * maps.shape[3]
-    position = (1 - quantile) * (count - 1)
-    low, frac = int(np.floor(position)), position - np.floor(position)
-    high = min(low + 1, count - 1)
-    thresholds = torch.empty(d, dtype=maps.dtype)
-    for start in range(0, d, chunk):  # chunks of filters bound the memory of the copy
-        values = maps[:, start : start + chunk].transpose(0, 1).reshape(-1, count)
-        top = torch.topk(values, count - low, dim=1, sorted=True).values  # descending
-        lower, upper = top[:, -1], top[:, count - 1 - high]
-        level = lower + frac * (upper - lower)
-        saturated = (level >= top[:, 0]) & (top[:, 0] > values.amin(dim=1))
-        thresholds[start : start + chunk] = torch.where(
-            saturated, torch.nextafter(top[:, 0], torch.tensor(-float("inf"), dtype=maps.dtype)), level
-        )
-    return thresholds
 
 
 def top_images(maps: torch.Tensor, count: int) -> torch.Tensor:

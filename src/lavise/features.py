@@ -25,8 +25,9 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from lavise.attention import masked_mean, masks_to_grid
+from lavise.attention import ThresholdTally, masked_mean, masks_to_grid, strongest_regions
 from lavise.datasets.base import BadImage, ImageFiles, ReferenceDataset, SkipLog, load_rgb
+from lavise.errors import LaviseError
 from lavise.models import Preprocessing, TargetModel, layer_reader
 from lavise.storage import cache_key, load_cached, save_tensors
 
@@ -130,7 +131,8 @@ class ReferenceFeatures:
     """Pooled masked features of a reference dataset.
 
     Attributes:
-        vectors: (N, d) mean(F ⊙ M), one row per (image, concept) pair.
+        vectors: (N, d) mean(F ⊙ M), one row per (image, concept) pair, and with
+            activation regions, rows pooled over such regions too.
         areas: (N,) the mask's share of the feature grid, Σ M / hw; vectors / areas is
             the mean of F inside the mask.
         concepts: (N,) index into ``concept_names``.
@@ -138,6 +140,8 @@ class ReferenceFeatures:
         concept_names: every concept of the dataset.
         grid: (h, w) of the layer's feature map.
         skipped: what could not be used, by reason.
+        regional: (N,) True for a row pooled over a filter's activation region inside
+            the mask (:func:`lavise.attention.strongest_regions`), False for a whole mask.
     """
 
     vectors: torch.Tensor
@@ -147,10 +151,73 @@ class ReferenceFeatures:
     grid: tuple[int, int]
     skipped: SkipLog
     areas: torch.Tensor
+    regional: torch.Tensor
+
+    @property
+    def pairs(self) -> int:
+        """How many (image, concept) pairs: the rows of whole masks."""
+        return int((~self.regional).sum())
 
     def pooled(self, pooling: str) -> torch.Tensor:
         """(N, d) explainer inputs: ``mean`` over the grid (as stored) or ``region``, over the mask."""
         return self.vectors if pooling == "mean" else self.vectors / self.areas.clamp_min(1e-12).unsqueeze(1)
+
+
+def _usable(items, dataset, skipped: SkipLog) -> list:
+    """The items of a batch with an image and at least one mask; the rest counted in ``skipped``."""
+    good = []
+    for item in items:
+        if item.problem:
+            skipped.add(item.problem[0], f"{dataset.image_path(item.index)} ({item.problem[1]})")
+        elif not item.concepts:
+            skipped.add("images without any annotation", str(dataset.image_path(item.index)))
+        else:
+            good.append(item)
+    return good
+
+
+def reference_thresholds(
+    model: TargetModel,
+    layer: str,
+    dataset: ReferenceDataset,
+    quantile: float,
+    *,
+    cache_dir: Path | None,
+    batch_size: int = 32,
+    num_workers: int = 2,
+    device: str = "auto",
+    progress: bool = True,
+) -> torch.Tensor:
+    """(d,) T_u over the usable reference images, as explain takes them over its targets (cached).
+
+    One streaming pass (:class:`lavise.attention.ThresholdTally`), so a reference set
+    larger than memory works; the images counted are those :func:`reference_features`
+    pools.
+    """
+    key = cache_key({"product": "reference-thresholds", **model.identity(), "layer": layer,
+                     "data": dataset.identity(), "quantile": quantile})
+    path = cache_dir / f"thresholds-{key[:24]}.safetensors" if cache_dir else None
+    if path is not None and (hit := load_cached(path, key)) is not None:
+        return hit[0]["thresholds"]
+    torch_device = resolve_device(device)
+    module = model.module.to(torch_device)
+    tally, skipped = None, SkipLog()
+    skipped.merge(dataset.skipped)
+    with layer_reader(module, layer) as read, torch.inference_mode():
+        for items in _batches(dataset, model.preprocessing, True, batch_size, num_workers, "reference thresholds", progress):
+            good = _usable(items, dataset, skipped)
+            if not good:
+                continue
+            maps = read(torch.stack([it.image for it in good]).to(torch_device)).float()
+            if tally is None:
+                tally = ThresholdTally(quantile, len(dataset) * maps.shape[2] * maps.shape[3])
+            tally.add(maps)
+    if tally is None:
+        raise_no_usable("reference", dataset, skipped)
+    thresholds = tally.thresholds().cpu()
+    if path is not None:
+        save_tensors(path, {"thresholds": thresholds}, {"key": key})
+    return thresholds
 
 
 def reference_features(
@@ -163,34 +230,54 @@ def reference_features(
     num_workers: int = 2,
     device: str = "auto",
     progress: bool = True,
+    activation_regions: int = 0,
+    quantile: float = 0.005,
 ) -> ReferenceFeatures:
-    """Pool the layer's features under each concept mask of each reference image (cached)."""
-    key = cache_key({"product": "reference-pooled", "version": 2, **model.identity(), "layer": layer, "data": dataset.identity()})
+    """Pool the layer's features under each concept mask of each reference image (cached).
+
+    With ``activation_regions`` = k > 0, each (image, concept) pair also gives up to k
+    rows pooled over the activation regions of the k filters most active inside its
+    mask (:func:`lavise.attention.strongest_regions`, with T_u at ``quantile`` over the
+    reference images; empty regions give no row). That costs a second pass over the
+    images, for the thresholds.
+    """
+    if activation_regions < 0:
+        raise LaviseError(f"activation_regions must be 0 or more, got {activation_regions}.")
+    regions = {"activation_regions": activation_regions, "quantile": quantile} if activation_regions else {}
+    key = cache_key({"product": "reference-pooled", "version": 3, **model.identity(), "layer": layer,
+                     "data": dataset.identity(), **regions})
     path = cache_dir / f"reference-{key[:24]}.safetensors" if cache_dir else None
     if path is not None and (hit := load_cached(path, key)) is not None:
         tensors, metadata = hit
         info = json.loads(metadata["info"])
         return ReferenceFeatures(
             tensors["vectors"], tensors["concepts"], tensors["images"], info["concept_names"],
-            tuple(info["grid"]), SkipLog.from_dict(info["skipped"]), tensors["areas"],
+            tuple(info["grid"]), SkipLog.from_dict(info["skipped"]), tensors["areas"], tensors["regional"],
         )
 
+    thresholds = None
+    if activation_regions:
+        thresholds = reference_thresholds(
+            model, layer, dataset, quantile, cache_dir=cache_dir, batch_size=batch_size,
+            num_workers=num_workers, device=device, progress=progress,
+        )
     skipped = SkipLog()
     skipped.merge(dataset.skipped)
     torch_device = resolve_device(device)
     module = model.module.to(torch_device)
-    vectors, concepts, images, areas = [], [], [], []
+    vectors, concepts, images, areas, regional = [], [], [], [], []
     grid = None
+
+    def keep_rows(pooled, area, concept_ids, image_ids, is_regional):
+        vectors.append(pooled)
+        areas.append(area)
+        concepts.append(concept_ids)
+        images.append(image_ids)
+        regional.append(torch.full((len(concept_ids),), is_regional))
+
     with layer_reader(module, layer) as read, torch.inference_mode():
         for items in _batches(dataset, model.preprocessing, True, batch_size, num_workers, "reference features", progress):
-            good = []
-            for item in items:
-                if item.problem:
-                    skipped.add(item.problem[0], f"{dataset.image_path(item.index)} ({item.problem[1]})")
-                elif not item.concepts:
-                    skipped.add("images without any annotation", str(dataset.image_path(item.index)))
-                else:
-                    good.append(item)
+            good = _usable(items, dataset, skipped)
             if not good:
                 continue
             maps = read(torch.stack([it.image for it in good]).to(torch_device)).float()
@@ -204,21 +291,31 @@ def reference_features(
                 where = f"{dataset.image_path(good[n].index).name}:{dataset.concepts[concept]}"
                 skipped.add("concept masks of zero area after resize and crop", where)
             keep = ~empty
-            vectors.append(masked_mean(maps[owner], cells).cpu()[keep])
-            areas.append(cells.flatten(1).mean(dim=1).cpu()[keep])
-            concepts.append(torch.tensor([concept for _, concept in pairs])[keep])
-            images.append(torch.tensor([good[n].index for n, _ in pairs])[keep])
+            pair_concepts = torch.tensor([concept for _, concept in pairs])
+            pair_images = torch.tensor([good[n].index for n, _ in pairs])
+            pair_maps = maps[owner]
+            pooled, area = masked_mean(pair_maps, cells).cpu(), cells.flatten(1).mean(dim=1).cpu()
+            keep_rows(pooled[keep], area[keep], pair_concepts[keep], pair_images[keep], False)
+            if thresholds is not None:
+                region = strongest_regions(pair_maps, cells, thresholds.to(torch_device), activation_regions)
+                k = region.shape[1]  # (P, k, h, w): k regions per pair, row-major below
+                pooled = (torch.einsum("pdhw,pkhw->pkd", pair_maps, region) / (grid[0] * grid[1])).cpu().flatten(0, 1)
+                area = region.flatten(2).mean(dim=2).cpu().flatten()
+                found = area > 0  # an empty region gives no row
+                keep_rows(pooled[found], area[found], pair_concepts.repeat_interleave(k)[found],
+                          pair_images.repeat_interleave(k)[found], True)
     if not vectors or sum(len(v) for v in vectors) == 0:
         raise_no_usable("reference", dataset, skipped)
     result = ReferenceFeatures(
         torch.cat(vectors), torch.cat(concepts).long(), torch.cat(images).long(),
-        list(dataset.concepts), grid, skipped, torch.cat(areas),
+        list(dataset.concepts), grid, skipped, torch.cat(areas), torch.cat(regional),
     )
     if path is not None:
         info = {"concept_names": result.concept_names, "grid": list(grid), "skipped": skipped.to_dict()}
         save_tensors(
             path,
-            {"vectors": result.vectors, "concepts": result.concepts, "images": result.images, "areas": result.areas},
+            {"vectors": result.vectors, "concepts": result.concepts, "images": result.images, "areas": result.areas,
+             "regional": result.regional},
             {"key": key, "info": json.dumps(info)},
         )
     return result
@@ -283,7 +380,5 @@ def target_features(
 
 
 def raise_no_usable(kind: str, dataset, skipped: SkipLog) -> None:
-    from lavise.errors import LaviseError
-
     reasons = "; ".join(skipped.lines()) or "no images"
     raise LaviseError(f"No usable {kind} image in '{dataset.root}': {reasons}.")

@@ -66,9 +66,10 @@ class Run:
 
     @property
     def train_settings(self) -> TrainSettings:
-        """The settings the explainer was trained with (runs before 0.2 recorded no
-        pooling: they pooled over the whole grid, ``mean``)."""
-        return TrainSettings(**{"pooling": "mean", **self.config["train"]})
+        """The settings the explainer was trained with. Older runs recorded fewer: those
+        before 0.2 pooled over the whole grid (``mean``), those before 0.4 trained on
+        whole masks only (no activation regions)."""
+        return TrainSettings(**{"pooling": "mean", "activation_regions": 0, **self.config["train"]})
 
     @property
     def pooling(self) -> str:
@@ -147,6 +148,7 @@ def train(
         features = reference_features(
             target, layer, reference, cache_dir=cache_dir, batch_size=compute.batch_size,
             num_workers=compute.num_workers, device=compute.device, progress=compute.progress,
+            activation_regions=settings.activation_regions, quantile=settings.region_quantile,
         )
         features.skipped.warn(f"reference {reference.root}")
 
@@ -190,7 +192,8 @@ def train(
             "word_dim": vectors_source.dim,
             "train": settings.to_dict(),
             "feature_shape": [channels, *features.grid],
-            "training_pairs": int(rows.sum()),
+            "training_pairs": int((rows & ~features.regional).sum()),
+            "training_rows": int(rows.sum()),
             "best_epoch": result.best_epoch,
             "skipped": features.skipped.to_dict(),
         }

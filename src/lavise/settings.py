@@ -44,11 +44,20 @@ class TrainSettings:
         "explain follows the run",
         choices=("region", "mean"),
     )
+    activation_regions: int = option(
+        0,
+        "also train on the features inside an activation region, as explain's activation masking "
+        "gives them: for each (image, concept) pair, the regions {F_u > T_u} inside the mask of "
+        "the N filters most active there (0: whole masks only, the paper)",
+    )
+    region_quantile: float = option(
+        0.005, "T_u of those regions: the top-quantile level over the reference images (explain's --quantile)"
+    )
 
     @classmethod
     def authors(cls, **changes) -> "TrainSettings":
-        """The authors' set-up: the paper's code pools over the whole grid, Adam at 1e-4."""
-        return cls(**{"pooling": "mean", "learning_rate": 1e-4, **changes})
+        """The authors' set-up: the paper's code pools over the whole grid, Adam at 1e-4, whole masks."""
+        return cls(**{"pooling": "mean", "learning_rate": 1e-4, "activation_regions": 0, **changes})
 
     def to_dict(self) -> dict:
         return asdict(self)
