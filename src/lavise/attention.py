@@ -114,11 +114,14 @@ def quantile_thresholds(maps: torch.Tensor, quantile: float = 0.005, *, chunk: i
 
 class ThresholdTally:
     """:func:`quantile_thresholds` over maps that arrive in batches (a reference set too
-    large to hold): each filter's largest values and its minimum, merged batch by batch.
+    large to hold): each filter's largest values and its minimum.
 
     ``positions`` bounds how many positions (images × h × w) will be added; it sets how
     many values are kept per filter, about ``quantile`` of them. The result equals
-    quantile_thresholds of all the batches concatenated.
+    quantile_thresholds of all the batches concatenated. Once ``keep`` values are held,
+    a batch contributes only what exceeds each filter's smallest kept value (an equal
+    value would not change the kept values), and those are merged in when they add up
+    to ``keep`` more, so each value is sorted about once rather than once per batch.
     """
 
     def __init__(self, quantile: float, positions: int) -> None:
@@ -126,22 +129,38 @@ class ThresholdTally:
         self.quantile = quantile
         self.keep = max(1, math.ceil(quantile * positions) + 2)
         self.count = 0
-        self.top: torch.Tensor | None = None
+        self.top: torch.Tensor | None = None  # (d, ≤ keep) descending
         self.minimum: torch.Tensor | None = None
+        self._pending: list[torch.Tensor] = []
+        self._pending_width = 0
 
     def add(self, maps: torch.Tensor) -> None:
         """Count a batch of maps. (n, d, h, w)"""
         values = maps.transpose(0, 1).flatten(1)  # (d, n·h·w)
-        merged = values if self.top is None else torch.cat([self.top, values.to(self.top.device)], dim=1)
-        self.top = merged.topk(min(self.keep, merged.shape[1]), dim=1, sorted=True).values
         low = values.amin(dim=1)
-        self.minimum = low if self.minimum is None else torch.minimum(self.minimum, low.to(self.minimum.device))
+        self.minimum = low if self.minimum is None else torch.minimum(self.minimum, low)
         self.count += values.shape[1]
+        if self.top is not None and self.top.shape[1] == self.keep:
+            above = int((values > self.top[:, -1:]).sum(dim=1).max())  # the most any filter brings
+            if above == 0:
+                return
+            values = values.topk(above, dim=1).values
+        self._pending.append(values)
+        self._pending_width += values.shape[1]
+        if self.top is None or self.top.shape[1] < self.keep or self._pending_width >= self.keep:
+            self._merge()
+
+    def _merge(self) -> None:
+        merged = torch.cat(([] if self.top is None else [self.top]) + self._pending, dim=1)
+        self.top = merged.topk(min(self.keep, merged.shape[1]), dim=1, sorted=True).values
+        self._pending, self._pending_width = [], 0
 
     def thresholds(self) -> torch.Tensor:
         """(d,) T_u of everything added."""
         if self.top is None:
             raise LaviseError("No feature maps were counted, so there are no thresholds.")
+        if self._pending:
+            self._merge()
         needed = self.count - math.floor((1 - self.quantile) * (self.count - 1))
         if needed > self.top.shape[1]:
             raise LaviseError(f"More positions were added ({self.count}) than the tally was sized for.")
