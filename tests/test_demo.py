@@ -47,12 +47,20 @@ def test_demo_writes_runs_for_both_targets_and_reuses_them(tmp_path, capsys):
     assert (checkpoint.stat().st_mtime_ns, config.stat().st_mtime_ns) == stamps  # reused, not retrained
     assert json.loads(config.read_text())["train"]["pooling"] == "region"  # lavise's default explainer
 
-    authors = DemoSettings(**{**SMALL.__dict__, "explainer_pooling": "mean", "explainer_learning_rate": 1e-4})
+    authors = DemoSettings(**{**SMALL.__dict__, "explainer_pooling": "mean", "explainer_learning_rate": 1e-4,
+                              "explainer_activation_regions": 0})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LaviseWarning)
         run_demo(tmp_path, authors, QUIET)
     trained = json.loads(config.read_text())["train"]
-    assert (trained["pooling"], trained["learning_rate"]) == ("mean", 1e-4)  # the explainers were retrained
+    assert (trained["pooling"], trained["learning_rate"], trained["activation_regions"]) == ("mean", 1e-4, 0)  # retrained
+
+    regions = DemoSettings(**{**SMALL.__dict__, "explainer_activation_regions": 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LaviseWarning)
+        run_demo(tmp_path, regions, QUIET)
+    run = json.loads(config.read_text())
+    assert run["train"]["activation_regions"] == 2 and run["training_rows"] > run["training_pairs"]
     assert checkpoint.stat().st_mtime_ns == stamps[0]  # on the same scenes and scene CNN
 
 

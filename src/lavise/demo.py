@@ -50,6 +50,9 @@ class DemoSettings:
         TrainSettings.pooling, "pooling of the explainers' inputs (mean: the authors')", choices=("region", "mean")
     )
     explainer_learning_rate: float = option(TrainSettings.learning_rate, "Adam learning rate of the explainers (1e-4: the authors')")
+    explainer_activation_regions: int = option(
+        TrainSettings.activation_regions, "activation regions per (image, concept) pair the explainers also train on (0: the authors')"
+    )
     vocabulary_size: int = option(20_000, "candidate words: the N most frequent clean GloVe words")
 
 
@@ -93,6 +96,7 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), compute: Comput
     train_settings = TrainSettings(
         seed=settings.seed, epochs=settings.explainer_epochs,
         pooling=settings.explainer_pooling, learning_rate=settings.explainer_learning_rate,
+        activation_regions=settings.explainer_activation_regions,
     )
     explain_settings = ExplainSettings(vocabulary_size=settings.vocabulary_size)
     results = {}
