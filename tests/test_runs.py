@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -27,7 +28,9 @@ from lavise.storage import cache_key, load_cached, save_tensors
 # Small vocabularies leave some concept names out; that warning is tested on its own.
 pytestmark = pytest.mark.filterwarnings("ignore:.*reference concepts are not in the vocabulary")
 
-ONE_EPOCH = TrainSettings(epochs=1)
+# Whole masks only, so each training run reads the reference images once; the second
+# pass of activation-region training (for T_u) has its own cache test.
+ONE_EPOCH = TrainSettings(epochs=1, activation_regions=0)
 
 
 class Forwards:
@@ -120,10 +123,12 @@ def test_unseen_concepts_are_never_training_targets(tmp_path, coco, tiny_model, 
     assert json.loads((run.path / "split.json").read_text())["unseen"] == unseen
     assert run.config["train"]["unseen_fraction"] == 0.5
 
-    features = reference_features(tiny_model, "features.3", open_reference(coco), cache_dir=tmp_path / "cache", num_workers=0, progress=False)
+    features = reference_features(tiny_model, "features.3", open_reference(coco), cache_dir=tmp_path / "cache", num_workers=0,
+                                  progress=False, activation_regions=settings.activation_regions,
+                                  quantile=settings.region_quantile)
     names = [features.concept_names[c] for c in features.concepts.tolist()]
     is_seen = torch.tensor([n in seen for n in names])
-    assert run.config["training_pairs"] == int(is_seen.sum()) == len(captured["vectors"])
+    assert run.config["training_rows"] == int(is_seen.sum()) == len(captured["vectors"])
     assert 0 < int(is_seen.sum()) < len(names)  # some pairs were held out
     torch.testing.assert_close(captured["vectors"], features.pooled(settings.pooling)[is_seen])
     torch.testing.assert_close(captured["groups"], features.images[is_seen])
@@ -159,6 +164,21 @@ def test_reference_cache_is_reused(tmp_path, coco, tiny_model, compute):
     again = TargetModel.from_module(tiny_model.module, tiny_model.preprocessing, name="tiny")
     _train(again, coco, tmp_path / "c", tmp_path / "cache", compute)
     assert forwards.take() == 0
+
+
+def test_activation_region_passes_are_cached_on_what_they_depend_on(tmp_path, coco, tiny_model, compute):
+    forwards = Forwards(tiny_model)
+    regions = TrainSettings(epochs=1, activation_regions=2)
+    _train(tiny_model, coco, tmp_path / "a", tmp_path / "cache", compute, settings=regions)
+    assert forwards.take() == 6  # T_u, then the pooled rows: two passes of 3 batches
+    _train(tiny_model, coco, tmp_path / "b", tmp_path / "cache", compute, settings=regions)
+    assert forwards.take() == 0
+    _train(tiny_model, coco, tmp_path / "c", tmp_path / "cache", compute, settings=replace(regions, activation_regions=3))
+    assert forwards.take() == 3  # new rows; the same thresholds
+    _train(tiny_model, coco, tmp_path / "d", tmp_path / "cache", compute, settings=replace(regions, region_quantile=0.1))
+    assert forwards.take() == 6  # new thresholds, so new rows
+    _train(tiny_model, coco, tmp_path / "e", tmp_path / "cache", compute, settings=replace(regions, activation_regions=0))
+    assert forwards.take() == 3  # whole masks only: no thresholds needed
 
 
 def test_cache_recomputes_for_another_layer(tmp_path, coco, tiny_model, compute):
