@@ -6,7 +6,7 @@ Example:
     ['activation', 'attention', 'cosine-attention', 'original']
 """
 
-__version__ = "0.3.0"  # before the imports: lavise.runs records it
+__version__ = "0.4.0"  # before the imports: lavise.runs records it
 
 from lavise.attention import METHODS
 from lavise.datasets import (
