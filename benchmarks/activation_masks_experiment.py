@@ -9,6 +9,10 @@ and the mask covers at least half a cell. It retrains the run's explainer with t
 settings and scores both on the demo's evaluation scenes (activation masking,
 first-choice ranking, exact match), seen and unseen.
 
+lavise now builds such rows itself (``reference_features(..., activation_regions=k)``,
+three by default since 0.4); this script is kept as the record of the development-seed
+measurement that chose it, so its figures in docs/evaluation.md stay reproducible.
+
     python benchmarks/activation_masks_experiment.py --work /tmp/lavise-dev --seeds 0 1 2
 
 WORK is a folder written by ``benchmarks/fresh_seeds.py`` (its ``seed-S/protocol`` runs).
@@ -20,10 +24,9 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from evaluate_demo import mean_sd  # benchmarks/ is on the path when a script in it runs
+from evaluate_demo import print_mean_sd_rows  # benchmarks/ is on the path when a script in it runs
 from ranking_experiment import ScoredLayer, filter_vectors, protocol_layers
 from lavise.attention import masks_to_grid
 from lavise.embeddings import concept_vectors
@@ -119,10 +122,7 @@ def main() -> None:
     print(f"\nSeen recall@5 and unseen recall@20 (activation masking, first-choice), seeds {args.seeds}\n")
     print("| layer | training rows | seen R@5 | unseen R@20 |")
     print("|---|---|---|---|")
-    for layer, rows in table.items():
-        for name, values in rows.items():
-            seen_r, unseen_r = np.array(values).T
-            print(f"| {layer} | {name} | {mean_sd(list(seen_r))} | {mean_sd(list(unseen_r))} |")
+    print_mean_sd_rows(table)
 
 
 if __name__ == "__main__":

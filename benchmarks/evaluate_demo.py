@@ -47,6 +47,13 @@ def mean_sd(values: list[float | None]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
 
 
+def print_mean_sd_rows(table: dict[str, dict[str, list[tuple[float, ...]]]]) -> None:
+    """Markdown rows ``| layer | name | mean ± sd of each column |`` of {layer: {name: [per-seed tuple]}}."""
+    for layer, rows in table.items():
+        for name, values in rows.items():
+            print(f"| {layer} | {name} | " + " | ".join(mean_sd(list(c)) for c in np.array(values).T) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

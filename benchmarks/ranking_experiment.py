@@ -32,12 +32,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from demo_folder import DemoFolder  # benchmarks/ is on the path when a script in it runs
-from evaluate_demo import mean_sd
+from evaluate_demo import print_mean_sd_rows
 from fresh_seeds import LAYERS
 from lavise.embeddings import Vocabulary, WordVectors, load_word_vectors
 from lavise.evaluate import Evaluation, evaluate, score_filters
@@ -160,10 +159,7 @@ def main() -> None:
     print(f"\nRecall, mean ± sd over seeds {args.seeds}, explainer {args.explainer}\n")
     print("| layer | ranking | seen R@5 | seen R@10 | seen R@20 | all R@5 | unseen R@20 |")
     print("|---|---|---|---|---|---|---|")
-    for layer, rows in table.items():
-        for name, values in rows.items():
-            columns = np.array(values).T
-            print(f"| {layer} | {name} | " + " | ".join(mean_sd(list(c)) for c in columns) + " |")
+    print_mean_sd_rows(table)
 
 
 if __name__ == "__main__":

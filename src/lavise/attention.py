@@ -65,11 +65,12 @@ def masks_to_grid(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 def masked_mean(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Global average pool of F ⊙ M: the explainer's input for each (image, mask) pair.
+    """Global average pool of F ⊙ M: the explainer's input for each (image, mask) pair,
+    or for each of several masks per image.
 
-    (n, d, h, w), (n, h, w) -> (n, d)
+    (n, d, h, w), (n, h, w) -> (n, d); (n, d, h, w), (n, k, h, w) -> (n, k, d)
     """
-    return torch.einsum("ndhw,nhw->nd", maps, masks.to(maps.dtype)) / (maps.shape[-2] * maps.shape[-1])
+    return torch.einsum("ndhw,n...hw->n...d", maps, masks.to(maps.dtype)) / (maps.shape[-2] * maps.shape[-1])
 
 
 def region_mean(maps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -176,6 +176,18 @@ def _usable(items, dataset, skipped: SkipLog) -> list:
     return good
 
 
+def _reference_maps(model: TargetModel, layer: str, dataset: ReferenceDataset, skipped: SkipLog, *,
+                    description: str, batch_size: int, num_workers: int, device: str, progress: bool):
+    """(usable items, their (n, d, h, w) maps on the device) per batch; the rest counted in ``skipped``."""
+    torch_device = resolve_device(device)
+    module = model.module.to(torch_device)
+    with layer_reader(module, layer) as read, torch.inference_mode():
+        for items in _batches(dataset, model.preprocessing, True, batch_size, num_workers, description, progress):
+            good = _usable(items, dataset, skipped)
+            if good:
+                yield good, read(torch.stack([it.image for it in good]).to(torch_device)).float()
+
+
 def reference_thresholds(
     model: TargetModel,
     layer: str,
@@ -199,19 +211,13 @@ def reference_thresholds(
     path = cache_dir / f"thresholds-{key[:24]}.safetensors" if cache_dir else None
     if path is not None and (hit := load_cached(path, key)) is not None:
         return hit[0]["thresholds"]
-    torch_device = resolve_device(device)
-    module = model.module.to(torch_device)
     tally, skipped = None, SkipLog()
     skipped.merge(dataset.skipped)
-    with layer_reader(module, layer) as read, torch.inference_mode():
-        for items in _batches(dataset, model.preprocessing, True, batch_size, num_workers, "reference thresholds", progress):
-            good = _usable(items, dataset, skipped)
-            if not good:
-                continue
-            maps = read(torch.stack([it.image for it in good]).to(torch_device)).float()
-            if tally is None:
-                tally = ThresholdTally(quantile, len(dataset) * maps.shape[2] * maps.shape[3])
-            tally.add(maps)
+    for _, maps in _reference_maps(model, layer, dataset, skipped, description="reference thresholds",
+                                   batch_size=batch_size, num_workers=num_workers, device=device, progress=progress):
+        if tally is None:
+            tally = ThresholdTally(quantile, len(dataset) * maps.shape[2] * maps.shape[3])
+        tally.add(maps)
     if tally is None:
         raise_no_usable("reference", dataset, skipped)
     thresholds = tally.thresholds().cpu()
@@ -263,47 +269,38 @@ def reference_features(
         )
     skipped = SkipLog()
     skipped.merge(dataset.skipped)
-    torch_device = resolve_device(device)
-    module = model.module.to(torch_device)
     vectors, concepts, images, areas, regional = [], [], [], [], []
     grid = None
 
-    def keep_rows(pooled, area, concept_ids, image_ids, is_regional):
-        vectors.append(pooled)
-        areas.append(area)
-        concepts.append(concept_ids)
-        images.append(image_ids)
-        regional.append(torch.full((len(concept_ids),), is_regional))
+    def keep_rows(masks, pair_maps, pair_concepts, pair_images, is_regional):
+        """Pool under (P, h, w) or (P, k, h, w) masks; a mask of zero area gives no row."""
+        pooled = masked_mean(pair_maps, masks).cpu().reshape(-1, pair_maps.shape[1])
+        area = masks.flatten(-2).mean(dim=-1).cpu().flatten()
+        copies = area.numel() // len(pair_concepts)  # k masks per pair, pair-major
+        found = area > 0
+        vectors.append(pooled[found])
+        areas.append(area[found])
+        concepts.append(pair_concepts.repeat_interleave(copies)[found])
+        images.append(pair_images.repeat_interleave(copies)[found])
+        regional.append(torch.full((int(found.sum()),), is_regional))
 
-    with layer_reader(module, layer) as read, torch.inference_mode():
-        for items in _batches(dataset, model.preprocessing, True, batch_size, num_workers, "reference features", progress):
-            good = _usable(items, dataset, skipped)
-            if not good:
-                continue
-            maps = read(torch.stack([it.image for it in good]).to(torch_device)).float()
-            grid = tuple(maps.shape[-2:])
-            pairs = [(n, concept) for n, it in enumerate(good) for concept in it.concepts]
-            owner = torch.tensor([n for n, _ in pairs], device=torch_device)
-            cells = masks_to_grid(torch.cat([it.masks for it in good]).to(torch_device), grid)
-            empty = (cells.flatten(1).sum(dim=1) <= 0).cpu()
-            for row in empty.nonzero().flatten().tolist():
-                n, concept = pairs[row]
-                where = f"{dataset.image_path(good[n].index).name}:{dataset.concepts[concept]}"
-                skipped.add("concept masks of zero area after resize and crop", where)
-            keep = ~empty
-            pair_concepts = torch.tensor([concept for _, concept in pairs])
-            pair_images = torch.tensor([good[n].index for n, _ in pairs])
-            pair_maps = maps[owner]
-            pooled, area = masked_mean(pair_maps, cells).cpu(), cells.flatten(1).mean(dim=1).cpu()
-            keep_rows(pooled[keep], area[keep], pair_concepts[keep], pair_images[keep], False)
-            if thresholds is not None:
-                region = strongest_regions(pair_maps, cells, thresholds.to(torch_device), activation_regions)
-                k = region.shape[1]  # (P, k, h, w): k regions per pair, row-major below
-                pooled = (torch.einsum("pdhw,pkhw->pkd", pair_maps, region) / (grid[0] * grid[1])).cpu().flatten(0, 1)
-                area = region.flatten(2).mean(dim=2).cpu().flatten()
-                found = area > 0  # an empty region gives no row
-                keep_rows(pooled[found], area[found], pair_concepts.repeat_interleave(k)[found],
-                          pair_images.repeat_interleave(k)[found], True)
+    for good, maps in _reference_maps(model, layer, dataset, skipped, description="reference features",
+                                      batch_size=batch_size, num_workers=num_workers, device=device, progress=progress):
+        grid = tuple(maps.shape[-2:])
+        pairs = [(n, concept) for n, it in enumerate(good) for concept in it.concepts]
+        cells = masks_to_grid(torch.cat([it.masks for it in good]).to(maps.device), grid)
+        empty = (cells.flatten(1).sum(dim=1) <= 0).cpu()
+        for row in empty.nonzero().flatten().tolist():
+            n, concept = pairs[row]
+            where = f"{dataset.image_path(good[n].index).name}:{dataset.concepts[concept]}"
+            skipped.add("concept masks of zero area after resize and crop", where)
+        pair_maps = maps[torch.tensor([n for n, _ in pairs], device=maps.device)]
+        pair_concepts = torch.tensor([concept for _, concept in pairs])
+        pair_images = torch.tensor([good[n].index for n, _ in pairs])
+        keep_rows(cells, pair_maps, pair_concepts, pair_images, False)
+        if thresholds is not None:
+            regions = strongest_regions(pair_maps, cells, thresholds.to(maps.device), activation_regions)
+            keep_rows(regions, pair_maps, pair_concepts, pair_images, True)
     if not vectors or sum(len(v) for v in vectors) == 0:
         raise_no_usable("reference", dataset, skipped)
     result = ReferenceFeatures(
