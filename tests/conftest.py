@@ -148,6 +148,45 @@ def tiny_run(tmp_path: Path, tiny_model: TargetModel, coco: Path, compute):
     )
 
 
+# ---------------------------------------------------------------------------------------
+# Two groups of images and an explained run, for compare-groups and compare-models.
+
+RED, BLUE = (230, 30, 30), (30, 40, 230)
+
+
+def draw_disc_scene(path: Path, rng: np.random.Generator, colour) -> None:
+    """A noisy grey image with a coloured disc at a random place."""
+    canvas = np.full((64, 64, 3), 120, np.uint8) + rng.integers(0, 30, (64, 64, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0:64, 0:64]
+    cx, cy = rng.integers(14, 50, size=2)
+    canvas[(xx - cx) ** 2 + (yy - cy) ** 2 <= 100] = colour
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).save(path)
+
+
+@pytest.fixture
+def grouped(tmp_path) -> Path:
+    """Group 'reds': 20 images, 16 with a red disc; group 'blues': 20, 16 with a blue disc."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "grouped"
+    for group, colour in (("reds", RED), ("blues", BLUE)):
+        for i in range(20):
+            draw_disc_scene(root / group / f"{i:02d}.png", rng, colour if i < 16 else (120, 120, 120))
+    return root
+
+
+@pytest.fixture
+def explained(tiny_run, tiny_model, grouped, compute, tmp_path):
+    from lavise.explain import explain
+    from lavise.settings import ExplainSettings
+
+    explain(tiny_run, grouped, settings=ExplainSettings(top_images=5, vocabulary_size=500), compute=compute,
+            model=tiny_model, cache_dir=tmp_path / "cache")
+    return tiny_run
+
+
+
+
 def pytest_configure(config):
     # pycocotools' mask decoder trips a NumPy 2 deprecation on every mask; it is not ours.
     config.addinivalue_line(

@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lavise.bias_demo import BiasDemoSettings, run_bias_demo
+from lavise.demos.bias import run_bias_demo
 from lavise.cli import main
 from lavise.datasets import LaviseWarning
 from lavise.errors import LaviseError
-from lavise.groups import GroupSettings, compare_groups
-from lavise.scene_cnn import train_group_classifier
-from lavise.settings import ComputeSettings
+from lavise.demos.scene_training import train_group_classifier
+from lavise.groups import compare_groups
+from lavise.settings import BiasDemoSettings, ComputeSettings, GroupSettings, parse_group_bias
 from lavise.synthetic import SceneSettings, generate_scenes
-from lavise.synthetic.scenes import group_of_scene, parse_group_bias
+from lavise.synthetic.scenes import group_of_scene
 
 # --- planted bias in the scene generator ----------------------------------------------------
 

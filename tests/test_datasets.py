@@ -14,11 +14,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from lavise.attention import masks_to_grid
 from lavise.datasets import CocoDataset, FolderDataset, ImageFiles, open_reference
 from lavise.errors import LaviseError
-from lavise.features import preprocess_image, preprocess_masks
-from lavise.models import Preprocessing
+from lavise.models import Preprocessing, preprocess_image, preprocess_masks
+from lavise.regions import masks_to_grid
 
 WIDTH, HEIGHT = 40, 30
 

@@ -13,7 +13,7 @@ from lavise.datasets import BrodenDataset, load_rgb, open_reference
 from lavise.datasets.broden import label_masks
 from lavise.errors import LaviseError
 from lavise.features import reference_features
-from lavise.settings import ReferenceSettings
+from lavise.settings import ComputeSettings, ReferenceSettings
 
 CATEGORIES = ("color", "object", "part", "material", "scene", "texture")
 # number: (name, categories as label.csv writes them)
@@ -202,7 +202,8 @@ def test_reference_features_count_an_image_with_unnamed_labels(tmp_path, tiny_mo
     images = _images() + [{"name": "ade20k/ADE_train_2.jpg", "size": (48, 32), "maps": {"object": [unknown_map]}}]
     dataset = open_reference(write_broden(tmp_path / "broden", images) / "index.csv")
     assert isinstance(dataset, BrodenDataset)
-    features = reference_features(tiny_model, "features.3", dataset, cache_dir=None, num_workers=0, progress=False)
+    features = reference_features(tiny_model, "features.3", dataset, cache_dir=None,
+                                  compute=ComputeSettings(num_workers=0, progress=False), activation_regions=0)
     assert features.skipped.counts["images whose annotations do not fit"] == 1
     assert "no name in label.csv: 77" in features.skipped.examples["images whose annotations do not fit"][0]
     assert sorted(set(features.images.tolist())) == [0, 1]

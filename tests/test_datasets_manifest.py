@@ -12,6 +12,7 @@ from PIL import Image
 
 from lavise.datasets import ManifestDataset, load_rgb, open_reference
 from lavise.errors import LaviseError
+from lavise.settings import ComputeSettings
 from lavise.features import reference_features
 
 ROWS = [
@@ -147,7 +148,8 @@ def test_images_may_live_elsewhere_and_features_come_out(tmp_path, tiny_model):
         open_reference(manifest, images=root, settings=ReferenceSettings(class_names="imagenet"))
     dataset = open_reference(manifest, images=root)
     assert dataset.image_path(0) == root / "photos" / "wide.png"
-    features = reference_features(tiny_model, "features.3", dataset, cache_dir=None, num_workers=0, progress=False)
+    features = reference_features(tiny_model, "features.3", dataset, cache_dir=None,
+                                  compute=ComputeSettings(num_workers=0, progress=False), activation_regions=0)
     assert len(features.vectors) == 4 and not features.skipped  # (wide: kite, sky), (tall: kite, beach)
 
 

@@ -8,10 +8,11 @@ import warnings
 import torch
 
 from lavise.datasets import CocoDataset, LaviseWarning
-from lavise.demo import DemoSettings, run_demo
+from lavise.demos.demo import run_demo
+from lavise.demos.scene_training import train_scene_cnn
 from lavise.models import ModelSpec, layer_reader, load_target_model
-from lavise.scene_cnn import DEFAULT_LAYER, train_scene_cnn
-from lavise.settings import ComputeSettings
+from lavise.models.scene_cnn import DEFAULT_LAYER
+from lavise.settings import ComputeSettings, DemoSettings
 from lavise.synthetic import OPENMOJI_ATTRIBUTION, SceneSettings, generate_scenes
 
 SMALL = DemoSettings(reference_images=40, evaluation_images=12, concepts=10, scene_cnn_epochs=1, explainer_epochs=2)

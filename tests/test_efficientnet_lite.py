@@ -9,7 +9,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as transforms
 
-from lavise.efficientnet_lite import (
+from lavise.models.efficientnet_lite import (
     DEFAULT_LAYERS,
     PREPROCESSING,
     WeightsMismatchError,

@@ -96,7 +96,7 @@ def test_text_vectors_are_cached_and_refreshed(tmp_path):
     path.write_text(GLOVE_TEXT)
     cache = tmp_path / "cache"
     first = load_word_vectors(str(path), cache_dir=cache)
-    assert len(list(cache.glob("words-*.npy"))) == 1
+    assert len(list(cache.glob("words-*.npz"))) == 1
     again = load_word_vectors(str(path), cache_dir=cache)
     assert again.words == first.words and torch.equal(again.vectors, first.vectors)
     # the file changes: the cache is not used

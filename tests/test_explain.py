@@ -13,15 +13,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from lavise.attention import METHODS
 from lavise.datasets import LaviseWarning, load_rgb, open_reference
 from lavise.embeddings import load_word_vectors
 from lavise.errors import LaviseError
-from lavise.explain import explain, nearest_words, quantile_thresholds, rank_words, top_images
-from lavise.features import preprocess_image
-from lavise.models import Preprocessing, TargetModel, layer_reader
+from lavise.explain import explain, nearest_words, rank_words, top_images
+from lavise.models import Preprocessing, TargetModel, layer_reader, preprocess_image
+from lavise.regions import quantile_thresholds
 from lavise.runs import train
-from lavise.settings import ExplainSettings, TrainSettings
+from lavise.settings import METHODS, ExplainSettings, TrainSettings
 
 # Small vocabularies leave some concept names out; that warning is tested on its own.
 pytestmark = pytest.mark.filterwarnings("ignore:.*reference concepts are not in the vocabulary")

@@ -21,9 +21,8 @@ from lavise.datasets import LaviseWarning, load_rgb
 from lavise.errors import LaviseError
 from lavise.explain import explain
 from lavise.explainer import ExplainerHead
-from lavise.features import preprocess_image
-from lavise.models import Preprocessing, layer_reader
-from lavise.report import ReportSettings, write_report
+from lavise.models import Preprocessing, layer_reader, preprocess_image
+from lavise.report import write_report
 from lavise.report.thumbnails import (
     DIM,
     OUTLINE,
@@ -33,7 +32,7 @@ from lavise.report.thumbnails import (
     region_masks,
     region_outlines,
 )
-from lavise.settings import ExplainSettings, TrainSettings
+from lavise.settings import ExplainSettings, ReportSettings, TrainSettings
 from lavise.storage import save_tensors
 
 # Small vocabularies leave some concept names out; that warning is tested elsewhere.

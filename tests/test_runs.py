@@ -22,7 +22,7 @@ from lavise.explainer import ExplainerHead
 from lavise.features import reference_features
 from lavise.models import Preprocessing, TargetModel
 from lavise.runs import load_run, train
-from lavise.settings import ExplainSettings, TrainSettings
+from lavise.settings import ComputeSettings, ExplainSettings, TrainSettings
 from lavise.storage import cache_key, load_cached, save_tensors
 
 # Small vocabularies leave some concept names out; that warning is tested on its own.
@@ -31,6 +31,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*reference concepts are not in 
 # Whole masks only, so each training run reads the reference images once; the second
 # pass of activation-region training (for T_u) has its own cache test.
 ONE_EPOCH = TrainSettings(epochs=1, activation_regions=0)
+QUIET = ComputeSettings(num_workers=0, progress=False)
 
 
 class Forwards:
@@ -123,8 +124,8 @@ def test_unseen_concepts_are_never_training_targets(tmp_path, coco, tiny_model, 
     assert json.loads((run.path / "split.json").read_text())["unseen"] == unseen
     assert run.config["train"]["unseen_fraction"] == 0.5
 
-    features = reference_features(tiny_model, "features.3", open_reference(coco), cache_dir=tmp_path / "cache", num_workers=0,
-                                  progress=False, activation_regions=settings.activation_regions,
+    features = reference_features(tiny_model, "features.3", open_reference(coco), cache_dir=tmp_path / "cache", compute=QUIET,
+                                  activation_regions=settings.activation_regions,
                                   quantile=settings.region_quantile)
     names = [features.concept_names[c] for c in features.concepts.tolist()]
     is_seen = torch.tensor([n in seen for n in names])
@@ -304,7 +305,8 @@ def test_region_pooling_is_recorded_and_divides_by_the_mask_area(tmp_path, tiny_
     from lavise.settings import TrainSettings
 
     reference = open_reference(coco)
-    features = reference_features(tiny_model, "features.3", reference, cache_dir=tmp_path / "cache", num_workers=0, progress=False)
+    features = reference_features(tiny_model, "features.3", reference, cache_dir=tmp_path / "cache", compute=QUIET,
+                                  activation_regions=0)
     assert features.areas.shape == (len(features.vectors),) and (features.areas > 0).all()
     assert torch.allclose(features.pooled("region") * features.areas.unsqueeze(1), features.vectors, atol=1e-6)
     assert features.pooled("mean") is features.vectors
@@ -347,10 +349,9 @@ def test_a_run_from_before_pooling_was_recorded_reads_as_mean_pooling(tiny_run):
 
 def _literal_maps_and_masks(model, layer, dataset):
     """Each image's feature map and its concepts' coverage of the grid, one image at a time."""
-    from lavise.attention import masks_to_grid
     from lavise.datasets.base import load_rgb
-    from lavise.features import preprocess_image, preprocess_masks
-    from lavise.models import layer_reader
+    from lavise.models import layer_reader, preprocess_image, preprocess_masks
+    from lavise.regions import masks_to_grid
 
     out = []
     with layer_reader(model.module, layer) as read, torch.inference_mode():
@@ -365,13 +366,13 @@ def _literal_maps_and_masks(model, layer, dataset):
 def test_activation_region_rows_follow_their_definition(tmp_path, coco, tiny_model):
     """Extra rows: for each pair, the k filters most active inside the mask, pooled where they
     exceed T_u (over the reference images) inside it. Checked against a loop over images."""
-    from lavise.explain import quantile_thresholds
     from lavise.features import reference_thresholds
+    from lavise.regions import quantile_thresholds
 
     dataset, k, quantile = open_reference(coco), 2, 0.05
-    plain = reference_features(tiny_model, "features.3", dataset, cache_dir=None, num_workers=0, progress=False)
-    rich = reference_features(tiny_model, "features.3", dataset, cache_dir=tmp_path / "cache", num_workers=0,
-                              progress=False, activation_regions=k, quantile=quantile)
+    plain = reference_features(tiny_model, "features.3", dataset, cache_dir=None, compute=QUIET, activation_regions=0)
+    rich = reference_features(tiny_model, "features.3", dataset, cache_dir=tmp_path / "cache", compute=QUIET,
+                              activation_regions=k, quantile=quantile)
     whole = ~rich.regional
     assert rich.pairs == len(plain.vectors) and not plain.regional.any()
     for name in ("vectors", "areas", "concepts", "images"):  # the whole masks' rows are unchanged
@@ -379,7 +380,7 @@ def test_activation_region_rows_follow_their_definition(tmp_path, coco, tiny_mod
 
     literal = _literal_maps_and_masks(tiny_model, "features.3", dataset)
     thresholds = quantile_thresholds(torch.stack([fm for _, fm, _, _ in literal]), quantile)
-    got = reference_thresholds(tiny_model, "features.3", dataset, quantile, cache_dir=None, num_workers=0, progress=False)
+    got = reference_thresholds(tiny_model, "features.3", dataset, quantile, cache_dir=None, compute=QUIET)
     torch.testing.assert_close(got, thresholds)
 
     expected: dict[tuple[int, int], list[torch.Tensor]] = {}
@@ -420,7 +421,7 @@ def test_training_with_activation_regions_records_its_rows(tmp_path, coco, tiny_
     assert run.config["training_rows"] == len(captured["vectors"]) > 48
     assert load_run(run.path).train_settings.activation_regions == 3
     features = reference_features(tiny_model, "features.3", open_reference(coco), cache_dir=tmp_path / "cache",
-                                  num_workers=0, progress=False, activation_regions=3)
+                                  compute=QUIET, activation_regions=3)
     torch.testing.assert_close(captured["vectors"], features.pooled("region"))
     torch.testing.assert_close(captured["groups"], features.images)  # regions stay with their image's split
 
@@ -431,5 +432,5 @@ def test_training_with_activation_regions_records_its_rows(tmp_path, coco, tiny_
     assert load_run(run.path).train_settings.activation_regions == 0
 
     with pytest.raises(LaviseError, match="activation_regions must be 0 or more"):
-        reference_features(tiny_model, "features.3", open_reference(coco), cache_dir=None, num_workers=0,
-                           progress=False, activation_regions=-1)
+        reference_features(tiny_model, "features.3", open_reference(coco), cache_dir=None, compute=QUIET,
+                           activation_regions=-1)

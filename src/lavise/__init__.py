@@ -1,4 +1,4 @@
-"""lavise: explain in words what each filter of a convolutional network has learned.
+"""lavise: explain in words what each filter of a trained vision network has learned.
 
 Example:
     >>> import lavise
@@ -6,27 +6,31 @@ Example:
     ['activation', 'attention', 'cosine-attention', 'original']
 """
 
-__version__ = "0.4.0"  # before the imports: lavise.runs records it
-
-from lavise.attention import METHODS
+from lavise._version import __version__
+from lavise.compare_models import compare_models
 from lavise.datasets import (
-    BrodenDataset, CocoDataset, FolderDataset, ImageFiles, LaviseWarning, ManifestDataset, ReferenceSettings,
-    VisualGenomeDataset, open_reference,
+    BrodenDataset, CocoDataset, FolderDataset, ImageFiles, ManifestDataset, VisualGenomeDataset, open_reference,
 )
 from lavise.embeddings import WordVectors, load_word_vectors
-from lavise.errors import LaviseError
+from lavise.errors import LaviseError, LaviseWarning
+from lavise.evaluate import Evaluation, evaluate
 from lavise.explain import Explanations, FilterExplanation, explain
-from lavise.groups import GroupSettings, ModelComparisonSettings, compare_groups, compare_models
+from lavise.groups import compare_groups
 from lavise.models import ModelSpec, Preprocessing, TargetModel, load_target_model
-from lavise.report import ReportSettings, write_report
+from lavise.report import write_report
 from lavise.runs import Run, load_run, train
-from lavise.settings import ComputeSettings, ExplainSettings, TrainSettings
+from lavise.settings import (
+    METHODS, ComputeSettings, EvaluateSettings, ExplainSettings, GroupSettings, ModelComparisonSettings,
+    ReferenceSettings, ReportSettings, TrainSettings,
+)
 
 __all__ = [
     "METHODS",
     "BrodenDataset",
     "CocoDataset",
     "ComputeSettings",
+    "EvaluateSettings",
+    "Evaluation",
     "ExplainSettings",
     "Explanations",
     "FilterExplanation",
@@ -46,8 +50,10 @@ __all__ = [
     "TrainSettings",
     "VisualGenomeDataset",
     "WordVectors",
+    "__version__",
     "compare_groups",
     "compare_models",
+    "evaluate",
     "explain",
     "load_run",
     "load_target_model",

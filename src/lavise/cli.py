@@ -1,4 +1,10 @@
-"""The `lavise` command: a thin layer over the Python API."""
+"""The `lavise` command: a thin layer over the Python API.
+
+Every subcommand is a pair of functions, ``_add_NAME(parser)`` for its options and
+``_NAME(args)`` for what it runs, listed once in :data:`COMMANDS`. Options of a stage
+come from its settings dataclass (:mod:`lavise.settings`), so their defaults and help
+are defined there. Heavy modules are imported inside the handlers, so ``--help`` is fast.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,13 @@ import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from lavise.embeddings import BUILTIN_GLOVE
 from lavise.errors import LaviseError
-from lavise.demo import DemoSettings
-from lavise.settings import ComputeSettings, ExplainSettings, TrainSettings
-from lavise.synthetic import SceneSettings
+from lavise.settings import (
+    REFERENCE_FORMATS, VOCABULARY_SIZE, BiasDemoSettings, ComputeSettings, DemoSettings, EvaluateSettings,
+    ExplainSettings, GroupSettings, ModelComparisonSettings, ReferenceSettings, ReportSettings, SceneSettings,
+    TrainSettings,
+)
 
 
 def _add_settings(parser: argparse.ArgumentParser, settings_type, title: str, exclude: tuple[str, ...] = ()) -> None:
@@ -45,83 +54,35 @@ def _settings(args: argparse.Namespace, settings_type):
     return settings_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lavise",
-        description="Explain in words what each filter of a CNN layer has learned (LaViSE).",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _add_reference(parser: argparse.ArgumentParser, option: str, what: str) -> None:
+    """``--OPTION``, ``--OPTION-images`` and ``--OPTION-format`` of a dataset in any reference format."""
+    parser.add_argument(f"--{option}", required=True, type=Path,
+                        help=f"{what}: COCO instances JSON, Visual Genome or Broden folder, manifest (.csv/.jsonl), "
+                             "or a folder with one sub-folder per class (see docs/datasets.md)")
+    parser.add_argument(f"--{option}-images", type=Path, default=None,
+                        help="image folder of a COCO (default: 'images' beside the JSON), Visual Genome "
+                             "(holding VG_100K/; default: the dataset folder) or manifest dataset")
+    parser.add_argument(f"--{option}-format", choices=REFERENCE_FORMATS, default=None, help=f"default: guessed from --{option}")
 
-    train = commands.add_parser("train", help="train an explainer for one layer on reference data")
+
+# --- train, explain, layers -----------------------------------------------------------
+
+
+def _add_train(train: argparse.ArgumentParser) -> None:
     train.add_argument("--model", default="resnet18", help="torchvision model name, or efficientnet_lite0 (default: resnet18)")
     train.add_argument("--weights", default=None, help="weight name, e.g. IMAGENET1K_V1 (default: random initialisation)")
     train.add_argument("--checkpoint", default=None, help="local state_dict file to load into the model")
     train.add_argument("--layer", required=True, help="dotted path of the layer, e.g. layer4 or features.28")
-    from lavise.datasets import REFERENCE_FORMATS, ReferenceSettings
-
-    train.add_argument("--reference", required=True, type=Path,
-                       help="COCO instances JSON, Visual Genome or Broden folder, manifest (.csv/.jsonl), "
-                            "or a folder with one sub-folder per class (see docs/datasets.md)")
-    train.add_argument("--reference-images", type=Path, default=None,
-                       help="image folder of a COCO (default: 'images' beside the JSON), Visual Genome "
-                            "(holding VG_100K/; default: the dataset folder) or manifest reference")
-    train.add_argument("--reference-format", choices=REFERENCE_FORMATS, default=None, help="default: guessed from --reference")
+    _add_reference(train, "reference", "reference data with concept masks")
     _add_settings(train, ReferenceSettings, "reference data")
-    train.add_argument("--word-vectors", default="glove-6b-50d", help="glove-6b-50d (built in) or a GloVe/word2vec text file")
+    train.add_argument("--word-vectors", default=BUILTIN_GLOVE, help=f"{BUILTIN_GLOVE} (built in) or a GloVe/word2vec text file")
     train.add_argument("--out", required=True, type=Path, help="run directory to write")
     _add_settings(train, TrainSettings, "training")
     _add_compute(train)
 
-    explain = commands.add_parser("explain", help="name every filter of a trained run from unlabelled images")
-    explain.add_argument("run", type=Path, metavar="RUN_DIR", help="a directory written by 'lavise train'")
-    explain.add_argument("--target", required=True, type=Path, help="folder of target images (searched recursively)")
-    _add_settings(explain, ExplainSettings, "explanation")
-    _add_compute(explain)
-
-    demo = commands.add_parser("demo", help="the built-in demo: planted-concept scenes, two real targets, offline")
-    demo.add_argument("--out", type=Path, default=Path("lavise-demo"), help="output folder (default: lavise-demo)")
-    _add_settings(demo, DemoSettings, "demo")
-    _add_settings(demo, ComputeSettings, "compute")
-
-    synth = commands.add_parser("synth", help="generate planted-concept scenes in COCO format")
-    synth.add_argument("--out", type=Path, required=True, help="output folder (images/, annotations.json, split.json)")
-    synth.add_argument("--part", choices=("reference", "evaluation"), default="reference",
-                       help="reference: seen concepts only (for training); evaluation: all concepts")
-    synth.add_argument("--vocabulary-size", type=int, default=20_000,
-                       help="only concepts among the N most frequent clean GloVe words (0: any; default: 20000)")
-    _add_settings(synth, SceneSettings, "scenes")
-
-    layers = commands.add_parser("layers", help="list a model's layers with their output shapes")
-    layers.add_argument("model", help="torchvision model name, or efficientnet_lite0")
-
-    for name, handler in (("train", _train), ("explain", _explain), ("demo", _demo), ("synth", _synth), ("layers", _layers)):
-        commands.choices[name].set_defaults(handler=handler)
-    # Commands of the analysis modules: each adds its parser and sets its own handler.
-    _add_groups_commands(commands)
-    _add_report_commands(commands)
-    _add_evaluate_commands(commands)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    warnings.showwarning = _show_warning
-    try:
-        return args.handler(args)
-    except LaviseError as error:
-        print(f"lavise: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("lavise: interrupted", file=sys.stderr)
-        return 130
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"lavise: warning: {message}", file=sys.stderr)
-
 
 def _train(args: argparse.Namespace) -> int:
-    from lavise.datasets import ReferenceSettings, open_reference
+    from lavise.datasets import open_reference
     from lavise.models import ModelSpec
     from lavise.runs import train
 
@@ -152,6 +113,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_explain(explain: argparse.ArgumentParser) -> None:
+    explain.add_argument("run", type=Path, metavar="RUN_DIR", help="a directory written by 'lavise train'")
+    explain.add_argument("--target", required=True, type=Path, help="folder of target images (searched recursively)")
+    _add_settings(explain, ExplainSettings, "explanation")
+    _add_compute(explain)
+
+
 def _explain(args: argparse.Namespace) -> int:
     from lavise.explain import explain
 
@@ -180,21 +148,8 @@ def print_summary(explanations, examples: int = 8) -> None:
         print(f"Written: {explanations.path} and {explanations.path.with_suffix('.csv')}")
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from lavise.demo import run_demo
-
-    run_demo(args.out, _settings(args, DemoSettings), _settings(args, ComputeSettings))
-    return 0
-
-
-def _synth(args: argparse.Namespace) -> int:
-    from lavise.embeddings import load_word_vectors
-    from lavise.synthetic import generate_scenes
-
-    allowed = load_word_vectors().vocabulary(size=args.vocabulary_size).words if args.vocabulary_size else None
-    out = generate_scenes(args.out, _settings(args, SceneSettings), part=args.part, allowed_words=allowed)
-    print(f"Scenes written to {out} (annotations.json, images/, split.json)")
-    return 0
+def _add_layers(layers: argparse.ArgumentParser) -> None:
+    layers.add_argument("model", help="torchvision model name, or efficientnet_lite0")
 
 
 def _layers(args: argparse.Namespace) -> int:
@@ -206,17 +161,12 @@ def _layers(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_evaluate_commands(commands) -> None:
-    from lavise.datasets import REFERENCE_FORMATS, ReferenceSettings
-    from lavise.settings import EvaluateSettings
+# --- evaluate, report ------------------------------------------------------------------
 
-    evaluate = commands.add_parser(
-        "evaluate", help="score explanations against annotated images: IoU ground truth, recall@k, baselines, NetDissect"
-    )
+
+def _add_evaluate(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR", help="trained runs (several layers at once)")
-    evaluate.add_argument("--dataset", required=True, type=Path, help="annotated evaluation images: COCO JSON or any reference format")
-    evaluate.add_argument("--dataset-images", type=Path, default=None, help="image folder of a COCO dataset (default: 'images' beside the JSON)")
-    evaluate.add_argument("--dataset-format", choices=REFERENCE_FORMATS, default=None, help="default: guessed from --dataset")
+    _add_reference(evaluate, "dataset", "annotated evaluation images")
     evaluate.add_argument("--out", type=Path, default=None, help="also save the combined Markdown table of all runs here")
     evaluate.add_argument("--annotated-fractions", type=float, nargs="+", default=None, metavar="F",
                           help="Figure 7: retrain with these shares of reference concepts annotated and score unseen concepts")
@@ -226,14 +176,13 @@ def _add_evaluate_commands(commands) -> None:
     _add_settings(evaluate, EvaluateSettings, "evaluation")
     _add_settings(evaluate, ExplainSettings, "explanation", exclude=("method",))
     _add_compute(evaluate)
-    evaluate.set_defaults(handler=_evaluate)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from lavise.datasets import ReferenceSettings, open_reference
-    from lavise.evaluate import annotated_fraction_sweep, evaluate, markdown_table
-    from lavise.settings import EvaluateSettings
+    from lavise.datasets import open_reference
+    from lavise.evaluate import evaluate, markdown_table
     from lavise.storage import atomic_path
+    from lavise.sweep import annotated_fraction_sweep
 
     if args.annotated_fractions and args.sweep_reference is None:
         raise LaviseError("--annotated-fractions retrains the explainer: pass its reference data with --sweep-reference.")
@@ -268,10 +217,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_report_commands(commands) -> None:
-    from lavise.report import ReportSettings
-
-    report = commands.add_parser("report", help="write an HTML report to browse every filter with its images, words and scores")
+def _add_report(report: argparse.ArgumentParser) -> None:
     report.add_argument("run", type=Path, metavar="RUN_DIR", help="a run directory after 'lavise explain'")
     report.add_argument("--out", type=Path, default=None, help="report folder (default: RUN_DIR/report)")
     report.add_argument("--target", type=Path, default=None,
@@ -280,11 +226,10 @@ def _add_report_commands(commands) -> None:
     report.add_argument("--groups", type=Path, default=None, help="a groups.json (default: the run's, if any)")
     _add_settings(report, ReportSettings, "report")
     _add_compute(report)
-    report.set_defaults(handler=_report)
 
 
 def _report(args: argparse.Namespace) -> int:
-    from lavise.report import ReportSettings, write_report
+    from lavise.report import write_report
 
     index = write_report(
         args.run, out=args.out, settings=_settings(args, ReportSettings), compute=_settings(args, ComputeSettings),
@@ -295,11 +240,10 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_groups_commands(commands) -> None:
-    from lavise.bias_demo import BiasDemoSettings
-    from lavise.groups import GroupSettings, ModelComparisonSettings
+# --- compare-groups, compare-models ----------------------------------------------------
 
-    groups = commands.add_parser("compare-groups", help="find the filters and concepts that tell groups of images apart")
+
+def _add_compare_groups(groups: argparse.ArgumentParser) -> None:
     groups.add_argument("run", type=Path, metavar="RUN_DIR", help="a run directory after 'lavise explain'")
     groups.add_argument("--target", required=True, type=Path, help="folder holding the images of every group")
     groups.add_argument("--groups", type=Path, default=None,
@@ -307,26 +251,10 @@ def _add_groups_commands(commands) -> None:
     groups.add_argument("--out", type=Path, default=None, help="folder for groups.json/.csv/.png (default: RUN_DIR)")
     _add_settings(groups, GroupSettings, "group comparison")
     _add_compute(groups)
-    groups.set_defaults(handler=_compare_groups)
-
-    models = commands.add_parser("compare-models", help="compare the concepts two explained runs' filters are named by")
-    models.add_argument("runs", type=Path, nargs=2, metavar="RUN_DIR", help="two run directories after 'lavise explain'")
-    models.add_argument("--out", required=True, type=Path, help="folder for models.json and models.csv")
-    models.add_argument("--target", type=Path, default=None,
-                        help="images to match filters on by peak-activation correlation (default: match by words)")
-    _add_settings(models, ModelComparisonSettings, "model comparison")
-    _add_compute(models)
-    models.set_defaults(handler=_compare_models)
-
-    demo = commands.add_parser("demo-bias", help="plant a bias in two groups of scenes and find it without labels")
-    demo.add_argument("--out", type=Path, default=Path("lavise-bias-demo"), help="output folder (default: lavise-bias-demo)")
-    _add_settings(demo, BiasDemoSettings, "planted-bias demo")
-    _add_settings(demo, ComputeSettings, "compute")
-    demo.set_defaults(handler=_demo_bias)
 
 
 def _compare_groups(args: argparse.Namespace) -> int:
-    from lavise.groups import GroupSettings, compare_groups, format_comparison
+    from lavise.groups import compare_groups, format_comparison
 
     comparison = compare_groups(
         args.run, args.target, args.groups, settings=_settings(args, GroupSettings),
@@ -337,8 +265,17 @@ def _compare_groups(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compare_models(models: argparse.ArgumentParser) -> None:
+    models.add_argument("runs", type=Path, nargs=2, metavar="RUN_DIR", help="two run directories after 'lavise explain'")
+    models.add_argument("--out", required=True, type=Path, help="folder for models.json and models.csv")
+    models.add_argument("--target", type=Path, default=None,
+                        help="images to match filters on by peak-activation correlation (default: match by words)")
+    _add_settings(models, ModelComparisonSettings, "model comparison")
+    _add_compute(models)
+
+
 def _compare_models(args: argparse.Namespace) -> int:
-    from lavise.groups import ModelComparisonSettings, compare_models
+    from lavise.compare_models import compare_models
 
     comparison = compare_models(
         *args.runs, settings=_settings(args, ModelComparisonSettings), target=args.target,
@@ -358,11 +295,98 @@ def _compare_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- demos and scenes ------------------------------------------------------------------
+
+
+def _add_demo(demo: argparse.ArgumentParser) -> None:
+    demo.add_argument("--out", type=Path, default=Path("lavise-demo"), help="output folder (default: lavise-demo)")
+    _add_settings(demo, DemoSettings, "demo")
+    _add_settings(demo, ComputeSettings, "compute")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from lavise.demos.demo import run_demo
+
+    run_demo(args.out, _settings(args, DemoSettings), _settings(args, ComputeSettings))
+    return 0
+
+
+def _add_demo_bias(demo: argparse.ArgumentParser) -> None:
+    demo.add_argument("--out", type=Path, default=Path("lavise-bias-demo"), help="output folder (default: lavise-bias-demo)")
+    _add_settings(demo, BiasDemoSettings, "planted-bias demo")
+    _add_settings(demo, ComputeSettings, "compute")
+
+
 def _demo_bias(args: argparse.Namespace) -> int:
-    from lavise.bias_demo import BiasDemoSettings, run_bias_demo
+    from lavise.demos.bias import run_bias_demo
 
     run_bias_demo(args.out, _settings(args, BiasDemoSettings), _settings(args, ComputeSettings))
     return 0
+
+
+def _add_synth(synth: argparse.ArgumentParser) -> None:
+    synth.add_argument("--out", type=Path, required=True, help="output folder (images/, annotations.json, split.json)")
+    synth.add_argument("--part", choices=("reference", "evaluation"), default="reference",
+                       help="reference: seen concepts only (for training); evaluation: all concepts")
+    synth.add_argument("--vocabulary-size", type=int, default=VOCABULARY_SIZE,
+                       help=f"only concepts among the N most frequent clean GloVe words (0: any; default: {VOCABULARY_SIZE})")
+    _add_settings(synth, SceneSettings, "scenes")
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from lavise.embeddings import load_word_vectors
+    from lavise.synthetic import generate_scenes
+
+    allowed = load_word_vectors().vocabulary(size=args.vocabulary_size).words if args.vocabulary_size else None
+    out = generate_scenes(args.out, _settings(args, SceneSettings), part=args.part, allowed_words=allowed)
+    print(f"Scenes written to {out} (annotations.json, images/, split.json)")
+    return 0
+
+
+# (name, help, add the options, run)
+COMMANDS = (
+    ("train", "train an explainer for one layer on reference data", _add_train, _train),
+    ("explain", "name every filter of a trained run from unlabelled images", _add_explain, _explain),
+    ("evaluate", "score explanations against annotated images: IoU ground truth, recall@k, baselines, NetDissect",
+     _add_evaluate, _evaluate),
+    ("report", "write an HTML report to browse every filter with its images, words and scores", _add_report, _report),
+    ("compare-groups", "find the filters and concepts that tell groups of images apart", _add_compare_groups, _compare_groups),
+    ("compare-models", "compare the concepts two explained runs' filters are named by", _add_compare_models, _compare_models),
+    ("layers", "list a model's layers with their output shapes", _add_layers, _layers),
+    ("demo", "the built-in demo: planted-concept scenes, two real targets, offline", _add_demo, _demo),
+    ("demo-bias", "plant a bias in two groups of scenes and find it without labels", _add_demo_bias, _demo_bias),
+    ("synth", "generate planted-concept scenes in COCO format", _add_synth, _synth),
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lavise",
+        description="Explain in words what each filter of a CNN layer has learned (LaViSE).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text, add_options, handler in COMMANDS:
+        command = commands.add_parser(name, help=help_text)
+        add_options(command)
+        command.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    warnings.showwarning = _show_warning
+    try:
+        return args.handler(args)
+    except LaviseError as error:
+        print(f"lavise: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lavise: interrupted", file=sys.stderr)
+        return 130
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"lavise: warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

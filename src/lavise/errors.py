@@ -1,4 +1,4 @@
-"""The one exception type for problems with what the user gave us."""
+"""What lavise raises and warns about when the user's input is the problem."""
 
 
 class LaviseError(Exception):
@@ -6,3 +6,7 @@ class LaviseError(Exception):
 
     The command line prints it without a traceback and exits with status 2.
     """
+
+
+class LaviseWarning(UserWarning):
+    """Something in the data was skipped; the message says what and how many."""

@@ -1,31 +1,34 @@
 """Naming filters: thresholds, top images, explainer inputs, nearest words, ranking.
 
 For each filter u: its p most activated target images; on each, the explainer input
-for u (see :mod:`lavise.attention`), the explainer's output, and its s nearest words;
-the s·p words ranked (:func:`rank_words`); the top x reported.
+for u (see :mod:`lavise.inputs`), the explainer's output (:func:`explainer_outputs`),
+and its s nearest words; the s·p words ranked (:func:`rank_words`); the top x reported.
+:func:`explain` writes them into the run as ``explanations.json`` and ``.csv``.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lavise.attention import METHODS, explainer_inputs, quantile_thresholds  # noqa: F401 (part of this module's API)
-from lavise.datasets.base import ImageFiles, LaviseWarning
+from lavise.compute import cpu_threads, resolve_device
+from lavise.datasets.base import ImageFiles, relative_name
 from lavise.embeddings import load_word_vectors
-from lavise.errors import LaviseError
-from lavise.features import cpu_threads, resolve_device, target_features
+from lavise.errors import LaviseError, LaviseWarning
+from lavise.features import target_features
+from lavise.inputs import explainer_inputs
 from lavise.models import TargetModel
-from lavise.runs import Run, load_run
-from lavise.settings import RANKINGS, ComputeSettings, ExplainSettings
-from lavise.storage import default_cache_dir, save_tensors, write_csv, write_json
+from lavise.regions import peak_activations, quantile_thresholds
+from lavise.runs import Run, as_run
+from lavise.settings import METHODS, RANKINGS, ComputeSettings, ExplainSettings
+from lavise.storage import cache_folder, read_json, save_tensors, write_csv, write_json
 
 
 def top_images(maps: torch.Tensor, count: int) -> torch.Tensor:
@@ -33,8 +36,7 @@ def top_images(maps: torch.Tensor, count: int) -> torch.Tensor:
 
     (N, d, h, w) -> (d, count) image indices, most activated first
     """
-    peaks = maps.flatten(2).amax(dim=2)  # (N, d)
-    return torch.topk(peaks.T, count, dim=1).indices
+    return torch.topk(peak_activations(maps).T, count, dim=1).indices
 
 
 def nearest_words(
@@ -151,15 +153,15 @@ def explain(
     Writes ``thresholds.safetensors``, ``explanations.json`` and ``explanations.csv``
     into the run directory (unless ``write`` is false).
     """
-    with cpu_threads(compute.threads, compute.num_workers):
+    with cpu_threads(compute):
         if settings.method not in METHODS:
             raise LaviseError(f"Unknown method '{settings.method}'; valid: {', '.join(METHODS)}.")
         for name in ("top_images", "words_per_image", "top_words"):
             if getattr(settings, name) < 1:
                 raise LaviseError(f"{name} must be at least 1, got {getattr(settings, name)}.")
-        run = run if isinstance(run, Run) else load_run(run)
+        run = as_run(run)
         images = target if isinstance(target, ImageFiles) else ImageFiles(Path(target))
-        cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        cache_dir = cache_folder(cache_dir)
         target_model = run.target_model(model)
 
         vocabulary = load_word_vectors(run.config["word_vectors"], cache_dir=cache_dir).vocabulary(
@@ -177,17 +179,10 @@ def explain(
         if settings.words_per_image > len(vocabulary):
             raise LaviseError(f"words_per_image={settings.words_per_image} exceeds the vocabulary ({len(vocabulary)} words).")
 
-        features = target_features(
-            target_model, run.layer, images, cache_dir=cache_dir, batch_size=compute.batch_size,
-            num_workers=compute.num_workers, device=compute.device, progress=compute.progress,
-        )
+        features = target_features(target_model, run.layer, images, cache_dir=cache_dir, compute=compute)
         features.skipped.warn(f"target {images.root}")
         maps = features.maps
-        if tuple(maps.shape[1:2]) != tuple(run.config["feature_shape"][:1]):
-            raise LaviseError(
-                f"Layer '{run.layer}' gives {maps.shape[1]} filters on the target images but the run "
-                f"was trained with {run.config['feature_shape'][0]}: is it the same model?"
-            )
+        run.check_filters(maps.shape[1], "the target images")
         per_filter = settings.top_images
         if per_filter > len(maps):
             warnings.warn(
@@ -214,7 +209,7 @@ def explain(
                 filter=u,
                 words=[{"word": vocabulary.words[r.word], "count": r.count, "first": r.first} for r in ranked[u]]
                 if active[u] else [],
-                top_images=[_relative(features.paths[i], root) for i in chosen[u].tolist()],
+                top_images=[relative_name(features.paths[i], root) for i in chosen[u].tolist()],
                 threshold=float(thresholds[u]),
                 active=bool(active[u]),
             )
@@ -251,9 +246,11 @@ PairInputs = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def feature_inputs(
-    method: str, maps: torch.Tensor, thresholds: torch.Tensor, device: torch.device, pooling: str = "mean"
+    method: str, maps: torch.Tensor, thresholds: torch.Tensor, device: torch.device, pooling: str
 ) -> PairInputs:
-    """The explainer inputs of (filter, image) pairs computed from the cached feature maps.
+    """The explainer inputs of (filter, image) pairs computed from feature maps held in memory.
+
+    ``pooling`` is the run's (``Run.pooling``).
 
     (n,) filters, (n,) image rows -> (n, d) on ``device``
     """
@@ -263,6 +260,42 @@ def feature_inputs(
         return explainer_inputs(method, maps[rows].to(device), filters.to(device), thresholds, pooling)
 
     return inputs
+
+
+def _output_chunks(
+    head: torch.nn.Module, pair_inputs: PairInputs, filters: torch.Tensor, rows: torch.Tensor, *,
+    device: torch.device, chunk: int, progress: bool,
+) -> Iterator[torch.Tensor]:
+    """The explainer's outputs for the pairs (filters[i], rows[i]), ``chunk`` pairs at a time, on ``device``."""
+    head = head.to(device).eval()
+    for start in tqdm(range(0, len(filters), chunk), desc="naming filters", unit="batch", disable=not progress):
+        yield _head_outputs(head, pair_inputs, filters[start : start + chunk], rows[start : start + chunk])
+
+
+@torch.inference_mode()
+def _head_outputs(head: torch.nn.Module, pair_inputs: PairInputs, filters: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return head(pair_inputs(filters, rows))
+
+
+def explainer_outputs(
+    head: torch.nn.Module,
+    pair_inputs: PairInputs,
+    filters: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    device: torch.device = torch.device("cpu"),
+    chunk: int = 2048,
+    progress: bool = False,
+) -> torch.Tensor:
+    """The explainer's output in word space for each (filter, image) pair: the step before nearest words.
+
+    ``pair_inputs(filters, rows)`` gives the explainer inputs of a batch of pairs
+    (:func:`feature_inputs`, or image masking, which re-runs the network).
+
+    (n,) filters, (n,) image rows -> (n, D) on the CPU, not normalised
+    """
+    return torch.cat([out.cpu() for out in _output_chunks(
+        head, pair_inputs, filters, rows, device=device, chunk=chunk, progress=progress)])
 
 
 def pair_words(
@@ -279,30 +312,30 @@ def pair_words(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest words for every (filter, top image) pair, in batches of pairs.
 
-    ``pair_inputs(filters, rows)`` gives the explainer inputs of a batch of pairs, so the
-    same loop serves the feature-space methods and image masking (which re-runs the
-    network). ``filter_ids`` names the filters of ``chosen``'s rows (default: 0..d−1).
+    The same loop serves the feature-space methods and image masking (see
+    :func:`explainer_outputs`). ``filter_ids`` names the filters of ``chosen``'s rows
+    (default: 0..d−1).
 
     (d, p) chosen image rows -> (d, p·s) word indices and similarities
     """
     d, p = chosen.shape
     filter_ids = torch.arange(d) if filter_ids is None else filter_ids
     filters = filter_ids.repeat_interleave(p)  # (d·p,)
-    image_rows = chosen.flatten()
-    head = head.to(device).eval()
     vocab = unit_vocabulary.to(device)
     ids, sims = [], []
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(filters), chunk), desc="naming filters", unit="batch", disable=not progress):
-            inputs = pair_inputs(filters[start : start + chunk], image_rows[start : start + chunk])
-            words, values = nearest_words(head(inputs), vocab, words_per_image)
-            ids.append(words.cpu())
-            sims.append(values.cpu())
+    for outputs in _output_chunks(head, pair_inputs, filters, chosen.flatten(), device=device, chunk=chunk, progress=progress):
+        words, values = nearest_words(outputs, vocab, words_per_image)
+        ids.append(words.cpu())
+        sims.append(values.cpu())
     return torch.cat(ids).reshape(d, p * words_per_image), torch.cat(sims).reshape(d, p * words_per_image)
 
 
-def _relative(path: str, root: Path) -> str:
-    try:
-        return str(Path(path).relative_to(root))
-    except ValueError:
-        return path
+def read_explanations(run_path: Path) -> dict:
+    """A run's ``explanations.json``, or a LaviseError saying how to make it."""
+    path = Path(run_path) / "explanations.json"
+    if not path.is_file():
+        raise LaviseError(
+            f"'{run_path}' has no explanations.json: name its filters first with "
+            f"'lavise explain {run_path} --target FOLDER'."
+        )
+    return read_json(path)

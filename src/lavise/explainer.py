@@ -18,7 +18,8 @@ class ExplainerHead(nn.Module):
     """Maps a pooled d-vector of the target layer to the word-vector space.
 
     BatchNorm → Dropout → Linear(d, d) → ReLU → BatchNorm → Dropout → Linear(d, D), the
-    head of the authors' code, applied after global average pooling.
+    head of the authors' code. Its input is the layer's features pooled under a mask or
+    a region, by the run's pooling (:mod:`lavise.inputs`).
 
     (n, d) -> (n, D)
     """

@@ -1,79 +1,36 @@
-"""Batched feature extraction, each image through the backbone once, cached on disk.
+"""Batched feature extraction, each image through the backbone once per product, cached on disk.
 
-Two products:
-- reference features: one pooled d-vector mean(F ⊙ M) per (image, concept) — all the
-  explainer is ever trained on;
+Three products, each cached (:func:`lavise.storage.cached`) under a key of model,
+weights, preprocessing, layer, dataset and the settings it depends on, and recomputed
+when any of them changes:
+
+- reference features: per (image, concept) pair the pooled d-vector mean(F ⊙ M) of the
+  concept's mask, and with activation regions up to k more rows per pair, pooled over
+  the active regions of the filters strongest inside the mask: what the explainer
+  trains on (:func:`reference_features`);
+- reference thresholds: T_u over the reference images, for those regions, in one
+  streaming pass (:func:`reference_thresholds`);
 - target feature maps: F for every target image, from which thresholds, top images and
-  every method's explainer inputs are computed.
-
-Both are cached under a key of model, weights, preprocessing, layer and dataset, and
-recomputed when any of them changes.
+  every method's explainer inputs are computed (:func:`target_features`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from lavise.attention import ThresholdTally, masked_mean, masks_to_grid, strongest_regions
+from lavise.compute import resolve_device
 from lavise.datasets.base import BadImage, ImageFiles, ReferenceDataset, SkipLog, load_rgb
 from lavise.errors import LaviseError
-from lavise.models import Preprocessing, TargetModel, layer_reader
-from lavise.storage import cache_key, load_cached, save_tensors
-
-
-@contextlib.contextmanager
-def cpu_threads(threads: int, num_workers: int) -> Iterator[None]:
-    """Set torch's CPU threads for a block; 0 means the cores the loader workers leave."""
-    count = threads or max(1, (os.cpu_count() or 1) - num_workers)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when present, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def preprocess_image(image, preprocessing: Preprocessing) -> torch.Tensor:
-    """PIL RGB image -> normalised (3, crop, crop) float tensor."""
-    tensor = TF.pil_to_tensor(image)
-    tensor = TF.resize(
-        tensor,
-        [preprocessing.resize_size],
-        interpolation=TF.InterpolationMode(preprocessing.interpolation),
-        antialias=True,
-    )
-    tensor = TF.center_crop(tensor, [preprocessing.crop_size])
-    tensor = TF.to_dtype(tensor, torch.float32, scale=True)
-    return TF.normalize(tensor, list(preprocessing.mean), list(preprocessing.std))
-
-
-def preprocess_masks(masks: np.ndarray, preprocessing: Preprocessing) -> torch.Tensor:
-    """(m, H, W) binary masks -> (m, crop, crop) coverage in [0, 1], aligned with the image.
-
-    Masks take the image's resize and crop; the resize averages (antialias) rather than
-    samples, so thin or small regions keep partial weight.
-    """
-    tensor = torch.from_numpy(np.ascontiguousarray(masks)).float()
-    tensor = TF.resize(tensor, [preprocessing.resize_size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-    return TF.center_crop(tensor, [preprocessing.crop_size]).clamp_(0, 1)
+from lavise.inputs import masked_mean
+from lavise.models import Preprocessing, TargetModel, layer_reader, preprocess_image, preprocess_masks
+from lavise.regions import ThresholdTally, masks_to_grid, strongest_regions
+from lavise.settings import ComputeSettings, TrainSettings
+from lavise.storage import cached
 
 
 @dataclass
@@ -112,15 +69,16 @@ class _Images(Dataset):
         return item
 
 
-def _batches(dataset, preprocessing, with_masks, batch_size, num_workers, description, progress):
+def _batches(dataset, preprocessing: Preprocessing, with_masks: bool, compute: ComputeSettings, description: str):
+    """Batches of loaded items, decoded by ``compute.num_workers`` processes, with a progress bar."""
     loader = DataLoader(
         _Images(dataset, preprocessing, with_masks),
-        batch_size=batch_size,
-        num_workers=num_workers,
+        batch_size=compute.batch_size,
+        num_workers=compute.num_workers,
         collate_fn=list,
         persistent_workers=False,
     )
-    with tqdm(total=len(dataset), desc=description, unit="img", disable=not progress) as bar:
+    with tqdm(total=len(dataset), desc=description, unit="img", disable=not compute.progress) as bar:
         for items in loader:
             yield items
             bar.update(len(items))
@@ -131,8 +89,8 @@ class ReferenceFeatures:
     """Pooled masked features of a reference dataset.
 
     Attributes:
-        vectors: (N, d) mean(F ⊙ M), one row per (image, concept) pair, and with
-            activation regions, rows pooled over such regions too.
+        vectors: (N, d) mean(F ⊙ M) over the whole grid, one row per (image, concept)
+            pair, and with activation regions, rows pooled over such regions too.
         areas: (N,) the mask's share of the feature grid, Σ M / hw; vectors / areas is
             the mean of F inside the mask.
         concepts: (N,) index into ``concept_names``.
@@ -141,7 +99,7 @@ class ReferenceFeatures:
         grid: (h, w) of the layer's feature map.
         skipped: what could not be used, by reason.
         regional: (N,) True for a row pooled over a filter's activation region inside
-            the mask (:func:`lavise.attention.strongest_regions`), False for a whole mask.
+            the mask (:func:`lavise.regions.strongest_regions`), False for a whole mask.
     """
 
     vectors: torch.Tensor
@@ -177,12 +135,12 @@ def _usable(items, dataset, skipped: SkipLog) -> list:
 
 
 def _reference_maps(model: TargetModel, layer: str, dataset: ReferenceDataset, skipped: SkipLog, *,
-                    description: str, batch_size: int, num_workers: int, device: str, progress: bool):
+                    description: str, compute: ComputeSettings):
     """(usable items, their (n, d, h, w) maps on the device) per batch; the rest counted in ``skipped``."""
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(compute.device)
     module = model.module.to(torch_device)
     with layer_reader(module, layer) as read, torch.inference_mode():
-        for items in _batches(dataset, model.preprocessing, True, batch_size, num_workers, description, progress):
+        for items in _batches(dataset, model.preprocessing, True, compute, description):
             good = _usable(items, dataset, skipped)
             if good:
                 yield good, read(torch.stack([it.image for it in good]).to(torch_device)).float()
@@ -195,35 +153,29 @@ def reference_thresholds(
     quantile: float,
     *,
     cache_dir: Path | None,
-    batch_size: int = 32,
-    num_workers: int = 2,
-    device: str = "auto",
-    progress: bool = True,
+    compute: ComputeSettings = ComputeSettings(),
 ) -> torch.Tensor:
     """(d,) T_u over the usable reference images, as explain takes them over its targets (cached).
 
-    One streaming pass (:class:`lavise.attention.ThresholdTally`), so a reference set
+    One streaming pass (:class:`lavise.regions.ThresholdTally`), so a reference set
     larger than memory works; the images counted are those :func:`reference_features`
     pools.
     """
-    key = cache_key({"product": "reference-thresholds", **model.identity(), "layer": layer,
-                     "data": dataset.identity(), "quantile": quantile})
-    path = cache_dir / f"thresholds-{key[:24]}.safetensors" if cache_dir else None
-    if path is not None and (hit := load_cached(path, key)) is not None:
-        return hit[0]["thresholds"]
-    tally, skipped = None, SkipLog()
-    skipped.merge(dataset.skipped)
-    for _, maps in _reference_maps(model, layer, dataset, skipped, description="reference thresholds",
-                                   batch_size=batch_size, num_workers=num_workers, device=device, progress=progress):
+
+    def build():
+        tally, skipped = None, SkipLog()
+        skipped.merge(dataset.skipped)
+        for _, maps in _reference_maps(model, layer, dataset, skipped, description="reference thresholds", compute=compute):
+            if tally is None:
+                tally = ThresholdTally(quantile, len(dataset) * maps.shape[2] * maps.shape[3])
+            tally.add(maps)
         if tally is None:
-            tally = ThresholdTally(quantile, len(dataset) * maps.shape[2] * maps.shape[3])
-        tally.add(maps)
-    if tally is None:
-        raise_no_usable("reference", dataset, skipped)
-    thresholds = tally.thresholds().cpu()
-    if path is not None:
-        save_tensors(path, {"thresholds": thresholds}, {"key": key})
-    return thresholds
+            raise_no_usable("reference", dataset, skipped)
+        return {"thresholds": tally.thresholds().cpu()}, {}
+
+    parts = {"product": "reference-thresholds", **model.identity(), "layer": layer, "data": dataset.identity(),
+             "quantile": quantile}
+    return cached(cache_dir, "thresholds", parts, build)[0]["thresholds"]
 
 
 def reference_features(
@@ -232,41 +184,42 @@ def reference_features(
     dataset: ReferenceDataset,
     *,
     cache_dir: Path | None,
-    batch_size: int = 32,
-    num_workers: int = 2,
-    device: str = "auto",
-    progress: bool = True,
-    activation_regions: int = 0,
-    quantile: float = 0.005,
+    compute: ComputeSettings = ComputeSettings(),
+    activation_regions: int = TrainSettings.activation_regions,
+    quantile: float = TrainSettings.region_quantile,
 ) -> ReferenceFeatures:
     """Pool the layer's features under each concept mask of each reference image (cached).
 
     With ``activation_regions`` = k > 0, each (image, concept) pair also gives up to k
     rows pooled over the activation regions of the k filters most active inside its
-    mask (:func:`lavise.attention.strongest_regions`, with T_u at ``quantile`` over the
+    mask (:func:`lavise.regions.strongest_regions`, with T_u at ``quantile`` over the
     reference images; empty regions give no row). That costs a second pass over the
-    images, for the thresholds.
+    images, for the thresholds. k = 0 pools whole masks only, as the paper.
     """
     if activation_regions < 0:
         raise LaviseError(f"activation_regions must be 0 or more, got {activation_regions}.")
     regions = {"activation_regions": activation_regions, "quantile": quantile} if activation_regions else {}
-    key = cache_key({"product": "reference-pooled", "version": 3, **model.identity(), "layer": layer,
-                     "data": dataset.identity(), **regions})
-    path = cache_dir / f"reference-{key[:24]}.safetensors" if cache_dir else None
-    if path is not None and (hit := load_cached(path, key)) is not None:
-        tensors, metadata = hit
-        info = json.loads(metadata["info"])
-        return ReferenceFeatures(
-            tensors["vectors"], tensors["concepts"], tensors["images"], info["concept_names"],
-            tuple(info["grid"]), SkipLog.from_dict(info["skipped"]), tensors["areas"], tensors["regional"],
-        )
+    parts = {"product": "reference-pooled", "version": 3, **model.identity(), "layer": layer,
+             "data": dataset.identity(), **regions}
 
+    def build():
+        result = _pool_reference(model, layer, dataset, cache_dir, compute, activation_regions, quantile)
+        tensors = {"vectors": result.vectors, "concepts": result.concepts, "images": result.images,
+                   "areas": result.areas, "regional": result.regional}
+        return tensors, {"concept_names": result.concept_names, "grid": list(result.grid), "skipped": result.skipped.to_dict()}
+
+    tensors, info = cached(cache_dir, "reference", parts, build)
+    return ReferenceFeatures(
+        tensors["vectors"], tensors["concepts"], tensors["images"], info["concept_names"],
+        tuple(info["grid"]), SkipLog.from_dict(info["skipped"]), tensors["areas"], tensors["regional"],
+    )
+
+
+def _pool_reference(model, layer, dataset, cache_dir, compute, activation_regions, quantile) -> ReferenceFeatures:
+    """The rows of :func:`reference_features`, computed in one pass over the images."""
     thresholds = None
     if activation_regions:
-        thresholds = reference_thresholds(
-            model, layer, dataset, quantile, cache_dir=cache_dir, batch_size=batch_size,
-            num_workers=num_workers, device=device, progress=progress,
-        )
+        thresholds = reference_thresholds(model, layer, dataset, quantile, cache_dir=cache_dir, compute=compute)
     skipped = SkipLog()
     skipped.merge(dataset.skipped)
     vectors, concepts, images, areas, regional = [], [], [], [], []
@@ -284,8 +237,7 @@ def reference_features(
         images.append(pair_images.repeat_interleave(copies)[found])
         regional.append(torch.full((int(found.sum()),), is_regional))
 
-    for good, maps in _reference_maps(model, layer, dataset, skipped, description="reference features",
-                                      batch_size=batch_size, num_workers=num_workers, device=device, progress=progress):
+    for good, maps in _reference_maps(model, layer, dataset, skipped, description="reference features", compute=compute):
         grid = tuple(maps.shape[-2:])
         pairs = [(n, concept) for n, it in enumerate(good) for concept in it.concepts]
         cells = masks_to_grid(torch.cat([it.masks for it in good]).to(maps.device), grid)
@@ -303,19 +255,10 @@ def reference_features(
             keep_rows(regions, pair_maps, pair_concepts, pair_images, True)
     if not vectors or sum(len(v) for v in vectors) == 0:
         raise_no_usable("reference", dataset, skipped)
-    result = ReferenceFeatures(
+    return ReferenceFeatures(
         torch.cat(vectors), torch.cat(concepts).long(), torch.cat(images).long(),
         list(dataset.concepts), grid, skipped, torch.cat(areas), torch.cat(regional),
     )
-    if path is not None:
-        info = {"concept_names": result.concept_names, "grid": list(grid), "skipped": skipped.to_dict()}
-        save_tensors(
-            path,
-            {"vectors": result.vectors, "concepts": result.concepts, "images": result.images, "areas": result.areas,
-             "regional": result.regional},
-            {"key": key, "info": json.dumps(info)},
-        )
-    return result
 
 
 @dataclass
@@ -339,41 +282,33 @@ def target_features(
     images: ImageFiles,
     *,
     cache_dir: Path | None,
-    batch_size: int = 32,
-    num_workers: int = 2,
-    device: str = "auto",
-    progress: bool = True,
+    compute: ComputeSettings = ComputeSettings(),
 ) -> TargetFeatures:
     """The layer's feature maps for every target image (cached)."""
-    key = cache_key({"product": "target-maps", **model.identity(), "layer": layer, "data": images.identity()})
-    path = cache_dir / f"target-{key[:24]}.safetensors" if cache_dir else None
-    if path is not None and (hit := load_cached(path, key)) is not None:
-        tensors, metadata = hit
-        info = json.loads(metadata["info"])
-        return TargetFeatures(tensors["maps"], info["paths"], SkipLog.from_dict(info["skipped"]))
 
-    skipped = SkipLog()
-    torch_device = resolve_device(device)
-    module = model.module.to(torch_device)
-    maps, paths = [], []
-    with layer_reader(module, layer) as read, torch.inference_mode():
-        for items in _batches(images, model.preprocessing, False, batch_size, num_workers, "target features", progress):
-            good = []
-            for item in items:
-                if item.problem:
-                    skipped.add(item.problem[0], f"{images.image_path(item.index)} ({item.problem[1]})")
-                else:
-                    good.append(item)
-            if good:
-                maps.append(read(torch.stack([it.image for it in good]).to(torch_device)).float().cpu())
-                paths.extend(str(images.image_path(it.index)) for it in good)
-    if not maps:
-        raise_no_usable("target", images, skipped)
-    result = TargetFeatures(torch.cat(maps), paths, skipped)
-    if path is not None:
-        info = {"paths": paths, "skipped": skipped.to_dict()}
-        save_tensors(path, {"maps": result.maps}, {"key": key, "info": json.dumps(info)})
-    return result
+    def build():
+        skipped = SkipLog()
+        torch_device = resolve_device(compute.device)
+        module = model.module.to(torch_device)
+        maps, paths = [], []
+        with layer_reader(module, layer) as read, torch.inference_mode():
+            for items in _batches(images, model.preprocessing, False, compute, "target features"):
+                good = []
+                for item in items:
+                    if item.problem:
+                        skipped.add(item.problem[0], f"{images.image_path(item.index)} ({item.problem[1]})")
+                    else:
+                        good.append(item)
+                if good:
+                    maps.append(read(torch.stack([it.image for it in good]).to(torch_device)).float().cpu())
+                    paths.extend(str(images.image_path(it.index)) for it in good)
+        if not maps:
+            raise_no_usable("target", images, skipped)
+        return {"maps": torch.cat(maps)}, {"paths": paths, "skipped": skipped.to_dict()}
+
+    parts = {"product": "target-maps", **model.identity(), "layer": layer, "data": images.identity()}
+    tensors, info = cached(cache_dir, "target", parts, build)
+    return TargetFeatures(tensors["maps"], info["paths"], SkipLog.from_dict(info["skipped"]))
 
 
 def raise_no_usable(kind: str, dataset, skipped: SkipLog) -> None:

@@ -20,15 +20,16 @@ from pathlib import Path
 
 import torch
 
-from lavise import __version__
-from lavise.datasets.base import LaviseWarning, ReferenceDataset
+from lavise._version import __version__
+from lavise.compute import cpu_threads, resolve_device
+from lavise.datasets.base import ReferenceDataset
 from lavise.embeddings import BUILTIN_GLOVE, concept_vectors, load_word_vectors
-from lavise.errors import LaviseError
+from lavise.errors import LaviseError, LaviseWarning
 from lavise.explainer import ExplainerHead, train_explainer
-from lavise.features import cpu_threads, reference_features, resolve_device
+from lavise.features import reference_features
 from lavise.models import ModelSpec, TargetModel, load_target_model
 from lavise.settings import ComputeSettings, TrainSettings
-from lavise.storage import default_cache_dir, load_tensors, read_json, save_tensors, write_csv, write_json
+from lavise.storage import cache_folder, load_tensors, read_json, save_tensors, write_csv, write_json
 
 
 def split_concepts(names: list[str], unseen_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -103,6 +104,24 @@ class Run:
             return model
         return load_target_model(self.model_spec)
 
+    @property
+    def filters(self) -> int:
+        """How many filters the explained layer has (the explainer's input size)."""
+        return int(self.config["feature_shape"][0])
+
+    def check_filters(self, count: int, where: str) -> None:
+        """Refuse features of another layer: ``count`` filters seen on ``where``."""
+        if count != self.filters:
+            raise LaviseError(
+                f"Layer '{self.layer}' gives {count} filters on {where} but the run '{self.path}' was "
+                f"trained with {self.filters}: is it the same model?"
+            )
+
+
+def as_run(run: Path | str | Run) -> Run:
+    """A loaded run, from a run or its directory."""
+    return run if isinstance(run, Run) else load_run(run)
+
 
 def load_run(path: Path) -> Run:
     path = Path(path)
@@ -139,15 +158,14 @@ def train(
         settings: training settings; ``compute``: device, batch size, workers.
         cache_dir: where features are cached (default :func:`default_cache_dir`).
     """
-    with cpu_threads(compute.threads, compute.num_workers):
+    with cpu_threads(compute):
         out_dir = Path(out_dir)
-        cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        cache_dir = cache_folder(cache_dir)
         target = model if isinstance(model, TargetModel) else load_target_model(model)
         vectors_source = load_word_vectors(word_vectors, cache_dir=cache_dir)
 
         features = reference_features(
-            target, layer, reference, cache_dir=cache_dir, batch_size=compute.batch_size,
-            num_workers=compute.num_workers, device=compute.device, progress=compute.progress,
+            target, layer, reference, cache_dir=cache_dir, compute=compute,
             activation_regions=settings.activation_regions, quantile=settings.region_quantile,
         )
         features.skipped.warn(f"reference {reference.root}")

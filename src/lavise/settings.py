@@ -1,8 +1,18 @@
-"""Every tunable default, defined once. The command-line options are derived from these."""
+"""Every product setting and choice, each default defined once; the command line derives its options from these.
+
+One frozen dataclass per stage or command. A field's metadata holds its command-line
+help (and ``choices``); ``lavise.cli`` turns every field into an option, so a default
+changes here and nowhere else. Settings are recorded with every run and output
+(``to_dict``), so results can be traced to them.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from lavise.errors import LaviseError
 
 
 def option(default, help: str, **extra):
@@ -10,19 +20,38 @@ def option(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
 
 
-RANKINGS = ("first-choice", "frequency")  # ExplainSettings.ranking; lavise.explain.rank_words
+class _Settings:
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- choices ---------------------------------------------------------------------------
+
+METHODS = ("activation", "attention", "cosine-attention", "original")  # explainer inputs, lavise.inputs
+POOLINGS = ("region", "mean")  # how the explainer's inputs are pooled, lavise.inputs
+RANKINGS = ("first-choice", "frequency")  # how a filter's words are ordered, lavise.explain.rank_words
+EVALUATION_METHODS = ("original", "image", "activation", "attention", "cosine-attention", "netdissect")
+REFERENCE_FORMATS = ("coco", "visual_genome", "broden", "folder", "manifest")
+TESTS = ("z", "fisher")  # per-filter tests of a group comparison
+THRESHOLD_SOURCES = ("groups", "run")  # where a group comparison's T_u come from
+BACKGROUND_KINDS = ("plain", "texture", "photo")  # of planted-concept scenes
+GROUP_NAMES = tuple("abcdefghijklmnopqrstuvwxyz")  # of the groups of a planted bias
+
+VOCABULARY_SIZE = 20_000  # candidate words: the most frequent clean words of the word vectors
+
+
+# --- the pipeline ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class TrainSettings:
+class TrainSettings(_Settings):
     """How the explainer is trained (paper §3.1, method-notes).
 
     The defaults are lavise's: features pooled inside the mask, Adam at 1e-3, and three
-    activation-region rows per (image, concept) pair besides the whole mask. With
-    activation masking and first-choice ranking they named seen concepts better than the
-    authors' set-up at every fresh seed on all four demo layers (docs/evaluation.md,
-    protocol 3). ``TrainSettings.authors()`` is the authors' set-up (global mean of
-    F ⊙ M, Adam at 1e-4, whole masks), kept for comparison.
+    activation-region rows per (image, concept) pair besides the whole mask; the
+    measurements that chose them are in docs/evaluation.md. ``TrainSettings.authors()``
+    is the authors' set-up (global mean of F ⊙ M, Adam at 1e-4, whole masks), kept for
+    comparison.
     """
 
     unseen_fraction: float = option(
@@ -31,7 +60,7 @@ class TrainSettings:
     seed: int = option(0, "seed for the concept split, validation split, initialisation and batches")
     epochs: int = option(60, "passes over the pooled reference vectors")
     train_batch_size: int = option(128, "pooled vectors per training step")
-    learning_rate: float = option(1e-3, "Adam learning rate (the authors used 1e-4, which had not converged in 60 epochs)")
+    learning_rate: float = option(1e-3, "Adam learning rate (the authors used 1e-4)")
     margin: float = option(1.0, "margin of the hinge rank loss")
     dropout: float = option(0.1, "dropout before each linear layer of the explainer")
     validation_fraction: float = option(
@@ -42,61 +71,53 @@ class TrainSettings:
         "how masked features are pooled: region (the mean inside the mask, so inputs do not "
         "shrink with the region's area) or mean (over the whole grid, the authors' code); "
         "explain follows the run",
-        choices=("region", "mean"),
+        choices=POOLINGS,
     )
     activation_regions: int = option(
         3,
-        "also train on the features inside an activation region, as explain's activation masking "
+        "also train on the features inside activation regions, as explain's activation masking "
         "gives them: for each (image, concept) pair, the regions {F_u > T_u} inside the mask of "
-        "the N filters most active there (0: whole masks only, the paper; 3 since lavise 0.4, "
-        "docs/evaluation.md protocols 3 and 4)",
+        "the N filters most active there (0: whole masks only, as the paper)",
     )
     region_quantile: float = option(
         0.005, "T_u of those regions: the top-quantile level over the reference images (explain's --quantile)"
     )
 
     @classmethod
-    def authors(cls, **changes) -> "TrainSettings":
+    def authors(cls, **changes) -> TrainSettings:
         """The authors' set-up: the paper's code pools over the whole grid, Adam at 1e-4, whole masks."""
         return cls(**{"pooling": "mean", "learning_rate": 1e-4, "activation_regions": 0, **changes})
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class ExplainSettings:
+class ExplainSettings(_Settings):
     """How filters are named (paper §3.2 and the word selection of method-notes)."""
 
     method: str = option(
         "activation",
-        "explainer input per filter: activation (activation masking, the best on most demo layers, "
-        "docs/evaluation.md), attention (the paper's spatial filter attention), "
-        "cosine-attention (the paper's scalar equation), original (no mask)",
-        choices=("activation", "attention", "cosine-attention", "original"),
+        "explainer input per filter: activation (activation masking), attention (the paper's "
+        "spatial filter attention), cosine-attention (the paper's scalar equation), original (no mask)",
+        choices=METHODS,
     )
     top_images: int = option(25, "p: most activated target images per filter")
     words_per_image: int = option(5, "s: nearest words taken for each image")
     ranking: str = option(
         "first-choice",
         "how a filter's collected words are ordered: first-choice (by how many top images have "
-        "the word as their nearest, then by frequency; lavise's default, docs/evaluation.md) or "
-        "frequency (by how often among each image's s nearest words; the paper)",
+        "the word as their nearest, then by frequency) or frequency (by how often among each "
+        "image's s nearest words, the paper)",
         choices=RANKINGS,
     )
     top_words: int = option(10, "x: words reported per filter")
     quantile: float = option(0.005, "a filter's region is where it exceeds its top-quantile level T_u")
     vocabulary_size: int = option(
-        20_000, "name filters from the N most frequent clean words (0: every word)"
+        VOCABULARY_SIZE, "name filters from the N most frequent clean words (0: every word)"
     )
     vocabulary_file: str | None = option(None, "a file of candidate words, one per line (overrides the size)")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class ComputeSettings:
+class ComputeSettings(_Settings):
     """Where and how fast; these never change results."""
 
     device: str = option("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
@@ -108,15 +129,9 @@ class ComputeSettings:
     )
     progress: bool = option(True, "show progress bars")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-EVALUATION_METHODS = ("original", "image", "activation", "attention", "cosine-attention", "netdissect")
-
 
 @dataclass(frozen=True)
-class EvaluateSettings:
+class EvaluateSettings(_Settings):
     """How explanations are scored against annotated data (paper §4.5, NetDissect's protocol)."""
 
     methods: tuple[str, ...] = option(
@@ -135,12 +150,9 @@ class EvaluateSettings:
     split_seed: int = option(0, "seed of the labelling/scoring split of the evaluation images")
     lenient: bool = option(True, "also report lenient recall (WordNet plurals and synonyms count)")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class ReferenceSettings:
+class ReferenceSettings(_Settings):
     """Format-specific options of the reference readers (see docs/datasets.md)."""
 
     min_images: int = option(
@@ -155,10 +167,276 @@ class ReferenceSettings:
         "for torchvision's ImageNet class names (folders: the 1000 WordNet ids); None: folder names"
     )
 
+
+# --- analyses and the report -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupSettings(_Settings):
+    """How groups of images are compared (``lavise compare-groups``)."""
+
+    test: str = option(
+        "z",
+        "per-filter test: z (two-proportion z-test; Pearson chi-square for more than two "
+        "groups) or fisher (Fisher's exact test, two groups)",
+        choices=TESTS,
+    )
+    fdr: float = option(0.05, "false discovery rate: filters with a Benjamini-Hochberg q-value below it are significant")
+    confidence: float = option(0.95, "level of the confidence interval on each difference")
+    thresholds: str = option(
+        "groups",
+        "T_u: groups (recomputed on the group images at the quantile the run was explained "
+        "with) or run (the thresholds.safetensors of the run's last explain)",
+        choices=THRESHOLD_SOURCES,
+    )
+    min_group_images: int = option(20, "refuse a group with fewer usable images than this")
+    concept_words: int = option(3, "first words of each filter's explanation that count as its concepts")
+    examples: int = option(4, "qualified example images listed per group and filter (most activated first)")
+    chart_filters: int = option(20, "filters shown in groups.png")
+
+
+@dataclass(frozen=True)
+class ModelComparisonSettings(_Settings):
+    """How two explained runs are compared (``lavise compare-models``)."""
+
+    words_per_filter: int = option(1, "first words of each filter's explanation counted as the concepts it learned")
+    matches: int = option(20, "best-matching filter pairs reported")
+
+
+@dataclass(frozen=True)
+class ReportSettings(_Settings):
+    """What the report shows and how its images are made."""
+
+    thumbnail_size: int = option(128, "side of the square image thumbnails, in pixels")
+    jpeg_quality: int = option(80, "JPEG quality of the thumbnails, 1-95")
+    overlays: bool = option(
+        True, "draw each filter's region (above its threshold T_u) over its top images; needs the "
+        "run's model and its target features (cached by 'explain')"
+    )
+    examples_per_group: int = option(6, "example images shown per group on a filter's page")
+    absolute_paths: bool = option(False, "show data folders by their absolute paths (default: their names only)")
+
+
+# --- planted-concept scenes and the demos ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class SceneSettings(_Settings):
+    """How to generate a set of planted-concept scenes (``lavise synth``, :mod:`lavise.synthetic`).
+
+    ``group_bias`` is also accepted as a mapping ``{"dog": (0.6, 0.1), ...}`` or pairs
+    ``(("dog", (0.6, 0.1)), ...)``; it is kept in that canonical form of pairs.
+    """
+
+    image_size: int = option(224, "side of the square scenes, in pixels")
+    num_images: int = option(200, "number of scenes")
+    concepts_per_image: tuple[int, int] = option(
+        (2, 5), "(min, max) emoji per scene, both inclusive; a texture concept comes on top of these"
+    )
+    num_concepts: int | None = option(50, "emoji concepts drawn (from the seed) from the pool; None: the whole pool")
+    unseen_fraction: float = option(0.2, "share of all concepts (emoji and textures) held out as unseen")
+    seed: int = option(0, "the seed of every random choice")
+    scale: tuple[float, float] = option((0.2, 0.6), "(min, max) of an emoji's longer side, as a share of the image")
+    backgrounds: tuple[str, ...] = option(BACKGROUND_KINDS, "background kinds drawn from", choices=BACKGROUND_KINDS)
+    texture_concepts: bool = option(
+        True, "annotate texture patches as concepts (grass, gravel, brick); otherwise they are "
+        "unannotated background, and emoji sharing a texture's word are left out"
+    )
+    texture_area: tuple[float, float] = option((0.4, 1.0), "(min, max) share of the scene a texture patch covers")
+    min_visible_area: int = option(64, "instances with fewer visible pixels are dropped")
+    min_visible_fraction: float = option(0.25, "instances with less of their own area visible are dropped")
+    group_bias: tuple[tuple[str, tuple[float, ...]], ...] | None = option(
+        None,
+        "planted bias between groups a, b, ...: per concept its probability in each group's scenes "
+        "(scene i is in group i mod G), e.g. dog=0.6:0.1,car=0.1:0.6 (writes groups.csv)",
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "group_bias", parse_group_bias(self.group_bias))
+        for name in ("concepts_per_image", "scale", "texture_area", "backgrounds"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(value))
+        _check_int("image_size", self.image_size, minimum=32)
+        _check_int("num_images", self.num_images, minimum=1)
+        _check_range("concepts_per_image", self.concepts_per_image, 1, None, integer=True)
+        if self.num_concepts is not None:
+            _check_int("num_concepts", self.num_concepts, minimum=1)
+        _check_fraction("unseen_fraction", self.unseen_fraction, below_one=True)
+        _check_int("seed", self.seed, minimum=0)
+        _check_range("scale", self.scale, 0.0, 1.0)
+        _check_range("texture_area", self.texture_area, 0.0, 1.0)
+        _check_int("min_visible_area", self.min_visible_area, minimum=1)
+        _check_fraction("min_visible_fraction", self.min_visible_fraction)
+        if not isinstance(self.texture_concepts, bool):
+            raise LaviseError(f"texture_concepts must be True or False, not {self.texture_concepts!r}.")
+        kinds = self.backgrounds
+        if (
+            not isinstance(kinds, tuple)
+            or not kinds
+            or len(set(kinds)) != len(kinds)
+            or not set(kinds) <= set(BACKGROUND_KINDS)
+        ):
+            raise LaviseError(
+                f"backgrounds must be a non-empty list of distinct kinds among "
+                f"{', '.join(BACKGROUND_KINDS)}; got {kinds!r}."
+            )
+        # plain Python numbers, so that settings compare and serialise the same way
+        for name in ("image_size", "num_images", "seed", "min_visible_area"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        if self.num_concepts is not None:
+            object.__setattr__(self, "num_concepts", int(self.num_concepts))
+        object.__setattr__(self, "concepts_per_image", tuple(int(v) for v in self.concepts_per_image))
+        for name in ("scale", "texture_area"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        for name in ("unseen_fraction", "min_visible_fraction"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if data["group_bias"] is None:  # scenes made before group_bias keep their key
+            del data["group_bias"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SceneSettings:
+        return cls(**data)
 
 
-def option_fields(settings_type) -> list:
-    """The dataclass fields that become command-line options."""
-    return list(fields(settings_type))
+@dataclass(frozen=True)
+class DemoSettings(_Settings):
+    """The built-in demo (``lavise demo``): scenes, two targets, their explainers."""
+
+    reference_images: int = option(800, "reference scenes the explainers learn from")
+    evaluation_images: int = option(300, "held-out scenes among the target images")
+    concepts: int = option(60, "emoji concepts planted in the scenes")
+    unseen_fraction: float = option(0.3, "share of concepts kept out of the reference scenes")
+    seed: int = option(0, "seed for scenes, split, scene CNN and explainers")
+    scene_cnn_epochs: int = option(10, "training epochs of the small scene CNN")
+    explainer_epochs: int = option(60, "training epochs of each explainer")
+    explainer_pooling: str = option(
+        TrainSettings.pooling, "pooling of the explainers' inputs (mean: the authors')", choices=POOLINGS
+    )
+    explainer_learning_rate: float = option(TrainSettings.learning_rate, "Adam learning rate of the explainers (1e-4: the authors')")
+    explainer_activation_regions: int = option(
+        TrainSettings.activation_regions, "activation regions per (image, concept) pair the explainers also train on (0: the authors')"
+    )
+    vocabulary_size: int = option(VOCABULARY_SIZE, "candidate words: the N most frequent clean GloVe words")
+
+
+@dataclass(frozen=True)
+class BiasDemoSettings(_Settings):
+    """The planted-bias demo (``lavise demo-bias``): scenes, the group classifier, the explainer and the comparison."""
+
+    planted: str = option("dog=0.6:0.1,car=0.1:0.6", "planted bias: per concept its probability in each group's scenes")
+    reference_images: int = option(300, "reference scenes (with masks) the explainer learns from")
+    target_images: int = option(400, "target scenes, alternately in group a and group b")
+    concepts: int = option(12, "emoji concepts in the scenes, the planted ones included")
+    image_size: int = option(112, "side of the scenes in pixels (the scene CNN reads 112)")
+    backgrounds: tuple[str, ...] = option(BACKGROUND_KINDS, "background kinds of the scenes")
+    concepts_per_image: tuple[int, int] = option((1, 3), "(min, max) emoji per scene besides the planted ones")
+    seed: int = option(0, "seed of the scenes, the classifier and the explainer")
+    pretrain_epochs: int = option(
+        10, "epochs of concept recognition on the reference scenes before the group task (0: from random weights)"
+    )
+    classifier_epochs: int = option(5, "training epochs of the group classifier (longer fine-tuning blurs the concepts)")
+    classifier_batch_size: int = option(16, "images per training step of the group classifier")
+    explainer_epochs: int = option(100, "training epochs of the explainer")
+    explainer_learning_rate: float = option(1e-3, "Adam learning rate of the explainer (converges in fewer epochs than 1e-4)")
+    vocabulary_size: int = option(VOCABULARY_SIZE, "candidate words: the N most frequent clean GloVe words")
+    vocabulary_file: str | None = option(None, "a file of candidate words, one per line (overrides the size)")
+    words_per_image: int = option(0, "nearest words taken per image when naming filters (0: explain's default)")
+    top_filters: int = option(5, "a planted concept is found when it is among the first 3 words of one of this many top filters")
+
+
+# --- checks of scene settings ----------------------------------------------------------
+
+
+def parse_group_bias(value: object) -> tuple[tuple[str, tuple[float, ...]], ...] | None:
+    """The canonical form of ``SceneSettings.group_bias``: ((word, (p_a, p_b, ...)), ...).
+
+    Example:
+        >>> parse_group_bias("dog=0.6:0.1, car=0.1:0.6")
+        (('dog', (0.6, 0.1)), ('car', (0.1, 0.6)))
+    """
+    if value is None or value == "":
+        return None
+    fix = "give it as 'dog=0.6:0.1,car=0.1:0.6' or as ((word, (probability per group, ...)), ...)"
+    if isinstance(value, str):
+        pairs = []
+        for item in value.split(","):
+            word, sep, probabilities = item.partition("=")
+            if not sep:
+                raise LaviseError(f"group_bias item {item.strip()!r} has no '='; {fix}.")
+            try:
+                numbers = tuple(float(p) for p in probabilities.split(":"))
+            except ValueError:
+                raise LaviseError(
+                    f"group_bias item {item.strip()!r} has a probability that is not a number; {fix}."
+                ) from None
+            pairs.append((word.strip(), numbers))
+    elif isinstance(value, dict):
+        pairs = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        pairs = list(value)
+    else:
+        raise LaviseError(f"group_bias must be a string, a mapping or pairs, not {value!r}; {fix}.")
+    canonical = []
+    for pair in pairs:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise LaviseError(f"group_bias entry {pair!r} is not a (word, probabilities) pair; {fix}.")
+        word, probabilities = pair
+        numeric = isinstance(probabilities, (list, tuple)) and all(
+            isinstance(p, (int, float, np.integer, np.floating)) and not isinstance(p, bool) for p in probabilities
+        )
+        if not numeric:
+            raise LaviseError(f"group_bias probabilities of {word!r} must be numbers, not {probabilities!r}; {fix}.")
+        probabilities = tuple(float(p) for p in probabilities)
+        if not all(0.0 <= p <= 1.0 for p in probabilities):
+            raise LaviseError(f"group_bias probabilities of {word!r} must lie in [0, 1], not {probabilities}.")
+        canonical.append((word, probabilities))
+    if not canonical:
+        raise LaviseError(f"group_bias names no concept; {fix}.")
+    words = [w for w, _ in canonical]
+    if len(set(words)) != len(words) or not all(words):
+        raise LaviseError(f"group_bias must name distinct, non-empty words, not {words}.")
+    sizes = {len(p) for _, p in canonical}
+    if len(sizes) != 1 or not 2 <= min(sizes) <= len(GROUP_NAMES):
+        raise LaviseError(
+            f"group_bias must give every concept one probability per group, for 2 to "
+            f"{len(GROUP_NAMES)} groups; got {dict(canonical)}."
+        )
+    return tuple(canonical)
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise LaviseError(f"{name} must be an integer of at least {minimum}, not {value!r}.")
+
+
+def _check_fraction(name: str, value: object, *, below_one: bool = False) -> None:
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    ok = number and 0.0 <= value <= 1.0
+    if not ok or (below_one and value >= 1.0):
+        bound = "[0, 1)" if below_one else "[0, 1]"
+        raise LaviseError(f"{name} must be a number in {bound}, not {value!r}.")
+
+
+def _check_range(
+    name: str, value: object, low: float, high: float | None, *, integer: bool = False
+) -> None:
+    """(min, max) with low < min <= max <= high for floats, low <= min <= max for ints."""
+    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    ok = (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and all(isinstance(v, kinds) and not isinstance(v, bool) for v in value)
+    )
+    if ok:
+        first, second = value
+        ok = (first >= low if integer else first > low) and first <= second
+        ok = ok and (high is None or second <= high)
+    if not ok:
+        lower = f"{low} <= min" if integer else f"{low} < min"
+        upper = "" if high is None else f" <= {high}"
+        raise LaviseError(f"{name} must be a pair (min, max) with {lower} <= max{upper}, not {value!r}.")

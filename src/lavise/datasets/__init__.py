@@ -1,18 +1,25 @@
-"""Dataset readers: reference data (images with concept masks) and target images."""
+"""Dataset readers: reference data (images with concept masks), target images, and groups of images.
+
+One module per format over one small protocol (:class:`ReferenceDataset`: ``concepts``,
+``image_path(i)``, ``masks(i, size)``, ``identity()``); :func:`open_reference` picks the
+reader from a path. Target images are :class:`ImageFiles`; groups of them, for
+``compare-groups``, come from :func:`read_groups`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
 
-from lavise.datasets.base import BadImage, ImageFiles, LaviseWarning, ReferenceDataset, SkipLog, load_rgb
+from lavise.datasets.base import BadImage, ImageFiles, ReferenceDataset, SkipLog, load_rgb
 from lavise.datasets.broden import BrodenDataset
 from lavise.datasets.coco import CocoDataset
 from lavise.datasets.folder import FolderDataset
+from lavise.datasets.groups import GroupImages, read_groups
 from lavise.datasets.manifest import MANIFEST_SUFFIXES, ManifestDataset
 from lavise.datasets.visual_genome import VisualGenomeDataset
-from lavise.errors import LaviseError
-from lavise.settings import ReferenceSettings
+from lavise.errors import LaviseError, LaviseWarning
+from lavise.settings import REFERENCE_FORMATS, ReferenceSettings
 
 __all__ = [
     "REFERENCE_FORMATS",
@@ -20,6 +27,7 @@ __all__ = [
     "BrodenDataset",
     "CocoDataset",
     "FolderDataset",
+    "GroupImages",
     "ImageFiles",
     "LaviseWarning",
     "ManifestDataset",
@@ -30,9 +38,8 @@ __all__ = [
     "guess_format",
     "load_rgb",
     "open_reference",
+    "read_groups",
 ]
-
-REFERENCE_FORMATS = ("coco", "visual_genome", "broden", "folder", "manifest")
 
 # Which settings each format reads; any other setting changed from its default is refused.
 _FORMAT_SETTINGS = {

@@ -1,4 +1,4 @@
-"""What every dataset reader shares: loading images safely, and counting what was skipped.
+"""What every dataset reader shares: loading images safely, counting what was skipped, target images.
 
 A reference dataset pairs images with concepts and masks; a target dataset is just
 images. Readers stream: they keep an index of file names and annotations, and load one
@@ -16,13 +16,10 @@ from typing import Protocol
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from lavise.errors import LaviseError
+from lavise.errors import LaviseError, LaviseWarning
+from lavise.storage import files_digest
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
-
-
-class LaviseWarning(UserWarning):
-    """Something in the data was skipped; the message says what and how many."""
 
 
 class BadImage(Exception):
@@ -150,6 +147,24 @@ class ImageFiles:
         return self.paths[index]
 
     def identity(self) -> dict:
-        from lavise.storage import files_digest
+        return image_files_identity(self.root, self.paths)
 
-        return {"kind": "images", "root": str(self.root.resolve()), "files": files_digest(self.paths)}
+
+def image_files_identity(root: Path, paths: list[Path]) -> dict:
+    """The cache identity of a set of target images: their folder and every file's name,
+    size and modification time. Any target dataset over the same files has this identity,
+    so the features cached for one are reused by the other."""
+    return {"kind": "images", "root": str(Path(root).resolve()), "files": files_digest(paths)}
+
+
+def relative_name(path: str | Path, root: Path) -> str:
+    """An image's name as outputs record it: relative to ``root`` when inside it, else as given.
+
+    Example:
+        >>> relative_name("/data/photos/a/1.jpg", Path("/data/photos")), relative_name("/elsewhere/2.jpg", Path("/data"))
+        ('a/1.jpg', '/elsewhere/2.jpg')
+    """
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)

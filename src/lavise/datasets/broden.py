@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from lavise.datasets.base import SkipLog
 from lavise.datasets.masks import merge_by_concept, resize_nearest, same_aspect
 from lavise.errors import LaviseError
+from lavise.storage import content_digest, files_digest
 
 INDEX_COLUMNS = ("image", "split", "ih", "iw", "sh", "sw")
 _SIZE_COLUMNS = ("ih", "iw", "sh", "sw")
@@ -213,8 +214,6 @@ class BrodenDataset:
         return merge_by_concept(np.concatenate(concepts), np.concatenate(masks))
 
     def identity(self) -> dict:
-        from lavise.storage import content_digest, files_digest
-
         files = [self.image_path(i) for i in range(len(self))]
         files += [self.images_root / name for maps in self._maps for name in maps]
         return {

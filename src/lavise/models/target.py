@@ -1,16 +1,17 @@
-"""Target models: building them by name, their preprocessing, and reading one layer.
+"""Target models: what to build (:class:`ModelSpec`) and the built model with its preprocessing.
 
-A target model is a frozen CNN whose filters we explain. It carries the preprocessing it
-was trained with (torchvision's weights do; random or checkpoint models get ImageNet's),
-and that preprocessing is recorded in every run so results can be traced.
+A target model is a frozen network whose filters we explain. It carries the
+preprocessing it was trained with (torchvision's weights do; random or checkpoint models
+get ImageNet's), and that preprocessing is recorded in every run so results can be
+traced. Names are torchvision's classification models, or the builders of
+:data:`EXTRA_MODELS` (one module each in this package).
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,38 +19,10 @@ import torch
 from torch import nn
 
 from lavise.errors import LaviseError
+from lavise.models.efficientnet_lite import build_efficientnet_lite0
+from lavise.models.preprocessing import Preprocessing
+from lavise.models.scene_cnn import build_scene_cnn
 from lavise.storage import content_digest
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """Resize the shorter side, centre-crop, scale to [0, 1], normalise per channel.
-
-    The same geometry is applied to concept masks so that they stay aligned with the
-    image the network sees.
-    """
-
-    resize_size: int = 256
-    crop_size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bilinear"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Preprocessing:
-        return cls(
-            resize_size=int(data["resize_size"]),
-            crop_size=int(data["crop_size"]),
-            mean=tuple(data["mean"]),
-            std=tuple(data["std"]),
-            interpolation=str(data["interpolation"]),
-        )
 
 
 @dataclass(frozen=True)
@@ -102,7 +75,10 @@ class TargetModel:
 
 
 # Builders for models that torchvision does not name. Each returns (module, preprocessing).
-EXTRA_MODELS: dict[str, Callable[[str | None], tuple[nn.Module, Preprocessing]]] = {}
+EXTRA_MODELS: dict[str, Callable[[str | None], tuple[nn.Module, Preprocessing]]] = {
+    "efficientnet_lite0": build_efficientnet_lite0,
+    "scene_cnn": build_scene_cnn,
+}
 
 
 def load_target_model(spec: ModelSpec) -> TargetModel:
@@ -204,119 +180,3 @@ def _load_checkpoint(module: nn.Module, path: Path) -> None:
             f"{len(result.unexpected_keys)} unexpected keys "
             f"(e.g. {result.unexpected_keys[:3]}). Is --model the right architecture?"
         )
-
-
-def layer_names(module: nn.Module) -> list[str]:
-    """Dotted paths of every sub-module, in definition order."""
-    return [name for name, _ in module.named_modules() if name]
-
-
-def resolve_layer(module: nn.Module, path: str) -> nn.Module:
-    """The sub-module at a dotted path; on a miss, an error naming close matches."""
-    try:
-        return module.get_submodule(path)
-    except AttributeError:
-        names = layer_names(module)
-        close = difflib.get_close_matches(path, names, n=8, cutoff=0.5)
-        raise LaviseError(
-            f"Layer '{path}' not found in the model. Closest valid names: "
-            f"{', '.join(close) or ', '.join(names[:8])}. "
-            "Run 'lavise layers MODEL' to list every layer with its output shape."
-        ) from None
-
-
-class _StopForward(Exception):
-    """Raised by the hook once the layer has produced its output."""
-
-
-@contextlib.contextmanager
-def layer_reader(module: nn.Module, path: str) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
-    """Yield a function images -> the layer's output; nothing after the layer runs.
-
-    The hook is removed and the module's training flag restored on exit, also when the
-    forward pass fails.
-
-    Example:
-        >>> import torchvision
-        >>> net = torchvision.models.resnet18()
-        >>> with layer_reader(net, "layer4") as read:
-        ...     read(torch.zeros(1, 3, 64, 64)).shape
-        torch.Size([1, 512, 2, 2])
-    """
-    layer = resolve_layer(module, path)
-    captured: list[torch.Tensor] = []
-
-    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-        captured.append(output)
-        raise _StopForward
-
-    was_training = module.training
-    handle = layer.register_forward_hook(hook)
-    module.eval()
-
-    def read(images: torch.Tensor) -> torch.Tensor:
-        captured.clear()
-        try:
-            module(images)
-        except _StopForward:
-            pass
-        if not captured:
-            raise LaviseError(f"Layer '{path}' was not called in the model's forward pass.")
-        output = captured[0]
-        if not torch.is_tensor(output) or output.dim() != 4:
-            shape = tuple(output.shape) if torch.is_tensor(output) else type(output).__name__
-            raise LaviseError(
-                f"Layer '{path}' outputs {shape}; LaViSE explains convolutional feature "
-                "maps of shape (batch, filters, height, width). Choose a convolutional "
-                "block or activation instead."
-            )
-        return output
-
-    try:
-        yield read
-    finally:
-        handle.remove()
-        module.train(was_training)
-
-
-def layer_shapes(module: nn.Module, crop_size: int) -> list[tuple[str, tuple[int, ...]]]:
-    """Each 4-D layer output's shape (filters, height, width) for one image."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    handles = []
-    for name, sub in module.named_modules():
-        if not name:
-            continue
-
-        def hook(_m: nn.Module, _i: object, out: object, name: str = name) -> None:
-            if torch.is_tensor(out) and out.dim() == 4 and name not in shapes:
-                shapes[name] = tuple(out.shape[1:])
-
-        handles.append(sub.register_forward_hook(hook))
-    was_training = module.training
-    try:
-        module.eval()
-        with torch.inference_mode():
-            module(torch.zeros(1, 3, crop_size, crop_size))
-    finally:
-        for handle in handles:
-            handle.remove()
-        module.train(was_training)
-    return [(name, shapes[name]) for name in layer_names(module) if name in shapes]
-
-
-def _efficientnet_lite0(weights: str | None) -> tuple[nn.Module, Preprocessing]:
-    from lavise.efficientnet_lite import build_efficientnet_lite0  # needs timm; imported late
-
-    return build_efficientnet_lite0(weights)
-
-
-EXTRA_MODELS["efficientnet_lite0"] = _efficientnet_lite0
-
-
-def _scene_cnn(weights: str | None) -> tuple[nn.Module, Preprocessing]:
-    from lavise.scene_cnn import build_scene_cnn
-
-    return build_scene_cnn(weights)
-
-
-EXTRA_MODELS["scene_cnn"] = _scene_cnn

@@ -27,12 +27,14 @@ from __future__ import annotations
 import html
 import shutil
 import warnings
-from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from lavise.datasets.base import ImageFiles, LaviseWarning, SkipLog
-from lavise.errors import LaviseError
+from lavise._version import __version__
+from lavise.compute import cpu_threads
+from lavise.datasets.base import ImageFiles, SkipLog, relative_name
+from lavise.errors import LaviseError, LaviseWarning
+from lavise.features import target_features
 from lavise.models import Preprocessing, TargetModel
 from lavise.report.gather import (
     Sources,
@@ -54,29 +56,13 @@ from lavise.report.thumbnails import (
     filter_thumbnail_name,
     stale_filters,
 )
-from lavise.settings import ComputeSettings, option
-from lavise.storage import atomic_path, default_cache_dir
+from lavise.runs import load_run
+from lavise.settings import ComputeSettings, ReportSettings
+from lavise.storage import atomic_path, cache_folder
 
 __all__ = ["ReportSettings", "write_report"]
 
 STATIC_FILES = ("report.js", "report.css")
-
-
-@dataclass(frozen=True)
-class ReportSettings:
-    """What the report shows and how its images are made."""
-
-    thumbnail_size: int = option(128, "side of the square image thumbnails, in pixels")
-    jpeg_quality: int = option(80, "JPEG quality of the thumbnails, 1-95")
-    overlays: bool = option(
-        True, "draw each filter's region (above its threshold T_u) over its top images; needs the "
-        "run's model and its target features (cached by 'explain')"
-    )
-    examples_per_group: int = option(6, "example images shown per group on a filter's page")
-    absolute_paths: bool = option(False, "show data folders by their absolute paths (default: their names only)")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def write_report(
@@ -170,8 +156,6 @@ def _write(
     cache_dir: Path | None,
     target: Path | None,
 ) -> Path:
-    from lavise import __version__
-
     explanations, config = sources.explanations, sources.config
     skipped = SkipLog()
     root = _target_root(target, explanations, run_dir)
@@ -256,36 +240,16 @@ def _preprocessing(config: dict, run_dir: Path) -> Preprocessing:
 
 def _target_maps(run_dir, root, explanations, model, cache_dir, compute):
     """The target feature maps (cached by ``explain``) and each image name's row in them."""
-    import torch
-
-    from lavise.features import cpu_threads, target_features
-    from lavise.runs import load_run
-
     run = load_run(run_dir)
     try:
         target_model = run.target_model(model)
     except LaviseError as error:
         raise LaviseError(f"{error} Or build the report without regions: overlays=False (--no-overlays).") from None
-    with cpu_threads(compute.threads, compute.num_workers):
-        features = target_features(
-            target_model, run.layer, ImageFiles(root), cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(),
-            batch_size=compute.batch_size, num_workers=compute.num_workers, device=compute.device,
-            progress=compute.progress,
-        )
-    maps: torch.Tensor = features.maps
-    largest = max(f["filter"] for f in explanations["filters"])
-    if largest >= maps.shape[1]:
-        raise LaviseError(
-            f"'{run_dir / 'explanations.json'}' names filter {largest} but layer '{run.layer}' has "
-            f"{maps.shape[1]} filters on the target images: is it the same model?"
-        )
-    rows = {}
-    for i, path in enumerate(features.paths):
-        try:
-            rows[str(Path(path).relative_to(root))] = i
-        except ValueError:
-            rows[str(path)] = i
-    return maps, rows
+    with cpu_threads(compute):
+        features = target_features(target_model, run.layer, ImageFiles(root), cache_dir=cache_folder(cache_dir), compute=compute)
+    run.check_filters(features.maps.shape[1], "the target images")
+    rows = {relative_name(path, root): i for i, path in enumerate(features.paths)}
+    return features.maps, rows
 
 
 def _group_examples(

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from lavise.datasets.base import BadImage, SkipLog, load_rgb
 from lavise.models import Preprocessing
+from lavise.regions import upsampled_regions
 from lavise.storage import atomic_path, cache_key, read_json, write_json
 
 MANIFEST_VERSION = 1
@@ -61,8 +62,7 @@ def region_masks(maps: torch.Tensor, thresholds: torch.Tensor, size: int) -> tor
 
     (P, h, w) maps, (P,) thresholds -> (P, size, size) bool
     """
-    upsampled = F.interpolate(maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)
-    return upsampled[:, 0] > thresholds.float()[:, None, None]
+    return upsampled_regions(maps[:, None], thresholds[:, None], (size, size))[:, 0]
 
 
 def region_outlines(masks: torch.Tensor) -> torch.Tensor:

