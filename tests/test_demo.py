@@ -77,3 +77,20 @@ def test_scene_cnn_learns_and_loads_as_a_target(tmp_path):
     with layer_reader(model.module, DEFAULT_LAYER) as read, torch.inference_mode():
         maps = read(torch.zeros(2, 3, 112, 112))
     assert maps.shape == (2, 256, 14, 14) and maps.min() >= 0  # post-ReLU
+
+
+def test_the_scene_cnn_checkpoint_depends_on_its_weights_alone(tmp_path):
+    """Two trainings with one seed write the same bytes (the run records the file's digest)."""
+    import hashlib
+
+    from lavise.demos.scene_training import _save_backbone
+    from lavise.models.scene_cnn import SceneCNN
+
+    digests = set()
+    for name in ("a.pt", "b.pt"):
+        torch.manual_seed(3)
+        _save_backbone(SceneCNN(4), tmp_path / name)
+        digests.add(hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
+    assert len(digests) == 1
+    state = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert set(state) == {k for k in SceneCNN(4).state_dict() if k.startswith("features.")}

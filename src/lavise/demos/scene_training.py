@@ -10,6 +10,7 @@ save the backbone only, loadable as ``ModelSpec("scene_cnn", None, path)``.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from lavise.datasets.base import BadImage, load_rgb
 from lavise.datasets.coco import CocoDataset
 from lavise.errors import LaviseError
 from lavise.models.scene_cnn import PREPROCESSING, SceneCNN, backbone
-from lavise.storage import atomic_path
+from lavise.storage import write_bytes
 
 
 def _load_scenes(dataset: CocoDataset, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,6 +210,14 @@ def _backbone_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _save_backbone(model: SceneCNN, out_path: Path) -> None:
+    """Write the backbone's state_dict, the same bytes for the same weights.
+
+    torch.save names the archive inside the file after the file it writes to; saving
+    to memory first keeps the random name of the temporary file out of it, so the
+    checkpoint's digest, which the feature cache and the run record, depends on the
+    weights alone.
+    """
     state = {k: v for k, v in model.state_dict().items() if k.startswith("features.")}
-    with atomic_path(Path(out_path)) as tmp:
-        torch.save(state, tmp)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(Path(out_path), buffer.getvalue())
