@@ -17,9 +17,13 @@ from pathlib import Path
 
 import torch
 
-from lavise import ComputeSettings, ExplainSettings, ModelSpec, TrainSettings, explain, load_target_model, train
-from lavise.datasets import CocoDataset, LaviseWarning
-from lavise.synthetic import SceneSettings, generate_scenes
+from lavise.datasets import CocoDataset
+from lavise.errors import LaviseWarning
+from lavise.explain import explain
+from lavise.models import ModelSpec, load_target_model
+from lavise.runs import train
+from lavise.settings import ComputeSettings, ExplainSettings, SceneSettings, TrainSettings
+from lavise.synthetic import generate_scenes
 
 
 class ForwardClock:

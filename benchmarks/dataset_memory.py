@@ -149,7 +149,8 @@ def measure(format: str, path: Path, cache: Path) -> dict:
     """Open the dataset and draw every image's masks; peaks of this process."""
     import warnings
 
-    from lavise.datasets import LaviseWarning, open_reference
+    from lavise.datasets import open_reference
+    from lavise.errors import LaviseWarning
 
     warnings.simplefilter("ignore", LaviseWarning)
     if not _reset_peak_rss():  # without it the peak would include the imports (torch)

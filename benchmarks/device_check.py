@@ -30,10 +30,10 @@ from lavise.datasets.coco import CocoDataset
 from lavise.evaluate import evaluate
 from lavise.explain import explain
 from lavise.features import reference_features
-from lavise.groups import GroupSettings, compare_groups
+from lavise.groups import compare_groups
 from lavise.models import ModelSpec, load_target_model
 from lavise.runs import load_run, train
-from lavise.settings import ComputeSettings, EvaluateSettings, ExplainSettings, TrainSettings
+from lavise.settings import ComputeSettings, EvaluateSettings, ExplainSettings, GroupSettings, TrainSettings
 
 CONCEPTS = {"circle": (220, 40, 40), "square": (40, 200, 60), "triangle": (40, 60, 220), "star": (230, 200, 30),
             "cross": (200, 60, 200), "ring": (30, 200, 200)}
@@ -142,8 +142,7 @@ def main() -> None:
         cache = args.out / f"cache-{device}"
         got = results[device] = {}
         got["reference"] = timed("reference features + thresholds", device, times, reference_features, model, "layer3",
-                                 reference, cache_dir=cache, batch_size=64, num_workers=4, device=device,
-                                 progress=False, activation_regions=3)
+                                 reference, cache_dir=cache, compute=compute, activation_regions=3)
         got["run"] = timed("train", device, times, train, model, "layer3", reference, args.out / f"run-{device}",
                            word_vectors=str(args.out / "vectors.txt"), settings=train_settings, compute=compute,
                            cache_dir=cache)

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from lavise.datasets.coco import CocoDataset
-from lavise.demo import DemoSettings, run_demo
+from lavise.demos.demo import run_demo
 from lavise.evaluate import evaluate
-from lavise.settings import ComputeSettings, EvaluateSettings
+from lavise.settings import ComputeSettings, DemoSettings, EvaluateSettings
 
 COLUMNS = [
     ("R@5", lambda s: s["recall@5"]),

@@ -40,11 +40,11 @@ import numpy as np
 
 from evaluate_demo import mean_sd  # benchmarks/ is on the path when a script in it runs
 from lavise.datasets.coco import CocoDataset
-from lavise.demo import DemoSettings, run_demo
+from lavise.demos.demo import run_demo
 from lavise.evaluate import evaluate
 from lavise.models import ModelSpec
 from lavise.runs import train
-from lavise.settings import ComputeSettings, EvaluateSettings, ExplainSettings, TrainSettings
+from lavise.settings import ComputeSettings, DemoSettings, EvaluateSettings, ExplainSettings, TrainSettings
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ EXPLAINERS = (
     # lavise 0.2-0.3: mean inside the mask, Adam at 1e-3 (chosen on seeds 0-2).
     Explainer("lavise", "region", 1e-3, ("activation", "attention")),
     # Protocol 3's candidate: lavise's, plus 3 activation-region rows per (image, concept)
-    # pair (benchmarks/activation_masks_experiment.py on seeds 0-2).
+    # pair (experiments/activation_masks.py on seeds 0-2).
     Explainer("lavise-regions", "region", 1e-3, ("activation", "attention"), activation_regions=3),
 )
 

@@ -27,9 +27,9 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from lavise.bias_demo import BiasDemoSettings, run_bias_demo
-from lavise.datasets import LaviseWarning
-from lavise.settings import ComputeSettings
+from lavise.demos.bias import run_bias_demo
+from lavise.errors import LaviseWarning
+from lavise.settings import BiasDemoSettings, ComputeSettings
 
 CLOSED_WORDS = ("dog", "car", "guitar", "tree", "umbrella", "banana", "book", "clock", "cactus", "hat")
 

@@ -28,12 +28,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lavise.datasets import ImageFiles, LaviseWarning
+from lavise.datasets import ImageFiles
 from lavise.embeddings import load_word_vectors
-from lavise.explain import quantile_thresholds, top_images
+from lavise.errors import LaviseWarning
+from lavise.explain import top_images
 from lavise.explainer import ExplainerHead
 from lavise.features import target_features
 from lavise.models import Preprocessing, TargetModel
+from lavise.regions import quantile_thresholds
 from lavise.report import write_report
 from lavise.settings import ComputeSettings, ExplainSettings, TrainSettings
 from lavise.storage import save_tensors, write_json
@@ -58,7 +60,8 @@ def make_images(folder: Path, count: int, seed: int) -> None:
 def make_run(out: Path, model: TargetModel, targets: Path, filters: int, top: int, cache: Path) -> Path:
     """A run directory in the format of 'lavise train' + 'explain', from real feature maps."""
     images = ImageFiles(targets)
-    features = target_features(model, "0", images, cache_dir=cache, batch_size=64, num_workers=0, device="cpu", progress=False)
+    compute = ComputeSettings(device="cpu", batch_size=64, num_workers=0, progress=False)
+    features = target_features(model, "0", images, cache_dir=cache, compute=compute)
     maps = features.maps  # (N, d, 8, 8)
     thresholds = quantile_thresholds(maps, 0.005)
     chosen = top_images(maps, top)

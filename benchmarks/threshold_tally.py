@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from lavise.attention import ThresholdTally, quantile_thresholds
+from lavise.regions import ThresholdTally, quantile_thresholds
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ lavise now builds such rows itself (``reference_features(..., activation_regions
 three by default since 0.4); this script is kept as the record of the development-seed
 measurement that chose it, so its figures in docs/evaluation.md stay reproducible.
 
-    python benchmarks/activation_masks_experiment.py --work /tmp/lavise-dev --seeds 0 1 2
+    python experiments/activation_masks.py --work /tmp/lavise-dev --seeds 0 1 2
 
 WORK is a folder written by ``benchmarks/fresh_seeds.py`` (its ``seed-S/protocol`` runs).
 """
@@ -21,76 +21,84 @@ WORK is a folder written by ``benchmarks/fresh_seeds.py`` (its ``seed-S/protocol
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from evaluate_demo import print_mean_sd_rows  # benchmarks/ is on the path when a script in it runs
-from ranking_experiment import ScoredLayer, filter_vectors, protocol_layers
-from lavise.attention import masks_to_grid
+from common import ScoredLayer, filter_vectors, print_mean_sd_rows, protocol_layers
+from lavise.datasets import BadImage, load_rgb
 from lavise.embeddings import concept_vectors
-from lavise.evaluate import score_filters
-from lavise.explain import nearest_words, quantile_thresholds, rank_words
+from lavise.explain import nearest_words, rank_words
 from lavise.explainer import train_explainer
-from lavise.features import _batches, target_features
+from lavise.features import target_features
+from lavise.metrics import score_filters
+from lavise.models import Preprocessing, preprocess_masks
+from lavise.regions import masks_to_grid, quantile_thresholds
 from lavise.settings import ComputeSettings
 
 
-@dataclass
-class Head:
-    """What filter_vectors needs of a run: its head and pooling."""
+def reference_masks(reference, preprocessing: Preprocessing):
+    """(image index, concepts, (m, H, W) masks) of each reference image with masks, read and
+    preprocessed as lavise's feature extraction does; unreadable images and masks that do
+    not fit are passed over, as there."""
+    for index in range(len(reference)):
+        try:
+            image = load_rgb(reference.image_path(index))
+        except BadImage:
+            continue
+        try:
+            concepts, masks = reference.masks(index, image.size)
+        except ValueError:
+            continue
+        if concepts:
+            yield index, concepts, preprocess_masks(masks, preprocessing)
 
-    head: torch.nn.Module
-    pooling: str = "region"
 
-
-def training_rows(run, reference, cache: Path, extra: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def training_rows(run, reference, cache: Path, extra: int,
+                  compute: ComputeSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(n, d) pooled vectors, (n,) seen-concept index, (n,) image, (n,) whether the row is a
     whole mask: each mask's row followed by up to ``extra`` activation-region rows."""
     model = run.target_model()
-    features = target_features(model, run.layer, reference, cache_dir=cache, progress=False)
+    features = target_features(model, run.layer, reference, cache_dir=cache, compute=compute)
     row_of_path = {p: i for i, p in enumerate(features.paths)}
     maps = features.maps
     thresholds = quantile_thresholds(maps, 0.005)
     seen = {name: i for i, name in enumerate(run.split["seen"])}
     vectors, targets, images, whole = [], [], [], []
-    for items in _batches(reference, model.preprocessing, True, 32, 0, "masks", False):
-        for item in items:
-            if item.problem or not item.concepts:
+    for index, concepts, masks in reference_masks(reference, model.preprocessing):
+        row = row_of_path.get(str(reference.image_path(index)))
+        if row is None:
+            continue
+        fm = maps[row]  # (d, h, w)
+        cells = masks_to_grid(masks, tuple(fm.shape[-2:]))  # (m, h, w)
+        for concept, coverage in zip(concepts, cells):
+            name = reference.concepts[concept]
+            if name not in seen or coverage.sum() <= 0:
                 continue
-            row = row_of_path.get(str(reference.image_path(item.index)))
-            if row is None:
+            weight = coverage.flatten()
+            flat = fm.flatten(1)
+            vectors.append(flat @ weight / weight.sum())
+            targets.append(seen[name])
+            images.append(row)
+            whole.append(True)
+            inside = weight >= 0.5
+            if extra == 0 or not inside.any():
                 continue
-            fm = maps[row]  # (d, h, w)
-            cells = masks_to_grid(item.masks, tuple(fm.shape[-2:]))  # (m, h, w)
-            for concept, coverage in zip(item.concepts, cells):
-                name = reference.concepts[concept]
-                if name not in seen or coverage.sum() <= 0:
-                    continue
-                weight = coverage.flatten()
-                flat = fm.flatten(1)
-                vectors.append(flat @ weight / weight.sum())
-                targets.append(seen[name])
-                images.append(row)
-                whole.append(True)
-                inside = weight >= 0.5
-                if extra == 0 or not inside.any():
-                    continue
-                strongest = flat[:, inside].mean(dim=1).topk(extra).indices
-                for u in strongest.tolist():
-                    region = inside & (flat[u] > thresholds[u])
-                    if region.any():
-                        vectors.append(flat[:, region].mean(dim=1))
-                        targets.append(seen[name])
-                        images.append(row)
-                        whole.append(False)
+            strongest = flat[:, inside].mean(dim=1).topk(extra).indices
+            for u in strongest.tolist():
+                region = inside & (flat[u] > thresholds[u])
+                if region.any():
+                    vectors.append(flat[:, region].mean(dim=1))
+                    targets.append(seen[name])
+                    images.append(row)
+                    whole.append(False)
     return torch.stack(vectors), torch.tensor(targets), torch.tensor(images), torch.tensor(whole)
 
 
 def seen_unseen(head: torch.nn.Module, layer: ScoredLayer) -> tuple[float, float]:
     """Seen recall@5 and unseen recall@20 of ``head`` on the layer (activation masking, first-choice)."""
-    vectors = filter_vectors(Head(head), layer.maps, layer.thresholds, layer.chosen, layer.scored)  # (f, p, D)
+    # the rows are means inside masks and regions: region pooling, whatever the run's
+    vectors = filter_vectors(head, "region", layer.maps, layer.thresholds, layer.chosen, layer.scored)  # (f, p, D)
     f, p, _ = vectors.shape
     ids, sims = nearest_words(vectors.reshape(f * p, -1), layer.vocabulary.unit_vectors, 5)
     ranked = rank_words(ids.reshape(f, p * 5), sims.reshape(f, p * 5), 20, words_per_image=5, ranking="first-choice")
@@ -111,7 +119,7 @@ def main() -> None:
     for layer in protocol_layers(args.work, args.seeds, "lavise", compute):
         run = layer.run
         _, seen_vectors, _ = concept_vectors(run.split["seen"], layer.word_vectors)
-        vectors, targets, images, whole = training_rows(run, layer.demo.reference, layer.demo.cache, args.extra)
+        vectors, targets, images, whole = training_rows(run, layer.demo.reference, layer.demo.cache, args.extra, compute)
         # the masks' rows alone are exactly what extra = 0 gives, in the same order
         for name, rows in (("masks only (retrained)", whole), (f"masks + {args.extra} activation regions", slice(None))):
             result = train_explainer(vectors[rows], targets[rows], images[rows], seen_vectors, run.train_settings,

@@ -6,7 +6,7 @@ and lr 1e-3, and scores seen and unseen recall on evaluation scenes that hold ev
 concept. The zero-shot literature finds transfer grows with the number of training
 classes; this measures whether it does here.
 
-    python benchmarks/concept_count_experiment.py --concepts 300 --reference 3000 --evaluation 500
+    python experiments/concept_count.py --concepts 300 --reference 3000 --evaluation 500
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from lavise.embeddings import load_word_vectors
 from lavise.evaluate import evaluate, markdown_table
 from lavise.models import ModelSpec
 from lavise.runs import train
-from lavise.settings import ComputeSettings, EvaluateSettings, ExplainSettings, TrainSettings
-from lavise.synthetic import SceneSettings, generate_scenes
+from lavise.settings import ComputeSettings, EvaluateSettings, ExplainSettings, SceneSettings, TrainSettings
+from lavise.synthetic import generate_scenes
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ are then the vocabulary words nearest that mixture, ranked as usual. T = 1 names
 image with one seen concept's neighbours; larger T lands between seen concepts, where a
 held-out concept might lie.
 
-    python benchmarks/conse_experiment.py --demo /tmp/lavise-eval/seed-0 --target scene_cnn
+    python experiments/conse.py --demo /tmp/lavise-eval/seed-0 --target scene_cnn
 
 Retrains the demo run's explainer with lavise's defaults (region pooling, lr 1e-3) and
 scores activation masking with the plain head and with ConSE heads of several T.
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from demo_folder import DemoFolder  # benchmarks/ is on the path when a script in it runs
+from common import DemoFolder
 from lavise.embeddings import concept_vectors, load_word_vectors
 from lavise.evaluate import evaluate, markdown_table
 from lavise.runs import train

@@ -5,7 +5,7 @@ they get, and the three most frequent top-1 words with their counts. A method wh
 input does not depend on the filter (``original``; image masking when the masked images
 are mostly blank) names every filter alike.
 
-    python benchmarks/evaluation_diagnostics.py /tmp/lavise-eval/seed-*/runs/*/evaluation.json
+    python experiments/evaluation_diagnostics.py /tmp/lavise-eval/seed-*/runs/*/evaluation.json
 """
 
 from __future__ import annotations

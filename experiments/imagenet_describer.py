@@ -9,7 +9,7 @@ drawn alone and centred on grey (the easiest case, no scene around it), is class
 embedded, and the vocabulary's 20,000 words ranked by cosine. Recall@k is the share of
 concepts whose own word is among the k nearest.
 
-    python benchmarks/imagenet_describer.py
+    python experiments/imagenet_describer.py
 
 Prints recall@5/20/100 for T = 1, 5, 10, 50 and the top class of the first concepts.
 """
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.models import ResNet50_Weights
 
-from lavise.efficientnet_lite import build_efficientnet_lite0
 from lavise.embeddings import load_word_vectors
+from lavise.models.efficientnet_lite import build_efficientnet_lite0
 from lavise.synthetic import concept_pool, render_concept
 
 

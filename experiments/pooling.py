@@ -5,7 +5,7 @@ F ⊙ M; ``region``: the mean inside the mask) and scores the feature-space meth
 demo's evaluation scenes. Also prints the mean norm of the explainer's training inputs
 and of each method's inputs on the top images, which shows the scale mismatch.
 
-    python benchmarks/pooling_experiment.py --demo /tmp/lavise-eval/seed-0 --target scene_cnn
+    python experiments/pooling.py --demo /tmp/lavise-eval/seed-0 --target scene_cnn
 
 The demo folder must exist (``lavise demo --out DIR``). docs/evaluation.md quotes the output.
 """
@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from demo_folder import DemoFolder  # benchmarks/ is on the path when a script in it runs
-from lavise.attention import explainer_inputs
+from common import DemoFolder
 from lavise.evaluate import evaluate, markdown_table
-from lavise.explain import quantile_thresholds, top_images
+from lavise.explain import top_images
 from lavise.features import reference_features, target_features
+from lavise.inputs import explainer_inputs
+from lavise.regions import quantile_thresholds
 from lavise.runs import train
 from lavise.settings import ComputeSettings, EvaluateSettings
 
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the run's epochs")
     parser.add_argument("--word-vectors", default=None,
                         help="word space for the retrained explainers (default: the run's), e.g. a file "
-                             "written by benchmarks/minilm_vectors.py")
+                             "written by experiments/minilm_vectors.py")
     parser.add_argument("--lenient", action="store_true", help="also score lenient recall")
     args = parser.parse_args()
 
@@ -51,8 +52,9 @@ def main() -> None:
 
     model = base.target_model()
     layer = args.layer or base.layer
-    pooled = reference_features(model, layer, reference, cache_dir=cache, progress=False)
-    maps = target_features(model, layer, dataset, cache_dir=cache, progress=False).maps
+    # whole masks only: the training inputs and mask areas printed are those of the masks
+    pooled = reference_features(model, layer, reference, cache_dir=cache, compute=compute, activation_regions=0)
+    maps = target_features(model, layer, dataset, cache_dir=cache, compute=compute).maps
     thresholds = quantile_thresholds(maps, 0.005)
     chosen = top_images(maps, 25)
     filters = torch.arange(maps.shape[1]).repeat_interleave(chosen.shape[1])

@@ -18,7 +18,7 @@ scenes, exactly as ``lavise evaluate`` does:
 - ``csls``: the mean vector's similarities less each word's mean similarity to its 10
   nearest filter vectors of the layer, the hubness correction of Conneau et al. (2018).
 
-    python benchmarks/ranking_experiment.py --work /tmp/lavise-dev --seeds 0 1 2
+    python experiments/ranking.py --work /tmp/lavise-dev --seeds 0 1 2
 
 WORK is a folder written by ``benchmarks/fresh_seeds.py`` (its ``seed-S/protocol`` runs).
 Prints seen recall@5/10/20, all-concept recall@5 and unseen recall@20, mean ± sd over
@@ -28,76 +28,15 @@ the seeds, per layer and ranking.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from demo_folder import DemoFolder  # benchmarks/ is on the path when a script in it runs
-from evaluate_demo import print_mean_sd_rows
-from fresh_seeds import LAYERS
-from lavise.embeddings import Vocabulary, WordVectors, load_word_vectors
-from lavise.evaluate import Evaluation, evaluate, score_filters
-from lavise.explain import feature_inputs, nearest_words, quantile_thresholds, rank_words, top_images
-from lavise.features import target_features
-from lavise.runs import Run, load_run
-from lavise.settings import ComputeSettings, EvaluateSettings
-
-
-@dataclass
-class ScoredLayer:
-    """One protocol run on its demo's evaluation scenes: what the experiments here share."""
-
-    seed: int
-    name: str  # "target layer"
-    demo: DemoFolder
-    run: Run
-    evaluation: Evaluation  # lavise's default naming, for its ground truth and as a check
-    truth: list[list[str]]  # per filter, its ground-truth concepts
-    scored: torch.Tensor  # (f,) the filters with ground truth
-    maps: torch.Tensor  # (N, d, h, w) on the evaluation scenes
-    thresholds: torch.Tensor  # (d,)
-    chosen: torch.Tensor  # (d, p) top scenes
-    word_vectors: WordVectors
-    vocabulary: Vocabulary  # the default 20,000 words
-
-    @property
-    def scored_truth(self) -> list[list[str]]:
-        return [self.truth[u] for u in self.scored.tolist()]
-
-
-def protocol_layers(work: Path, seeds: list[int], explainer: str, compute: ComputeSettings,
-                    top: int = 25) -> Iterator[ScoredLayer]:
-    """Every protocol run of ``explainer`` in ``work``, seed by seed and layer by layer."""
-    for seed in seeds:
-        demo = DemoFolder(work / f"seed-{seed}")
-        for target, layers in LAYERS.items():
-            for layer in layers:
-                run = load_run(demo.path / "protocol" / f"{target}-{layer}-{explainer}")
-                [evaluation] = evaluate([run], demo.evaluation, settings=EvaluateSettings(methods=("activation",)),
-                                        compute=compute, cache_dir=demo.cache, write=False)
-                truth = [[g["concept"] for g in f["ground_truth"]] for f in evaluation.filters]
-                maps = target_features(run.target_model(), layer, demo.evaluation, cache_dir=demo.cache, progress=False).maps
-                word_vectors = load_word_vectors(run.config["word_vectors"], cache_dir=demo.cache)
-                yield ScoredLayer(
-                    seed, f"{target} {layer}", demo, run, evaluation, truth,
-                    torch.tensor([u for u, t in enumerate(truth) if t]), maps, quantile_thresholds(maps, 0.005),
-                    top_images(maps, top), word_vectors, word_vectors.vocabulary(size=20_000),
-                )
-
-
-def filter_vectors(run, maps, thresholds, chosen, scored, chunk: int = 2048) -> torch.Tensor:
-    """(f, p, D) unit explainer outputs for each scored filter's top images (activation masking)."""
-    inputs = feature_inputs("activation", maps, thresholds, torch.device("cpu"), run.pooling)
-    p = chosen.shape[1]
-    filters, rows = scored.repeat_interleave(p), chosen[scored].flatten()
-    head = run.head.eval()
-    with torch.inference_mode():
-        out = [F.normalize(head(inputs(filters[i : i + chunk], rows[i : i + chunk])), dim=1)
-               for i in range(0, len(rows), chunk)]
-    return torch.cat(out).reshape(len(scored), p, -1)
+from common import filter_vectors, print_mean_sd_rows, protocol_layers
+from lavise.explain import nearest_words, rank_words
+from lavise.metrics import score_filters
+from lavise.settings import ComputeSettings
 
 
 def rankings(vectors: torch.Tensor, peaks: torch.Tensor, vocab: torch.Tensor, top: int = 20) -> dict[str, list[list[int]]]:
@@ -145,7 +84,7 @@ def main() -> None:
     table: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for layer in protocol_layers(args.work, args.seeds, args.explainer, compute, args.top_images):
         peaks = layer.maps.flatten(2).amax(dim=2).T.gather(1, layer.chosen)[layer.scored]  # (f, p)
-        vectors = filter_vectors(layer.run, layer.maps, layer.thresholds, layer.chosen, layer.scored)
+        vectors = filter_vectors(layer.run.head, layer.run.pooling, layer.maps, layer.thresholds, layer.chosen, layer.scored)
         vocab = layer.vocabulary
         for name, ranked in rankings(vectors, peaks, vocab.unit_vectors).items():
             words = [[vocab.words[w] for w in r] for r in ranked]

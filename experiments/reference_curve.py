@@ -5,7 +5,7 @@ scenes of a demo's reference set, for several N, and scores activation masking o
 demo's evaluation scenes: seen recall, unseen recall and the number of seen concepts
 (a concept must appear in the first N scenes to be trained on).
 
-    python benchmarks/reference_curve.py --demo /tmp/lavise-eval/seed-0 --sizes 100 200 400 800
+    python experiments/reference_curve.py --demo /tmp/lavise-eval/seed-0 --sizes 100 200 400 800
 
 The demo folder must exist (``lavise demo --out DIR``). docs/evaluation.md quotes the output.
 """
@@ -16,9 +16,9 @@ import argparse
 import json
 from pathlib import Path
 
-from demo_folder import DemoFolder  # benchmarks/ is on the path when a script in it runs
+from common import DemoFolder
 from lavise.datasets.coco import CocoDataset
-from lavise.evaluate import evaluate
+from lavise.evaluate import evaluate, markdown_cell
 from lavise.runs import train
 from lavise.settings import ComputeSettings, EvaluateSettings, TrainSettings
 
@@ -59,9 +59,10 @@ def main() -> None:
             (evaluation,) = evaluate([run], dataset, settings=EvaluateSettings(methods=("activation",), lenient=False),
                                      compute=compute, cache_dir=cache, write=False)
             s = evaluation.methods["activation"]
-            rows.append([target, base.layer, str(size), str(len(run.split["seen"])), f"{s['recall@5']:.3f}",
-                         f"{s['seen']['recall@5']:.3f}", f"{s['seen']['recall@20']:.3f}",
-                         f"{s['unseen']['recall@20']:.3f}", f"{s['unseen_named@20']:.3f}"])
+            seen, unseen = s["seen"] or {}, s["unseen"] or {}  # None when no filter's ground truth has one
+            rows.append([target, base.layer, str(size), str(len(run.split["seen"])), markdown_cell(s["recall@5"]),
+                         markdown_cell(seen.get("recall@5")), markdown_cell(seen.get("recall@20")),
+                         markdown_cell(unseen.get("recall@20")), markdown_cell(s["unseen_named@20"])])
             print(" | ".join(rows[-1]), flush=True)
     header = ["target", "layer", "reference scenes", "seen concepts", "R@5", "seen R@5", "seen R@20",
               "unseen R@20", "unseen named@20"]

@@ -8,7 +8,7 @@ vocabulary's 20,000 words by cosine, and records the concept word's best rank ov
 images (0 = nearest). Seen and unseen concepts are reported apart: the share whose best
 rank is within 20, 100 and 1,000, and the median.
 
-    python benchmarks/unseen_ranks.py --work /tmp/lavise-dev --seeds 0 1 2
+    python experiments/unseen_ranks.py --work /tmp/lavise-dev --seeds 0 1 2
 
 WORK is a folder written by ``benchmarks/fresh_seeds.py`` (its ``seed-S/protocol`` runs).
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ranking_experiment import filter_vectors, protocol_layers  # benchmarks/ is on the path
+from common import filter_vectors, protocol_layers
 from lavise.settings import ComputeSettings
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     ranks: dict[str, dict[str, list[int]]] = {}
     for layer in protocol_layers(args.work, args.seeds, args.explainer, compute):
         index = {w: i for i, w in enumerate(layer.vocabulary.words)}
-        vectors = filter_vectors(layer.run, layer.maps, layer.thresholds, layer.chosen, layer.scored)
+        vectors = filter_vectors(layer.run.head, layer.run.pooling, layer.maps, layer.thresholds, layer.chosen, layer.scored)
         seen = set(layer.run.split["seen"])
         cell = ranks.setdefault(layer.name, {"seen": [], "unseen": []})
         for row, concepts in enumerate(layer.scored_truth):

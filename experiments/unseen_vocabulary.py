@@ -5,7 +5,7 @@ concept name* and scores unseen recall. If the held-out concepts were being crow
 by seen words, they would surface here; a recall that stays 0 says the explainer's
 output carries no trace of them, so re-ranking or calibrating words cannot help.
 
-    python benchmarks/unseen_vocabulary.py --demo /tmp/lavise-eval/seed-0
+    python experiments/unseen_vocabulary.py --demo /tmp/lavise-eval/seed-0
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from demo_folder import DemoFolder  # benchmarks/ is on the path when a script in it runs
+from common import DemoFolder
 from lavise.embeddings import load_word_vectors
 from lavise.evaluate import evaluate, markdown_table
 from lavise.settings import ComputeSettings, EvaluateSettings, ExplainSettings

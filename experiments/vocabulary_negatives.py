@@ -6,9 +6,10 @@ so nothing in training keeps the output away from the thousands of other words. 
 retrains lavise's explainer with K extra negatives: the K most frequent vocabulary
 words that are not seen concept names (``frequent``), or the K vocabulary words nearest
 to the seen concepts' words, hard negatives (``nearest``). Scores activation masking on
-the demo's evaluation scenes, seen and unseen.
+the demo's evaluation scenes, seen and unseen. ``none`` (no extra negatives) trains as
+``lavise train`` does, with the defaults, the demo run's seed and epochs.
 
-    python benchmarks/vocabulary_negatives.py --demo /tmp/lavise-eval/seed-0 --target scene_cnn
+    python experiments/vocabulary_negatives.py --demo /tmp/lavise-eval/seed-0 --target scene_cnn
 
 The demo folder must exist (``lavise demo --out DIR``). docs/evaluation.md quotes the output.
 """
@@ -17,17 +18,19 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
-import lavise.runs
-from demo_folder import DemoFolder  # benchmarks/ is on the path when a script in it runs
-from lavise.embeddings import load_word_vectors
+from common import DemoFolder
+from lavise.compute import cpu_threads, resolve_device
+from lavise.embeddings import concept_vectors, load_word_vectors
 from lavise.evaluate import evaluate, markdown_table
-from lavise.runs import train
+from lavise.explainer import TrainingResult, train_explainer
+from lavise.features import reference_features
+from lavise.runs import Run, load_run, split_concepts
 from lavise.settings import ComputeSettings, EvaluateSettings, ExplainSettings, TrainSettings
+from lavise.storage import save_tensors, write_csv, write_json
 
 
 def negative_words(vocabulary, seen: list[str], seen_vectors: torch.Tensor, count: int, kind: str) -> torch.Tensor:
@@ -40,6 +43,52 @@ def negative_words(vocabulary, seen: list[str], seen_vectors: torch.Tensor, coun
         closeness[~allowed] = -float("inf")
         rows = torch.topk(closeness, count).indices
     return vocabulary.unit_vectors[rows]  # the hinge loss normalises concept vectors anyway
+
+
+def train_with_negatives(base: Run, reference, settings: TrainSettings, compute: ComputeSettings, cache: Path,
+                         negatives) -> tuple[TrainingResult, dict, dict]:
+    """The explainer of ``base``'s model and layer trained as lavise.runs.train trains it, with the
+    vectors ``negatives(seen, seen_vectors)`` appended to the seen concepts' as extra negatives.
+
+    Returns the result, the concept split and the training counts of a run's config.
+    """
+    with cpu_threads(compute):
+        word_vectors = load_word_vectors(base.config["word_vectors"], cache_dir=cache)
+        features = reference_features(base.target_model(), base.layer, reference, cache_dir=cache, compute=compute,
+                                      activation_regions=settings.activation_regions, quantile=settings.region_quantile)
+        # the concepts, rows and targets of lavise.runs.train
+        names_with_vectors, _, _ = concept_vectors(features.concept_names, word_vectors)
+        present = {features.concept_names[i] for i in torch.unique(features.concepts).tolist()}
+        seen, unseen = split_concepts([n for n in names_with_vectors if n in present], settings.unseen_fraction, settings.seed)
+        seen_index = {name: i for i, name in enumerate(seen)}
+        row_names = [features.concept_names[i] for i in features.concepts.tolist()]
+        rows = torch.tensor([name in seen_index for name in row_names])
+        targets = torch.tensor([seen_index.get(name, -1) for name in row_names])[rows]
+        _, seen_vectors, _ = concept_vectors(seen, word_vectors)
+        extra = negatives(seen, seen_vectors)
+        # targets index the first rows, so every appended word is a negative only
+        result = train_explainer(
+            features.pooled(settings.pooling)[rows], targets, features.images[rows], torch.cat([seen_vectors, extra]),
+            settings, device=resolve_device(compute.device), progress=compute.progress,
+        )
+    counts = {"training_pairs": int((rows & ~features.regional).sum()), "training_rows": int(rows.sum()),
+              "best_epoch": result.best_epoch}
+    return result, {"seen": seen, "unseen": unseen}, counts
+
+
+def write_run(base: Run, out: Path, result: TrainingResult, split: dict, settings: TrainSettings,
+              facts: dict) -> Run:
+    """A copy of ``base`` (run directory layout: lavise.runs) holding the retrained head."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("config.json", "explanations.json", "explanations.csv", "thresholds.safetensors"):
+        (out / stale).unlink(missing_ok=True)
+    save_tensors(out / "explainer.safetensors", result.head.state_dict())
+    write_csv(out / "training.csv", ["epoch", "train_loss", "validation_loss"],
+              [[h["epoch"], h["train_loss"], h["validation_loss"]] for h in result.history])
+    write_json(out / "split.json", {**base.split, "seed": settings.seed, "unseen_fraction": settings.unseen_fraction,
+                                    **split})
+    write_json(out / "config.json", {**base.config, "train": settings.to_dict(), **facts})  # last, as train does
+    return load_run(out)
 
 
 def main() -> None:
@@ -55,21 +104,19 @@ def main() -> None:
     demo = DemoFolder(args.demo)
     cache, reference, dataset = demo.cache, demo.reference, demo.evaluation
     base = demo.run(args.target)
-    vocabulary = load_word_vectors(cache_dir=cache).vocabulary(size=ExplainSettings().vocabulary_size)
+    vocabulary = load_word_vectors(base.config["word_vectors"], cache_dir=cache).vocabulary(
+        size=ExplainSettings().vocabulary_size)
     settings = TrainSettings(seed=base.config["train"]["seed"], epochs=base.config["train"]["epochs"])
-    real = lavise.runs.train_explainer
 
     for kind in ["none", *args.kinds]:
-        def with_negatives(vectors, targets, groups, concept_vectors, settings, **kwargs):
+        def negatives(seen: list[str], seen_vectors: torch.Tensor) -> torch.Tensor:
             if kind == "none":
-                return real(vectors, targets, groups, concept_vectors, settings, **kwargs)
-            extra = negative_words(vocabulary, base.split["seen"], concept_vectors, args.negatives, kind)
-            # targets index the first rows, so every appended word is a negative only
-            return real(vectors, targets, groups, torch.cat([concept_vectors, extra]), settings, **kwargs)
+                return seen_vectors[:0]
+            return negative_words(vocabulary, seen, seen_vectors, args.negatives, kind)
 
-        with mock.patch.object(lavise.runs, "train_explainer", with_negatives):
-            run = train(base.model_spec, base.layer, reference, args.work / f"{args.demo.name}-{args.target}-{kind}",
-                        settings=settings, compute=compute, cache_dir=cache)
+        result, split, facts = train_with_negatives(base, reference, settings, compute, cache, negatives)
+        facts["negatives"] = {"kind": kind, "count": 0 if kind == "none" else args.negatives}
+        run = write_run(base, args.work / f"{args.demo.name}-{args.target}-{kind}", result, split, settings, facts)
         (evaluation,) = evaluate([run], dataset, settings=EvaluateSettings(methods=("activation",), lenient=False),
                                  compute=compute, cache_dir=cache, write=False)
         print(f"\n{args.demo.name} {args.target}, negatives: {kind}"
