@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from PIL import Image, ImageDraw
 from lavise.datasets.coco import CocoDataset
 from lavise.evaluate import evaluate
 from lavise.explain import explain
-from lavise.features import reference_features
+from lavise.reference import reference_rows
 from lavise.groups import compare_groups
 from lavise.models import ModelSpec, load_target_model
 from lavise.runs import load_run, train
@@ -118,6 +120,8 @@ def main() -> None:
     parser.add_argument("--target-images", type=int, default=300, help="per group (two groups)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--processes", type=int, default=2,
+                        help="then explain under torchrun on this many processes of the second device (0: skip)")
     args = parser.parse_args()
 
     shutil.rmtree(args.out, ignore_errors=True)
@@ -141,7 +145,7 @@ def main() -> None:
         compute = ComputeSettings(device=device, batch_size=64, num_workers=4, progress=False)
         cache = args.out / f"cache-{device}"
         got = results[device] = {}
-        got["reference"] = timed("reference features + thresholds", device, times, reference_features, model, "layer3",
+        got["reference"] = timed("reference features + thresholds", device, times, reference_rows, model, "layer3",
                                  reference, cache_dir=cache, compute=compute, activation_regions=3)
         got["run"] = timed("train", device, times, train, model, "layer3", reference, args.out / f"run-{device}",
                            word_vectors=str(args.out / "vectors.txt"), settings=train_settings, compute=compute,
@@ -190,6 +194,38 @@ def main() -> None:
     for stage, by_device in times.items():
         cells = " | ".join(f"{by_device[d]:.1f}" for d in args.devices)
         print(f"| {stage} | {cells} | {agreement.get(stage, '')} |")
+    if args.processes > 1:
+        check_torchrun(args, args.out / "run-shared", b["explain"].filters, args.devices[1])
+
+
+def check_torchrun(args, shared: Path, single: list, device: str) -> None:
+    """Explain the shared run under torchrun and compare with one process on ``device``.
+
+    NCCL when every process can have a GPU of its own, else Gloo on the CPU.
+    """
+    gpus = torch.cuda.device_count()
+    on = device if device.startswith("cuda") and args.processes <= gpus else "cpu"
+    copy = args.out / "run-torchrun"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(shared, copy)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.processes}",
+               "-m", "lavise", "explain", str(copy), "--target", str(args.out / "groups"), "--device", on,
+               "--vocabulary-size", "0", "--batch-size", "64", "--num-workers", "2", "--no-progress",
+               "--cache-dir", str(args.out / "cache-torchrun")]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if result.returncode:
+        print(f"\ntorchrun explain on {args.processes} processes FAILED:\n{result.stderr[-3000:]}")
+        return
+    data = json.loads((copy / "explanations.json").read_text())
+    same_words = sum([w["word"] for w in f["words"][:5]] == [w["word"] for w in g.words[:5]]
+                     for f, g in zip(data["filters"], single))
+    same_images = sum(f["top_images"] == g.top_images for f, g in zip(data["filters"], single))
+    gap = max(abs(f["threshold"] - g.threshold) for f, g in zip(data["filters"], single))
+    print(f"\ntorchrun explain, {args.processes} processes on {on} ({'NCCL' if on.startswith('cuda') else 'Gloo'}): "
+          f"{seconds:.1f} s with start-up; against one process on {device}: top-5 words identical for {same_words} "
+          f"of {len(single)} filters, top images for {same_images}; largest threshold difference {gap:.1e}")
 
 
 def _best_loss(run: Path) -> float:

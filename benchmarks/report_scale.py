@@ -31,7 +31,7 @@ from torch import nn
 from lavise.datasets import ImageFiles
 from lavise.embeddings import load_word_vectors
 from lavise.errors import LaviseWarning
-from lavise.explain import top_images
+from lavise.regions import top_images
 from lavise.explainer import ExplainerHead
 from lavise.features import target_features
 from lavise.models import Preprocessing, TargetModel

@@ -9,7 +9,7 @@ and the mask covers at least half a cell. It retrains the run's explainer with t
 settings and scores both on the demo's evaluation scenes (activation masking,
 first-choice ranking, exact match), seen and unseen.
 
-lavise now builds such rows itself (``reference_features(..., activation_regions=k)``,
+lavise now builds such rows itself (``lavise.reference.reference_rows(..., activation_regions=k)``,
 three by default since 0.4); this script is kept as the record of the development-seed
 measurement that chose it, so its figures in docs/evaluation.md stay reproducible.
 
@@ -28,7 +28,8 @@ import torch
 from common import ScoredLayer, filter_vectors, print_mean_sd_rows, protocol_layers
 from lavise.datasets import BadImage, load_rgb
 from lavise.embeddings import concept_vectors
-from lavise.explain import nearest_words, rank_words
+from lavise.explain import rank_words
+from lavise.naming import nearest_words
 from lavise.explainer import train_explainer
 from lavise.features import target_features
 from lavise.metrics import score_filters

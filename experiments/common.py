@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from lavise.datasets.coco import CocoDataset
 from lavise.embeddings import Vocabulary, WordVectors, load_word_vectors
 from lavise.evaluate import Evaluation, evaluate
-from lavise.explain import explainer_outputs, feature_inputs, top_images
+from lavise.naming import explainer_outputs, feature_inputs
 from lavise.features import target_features
+from lavise.regions import top_images
 from lavise.regions import quantile_thresholds
 from lavise.runs import Run, load_run
 from lavise.settings import ComputeSettings, EvaluateSettings

@@ -20,8 +20,9 @@ import torch
 
 from common import DemoFolder
 from lavise.evaluate import evaluate, markdown_table
-from lavise.explain import top_images
-from lavise.features import reference_features, target_features
+from lavise.features import target_features
+from lavise.reference import reference_rows
+from lavise.regions import top_images
 from lavise.inputs import explainer_inputs
 from lavise.regions import quantile_thresholds
 from lavise.runs import train
@@ -53,7 +54,7 @@ def main() -> None:
     model = base.target_model()
     layer = args.layer or base.layer
     # whole masks only: the training inputs and mask areas printed are those of the masks
-    pooled = reference_features(model, layer, reference, cache_dir=cache, compute=compute, activation_regions=0)
+    pooled = reference_rows(model, layer, reference, cache_dir=cache, compute=compute, activation_regions=0)
     maps = target_features(model, layer, dataset, cache_dir=cache, compute=compute).maps
     thresholds = quantile_thresholds(maps, 0.005)
     chosen = top_images(maps, 25)

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from common import filter_vectors, print_mean_sd_rows, protocol_layers
-from lavise.explain import nearest_words, rank_words
+from lavise.explain import rank_words
+from lavise.naming import nearest_words
 from lavise.metrics import score_filters
 from lavise.settings import ComputeSettings
 

@@ -27,7 +27,7 @@ from lavise.compute import cpu_threads, resolve_device
 from lavise.embeddings import concept_vectors, load_word_vectors
 from lavise.evaluate import evaluate, markdown_table
 from lavise.explainer import TrainingResult, train_explainer
-from lavise.features import reference_features
+from lavise.reference import reference_rows
 from lavise.runs import Run, load_run, split_concepts
 from lavise.settings import ComputeSettings, EvaluateSettings, ExplainSettings, TrainSettings
 from lavise.storage import save_tensors, write_csv, write_json
@@ -54,7 +54,7 @@ def train_with_negatives(base: Run, reference, settings: TrainSettings, compute:
     """
     with cpu_threads(compute):
         word_vectors = load_word_vectors(base.config["word_vectors"], cache_dir=cache)
-        features = reference_features(base.target_model(), base.layer, reference, cache_dir=cache, compute=compute,
+        features = reference_rows(base.target_model(), base.layer, reference, cache_dir=cache, compute=compute,
                                       activation_regions=settings.activation_regions, quantile=settings.region_quantile)
         # the concepts, rows and targets of lavise.runs.train
         names_with_vectors, _, _ = concept_vectors(features.concept_names, word_vectors)

@@ -192,3 +192,42 @@ def pytest_configure(config):
     config.addinivalue_line(
         "filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Several processes on Gloo, as torchrun would start them.
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        return handle.getsockname()[1]
+
+
+def launch_ranks(arguments: list[str], *, world: int = 2, timeout: float = 240, env: dict | None = None) -> list:
+    """Run ``python ARGUMENTS`` as ``world`` ranks of one process group (the variables torchrun
+    sets); the completed processes, rank by rank. A hang fails the test instead of the suite."""
+    import os
+    import subprocess
+    import sys
+
+    port = str(free_port())
+    processes = []
+    for rank in range(world):
+        variables = {**os.environ, **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
+                     "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
+                     "OMP_NUM_THREADS": "1"}
+        processes.append(subprocess.Popen([sys.executable, *arguments], env=variables, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+    results = []
+    for process in processes:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                other.kill()
+            raise AssertionError(f"a rank did not finish within {timeout} s (a hang?)") from None
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    return results

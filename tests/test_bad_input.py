@@ -214,7 +214,7 @@ def test_unknown_layer_is_a_lavise_error(tmp_path, coco, tiny_model, compute):
 
 
 def test_non_convolutional_layer_in_training(tmp_path, coco, tiny_model, compute):
-    with pytest.raises(LaviseError, match=r"'head.2' outputs \(8, 3\)"):
+    with pytest.raises(LaviseError, match=r"'head.2' outputs \(1, 3\)"):
         train(tiny_model, "head.2", open_reference(coco), tmp_path / "run", settings=ONE_EPOCH, compute=compute, cache_dir=tmp_path / "cache")
     assert not tiny_model.module.head[2]._forward_hooks
 

@@ -12,7 +12,7 @@ from PIL import Image
 from lavise.datasets import BrodenDataset, load_rgb, open_reference
 from lavise.datasets.broden import label_masks
 from lavise.errors import LaviseError
-from lavise.features import reference_features
+from lavise.reference import reference_rows as reference_features
 from lavise.settings import ComputeSettings, ReferenceSettings
 
 CATEGORIES = ("color", "object", "part", "material", "scene", "texture")

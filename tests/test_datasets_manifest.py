@@ -13,7 +13,7 @@ from PIL import Image
 from lavise.datasets import ManifestDataset, load_rgb, open_reference
 from lavise.errors import LaviseError
 from lavise.settings import ComputeSettings
-from lavise.features import reference_features
+from lavise.reference import reference_rows as reference_features
 
 ROWS = [
     # image, concept, box, mask

@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from lavise.datasets import LaviseWarning, load_rgb, open_reference
 from lavise.embeddings import load_word_vectors
 from lavise.errors import LaviseError
-from lavise.explain import explain, nearest_words, rank_words, top_images
+from lavise.explain import explain, rank_words
+from lavise.naming import nearest_words
+from lavise.regions import top_images
 from lavise.models import Preprocessing, TargetModel, layer_reader, preprocess_image
 from lavise.regions import quantile_thresholds
 from lavise.runs import train

@@ -62,3 +62,26 @@ def test_threshold_tally_refuses_what_it_cannot_do():
     tally.add(torch.rand(5, 2, 2, 2))  # 20
     with pytest.raises(LaviseError, match="sized for"):
         tally.thresholds()
+
+
+@pytest.mark.parametrize("bins,budget", [(4, 5), (16, 40), (2048, 10**6)])
+def test_quantile_refiner_is_exact_in_passes(bins, budget):
+    """Histogram passes narrow down to the same T_u as sorting every value, ties and saturation included."""
+    from lavise.regions import QuantileRefiner
+
+    generator = torch.Generator().manual_seed(4)
+    maps = torch.randn(200, 6, 3, 5, generator=generator).clamp_min(0).round(decimals=1)
+    maps[:, 2] = 1.5  # constant
+    maps[:, 3] = maps[:, 3].clamp(max=0.2)  # saturated
+    maps[:, 4] = torch.randn(200, 3, 5, generator=generator)  # no ties
+    values = maps.transpose(0, 1).flatten(1)
+    refiner = QuantileRefiner(0.005, values.amin(dim=1), values.amax(dim=1), values.shape[1], budget_values=budget, bins=bins)
+    passes = 0
+    while True:
+        for part in maps.split(17):
+            refiner.add(part)
+        passes += 1
+        if not refiner.next_pass():
+            break
+    assert torch.equal(refiner.thresholds(), quantile_thresholds(maps, 0.005))
+    assert 2 <= passes <= 5

@@ -19,7 +19,7 @@ from lavise.embeddings import load_word_vectors
 from lavise.errors import LaviseError
 from lavise.explain import explain
 from lavise.explainer import ExplainerHead
-from lavise.features import reference_features
+from lavise.reference import reference_rows as reference_features
 from lavise.models import Preprocessing, TargetModel
 from lavise.runs import load_run, train
 from lavise.settings import ComputeSettings, ExplainSettings, TrainSettings
@@ -35,14 +35,20 @@ QUIET = ComputeSettings(num_workers=0, progress=False)
 
 
 class Forwards:
-    """Counts full forward passes of a module."""
+    """Counts forward passes of a module over data.
+
+    Each stage first reads the layer's output shape from one blank image
+    (lavise.features.layer_shape); that probe is not a pass over data and is not counted.
+    """
 
     def __init__(self, model: TargetModel) -> None:
         self.count = 0
         model.module.register_forward_pre_hook(self._hook)
 
     def _hook(self, module, inputs) -> None:
-        self.count += 1
+        images = inputs[0]
+        if not (len(images) == 1 and not images.any()):
+            self.count += 1
 
     def take(self) -> int:
         count, self.count = self.count, 0
@@ -156,7 +162,7 @@ def test_reference_cache_is_reused(tmp_path, coco, tiny_model, compute):
     forwards = Forwards(tiny_model)
     first = _train(tiny_model, coco, tmp_path / "a", tmp_path / "cache", compute)
     assert forwards.take() == 3  # 24 images in batches of 8
-    assert len(list((tmp_path / "cache").glob("reference-*.safetensors"))) == 1
+    assert len(list((tmp_path / "cache").glob("reference-*"))) == 1
     second = _train(tiny_model, coco, tmp_path / "b", tmp_path / "cache", compute)
     assert forwards.take() == 0
     assert first.config["training_pairs"] == second.config["training_pairs"]
@@ -199,7 +205,7 @@ def test_cache_recomputes_for_other_weights(tmp_path, coco, tiny_model, compute)
     forwards = Forwards(changed)
     _train(changed, coco, tmp_path / "b", tmp_path / "cache", compute)
     assert forwards.take() == 3
-    assert len(list((tmp_path / "cache").glob("reference-*.safetensors"))) == 2
+    assert len(list((tmp_path / "cache").glob("reference-*"))) == 2
 
 
 def test_cache_recomputes_for_other_preprocessing(tmp_path, coco, tiny_model, compute):
@@ -248,7 +254,8 @@ def test_a_cache_file_with_a_wrong_key_is_not_trusted(tmp_path, coco, tiny_model
     forwards = Forwards(tiny_model)
     first = _train(tiny_model, coco, tmp_path / "a", tmp_path / "cache", compute)
     forwards.take()
-    (path,) = (tmp_path / "cache").glob("reference-*.safetensors")
+    (folder,) = (tmp_path / "cache").glob("reference-*")
+    (path,) = folder.glob("*.safetensors")  # 24 images: one chunk
     tensors = load_file(str(path))
     from safetensors import safe_open
 
@@ -295,12 +302,12 @@ def test_target_cache_is_reused_and_follows_the_folder(tmp_path, tiny_run, tiny_
 def test_default_cache_dir_comes_from_the_environment(tmp_path, coco, tiny_model, compute, monkeypatch):
     monkeypatch.setenv("LAVISE_CACHE", str(tmp_path / "env-cache"))
     train(tiny_model, "features.3", open_reference(coco), tmp_path / "run", settings=ONE_EPOCH, compute=compute)
-    assert len(list((tmp_path / "env-cache").glob("reference-*.safetensors"))) == 1
+    assert len(list((tmp_path / "env-cache").glob("reference-*"))) == 1
 
 
 def test_region_pooling_is_recorded_and_divides_by_the_mask_area(tmp_path, tiny_model, coco, compute):
     from lavise.datasets import open_reference
-    from lavise.features import reference_features
+    from lavise.reference import reference_rows as reference_features
     from lavise.runs import load_run, train
     from lavise.settings import TrainSettings
 
@@ -366,7 +373,7 @@ def _literal_maps_and_masks(model, layer, dataset):
 def test_activation_region_rows_follow_their_definition(tmp_path, coco, tiny_model):
     """Extra rows: for each pair, the k filters most active inside the mask, pooled where they
     exceed T_u (over the reference images) inside it. Checked against a loop over images."""
-    from lavise.features import reference_thresholds
+    from lavise.reference import reference_thresholds
     from lavise.regions import quantile_thresholds
 
     dataset, k, quantile = open_reference(coco), 2, 0.05

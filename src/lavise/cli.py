@@ -9,6 +9,8 @@ are defined there. Heavy modules are imported inside the handlers, so ``--help``
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
 import warnings
 from dataclasses import MISSING, fields
@@ -144,6 +146,11 @@ def print_summary(explanations, examples: int = 8) -> None:
     for f in ranked[:examples]:
         words = ", ".join(f"{w['word']} ({w['first']}/{w['count']})" for w in f.words[:5])
         print(f"  filter {f.filter:4d}: {words}")
+    made = explanations.extra.get("compute") or {}
+    if made:
+        processes = made.get("processes", 1)
+        print(f"  ({processes} process{'es' if processes > 1 else ''}; the top images' maps {made.get('naming_maps')}, "
+              f"memory budget {made.get('memory_budget')} GiB)")
     if explanations.path is not None:
         print(f"Written: {explanations.path} and {explanations.path.with_suffix('.csv')}")
 
@@ -373,16 +380,36 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; under ``torchrun``, on every rank, rank 0 printing."""
+    from lavise import distributed
+
     args = _parser().parse_args(argv)
     warnings.showwarning = _show_warning
+    joined = False
     try:
-        return args.handler(args)
+        joined = distributed.init_from_environment(getattr(args, "device", "auto"))
+        ranks = distributed.current()
+        with contextlib.ExitStack() as quiet:
+            if not ranks.main:  # rank 0 speaks for every rank
+                quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+                quiet.enter_context(warnings.catch_warnings())
+                warnings.simplefilter("ignore")
+            return args.handler(args)
+    except distributed.OtherRankFailed as error:
+        if distributed.current().main:
+            print(f"lavise: error: {error}", file=sys.stderr)
+        return 2
     except LaviseError as error:
-        print(f"lavise: error: {error}", file=sys.stderr)
+        where = distributed.current()
+        prefix = f" (rank {where.rank} of {where.world})" if where.world > 1 else ""
+        print(f"lavise: error{prefix}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lavise: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if joined:
+            distributed.close()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

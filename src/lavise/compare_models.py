@@ -8,11 +8,13 @@ of their word-count profiles. Writes ``models.json`` and ``models.csv`` (atomica
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -20,7 +22,8 @@ from lavise.compute import cpu_threads
 from lavise.datasets.base import ImageFiles
 from lavise.errors import LaviseError, LaviseWarning
 from lavise.explain import read_explanations
-from lavise.features import target_features
+from lavise.distributed import current
+from lavise.features import MapStream
 from lavise.models import TargetModel
 from lavise.regions import peak_activations
 from lavise.runs import Run, as_run
@@ -162,7 +165,7 @@ def compare_models(
         concepts, shared, unique, matches,
         "peak-activation correlation" if correlation is not None else "word-profile cosine",
     )
-    if out is not None:
+    if out is not None and current().main:  # rank 0 writes
         out = Path(out)
         record = {
             "runs": {
@@ -230,19 +233,73 @@ def _warn_if_unlike(explained: dict[str, dict], runs: dict[str, Run]) -> None:
 def _peak_correlation_on(
     runs: dict[str, Run], target: Path, compute: ComputeSettings, models: tuple, cache_dir: Path | None
 ) -> torch.Tensor:
-    """(dA, dB) correlation of the two runs' filters' peak activations on the target images."""
+    """(dA, dB) correlation of the two runs' filters' peak activations on the target images.
+
+    Streamed: run A's peaks go to a scratch file on disk (4·dA bytes per image), then a
+    pass over run B adds up the moments over the images both models could read.
+    """
     images = ImageFiles(Path(target))
     cache_dir = cache_folder(cache_dir)
-    peaks = {}
-    with cpu_threads(compute):
-        for (key, run), model in zip(runs.items(), models):
-            features = target_features(run.target_model(model), run.layer, images, cache_dir=cache_dir, compute=compute)
-            features.skipped.warn(f"target {images.root}")
-            peaks[key] = (features.paths, peak_activations(features.maps))
-    (paths_a, peaks_a), (paths_b, peaks_b) = peaks["a"], peaks["b"]
-    if paths_a != paths_b:  # an image unreadable for one model's preprocessing only
-        common = sorted(set(paths_a) & set(paths_b))
-        row_a, row_b = {p: i for i, p in enumerate(paths_a)}, {p: i for i, p in enumerate(paths_b)}
-        peaks_a = peaks_a[[row_a[p] for p in common]]
-        peaks_b = peaks_b[[row_b[p] for p in common]]
-    return peak_correlation(peaks_a, peaks_b)
+    ranks = current()
+    streams = [MapStream(run.target_model(model), run.layer, images, cache_dir=cache_dir, compute=compute, ranks=ranks)
+               for run, model in zip(runs.values(), models)]
+    with cpu_threads(compute), tempfile.TemporaryDirectory(prefix="lavise-peaks-") as scratch, ranks.together("correlating peaks"):
+        peaks_a = np.lib.format.open_memmap(Path(scratch) / "a.npy", mode="w+", dtype=np.float32,
+                                            shape=(len(images), streams[0].filters))
+        seen_a = np.zeros(len(images), dtype=bool)
+        for chunk in streams[0].chunks("target features (a)"):
+            if len(chunk.rows):
+                peaks_a[chunk.rows.numpy()] = peak_activations(chunk.maps).numpy()
+                seen_a[chunk.rows.numpy()] = True
+        moments = PeakMoments(streams[0].filters, streams[1].filters)
+        for chunk in streams[1].chunks("target features (b)"):
+            both = seen_a[chunk.rows.numpy()] if len(chunk.rows) else np.zeros(0, dtype=bool)
+            if both.any():
+                rows = chunk.rows.numpy()[both]
+                moments.add(torch.from_numpy(np.asarray(peaks_a[rows])), peak_activations(chunk.maps[torch.from_numpy(both)]))
+    total = PeakMoments.from_sums({name: ranks.sum(value) for name, value in moments.sums().items()})
+    return total.correlation()
+
+
+class PeakMoments:
+    """Sums over images of two filter sets' peaks, their squares and products: Pearson's r streamed.
+
+    In float64, so that adding batches in any order gives the correlation of all the
+    images at once (:func:`peak_correlation`) to within rounding.
+    """
+
+    def __init__(self, filters_a: int, filters_b: int) -> None:
+        self.count = torch.zeros(1, dtype=torch.float64)
+        self.sum_a, self.sum_b = torch.zeros(filters_a, dtype=torch.float64), torch.zeros(filters_b, dtype=torch.float64)
+        self.squares_a, self.squares_b = torch.zeros_like(self.sum_a), torch.zeros_like(self.sum_b)
+        self.products = torch.zeros(filters_a, filters_b, dtype=torch.float64)
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """(n, dA) and (n, dB) peaks of the same n images."""
+        a, b = a.double(), b.double()
+        self.count += len(a)
+        self.sum_a += a.sum(dim=0)
+        self.sum_b += b.sum(dim=0)
+        self.squares_a += (a * a).sum(dim=0)
+        self.squares_b += (b * b).sum(dim=0)
+        self.products += a.T @ b
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        return {"count": self.count, "sum_a": self.sum_a, "sum_b": self.sum_b, "squares_a": self.squares_a,
+                "squares_b": self.squares_b, "products": self.products}
+
+    @classmethod
+    def from_sums(cls, sums: dict[str, torch.Tensor]) -> PeakMoments:
+        moments = cls(len(sums["sum_a"]), len(sums["sum_b"]))
+        for name, value in sums.items():
+            setattr(moments, name, value)
+        return moments
+
+    def correlation(self) -> torch.Tensor:
+        """(dA, dB) Pearson correlation; 0 for a filter constant over the images."""
+        n = self.count.clamp_min(1)
+        covariance = self.products - torch.outer(self.sum_a, self.sum_b) / n
+        spread_a = (self.squares_a - self.sum_a**2 / n).clamp_min(0).sqrt()
+        spread_b = (self.squares_b - self.sum_b**2 / n).clamp_min(0).sqrt()
+        scale = torch.outer(spread_a, spread_b)
+        return torch.where(scale > 1e-12 * n, covariance / scale.clamp_min(1e-300), torch.zeros_like(covariance))

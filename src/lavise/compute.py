@@ -31,13 +31,15 @@ def resolve_device(device: str) -> torch.device:
 def cpu_threads(compute: ComputeSettings, *, workers: int | None = None) -> Iterator[None]:
     """Set torch's CPU threads for a block.
 
-    ``compute.threads`` = 0 means the cores that the image-decoding workers leave, at
-    least one: on a 2-core machine, two torch threads beside two decoding workers made
-    small operations hundreds of times slower. ``workers`` overrides
-    ``compute.num_workers`` for stages that decode up front (no workers: ``workers=0``).
+    ``compute.threads`` = 0 means this process's share of the cores (all of them, or
+    1/k of them beside k-1 other ranks on the machine) less the image-decoding workers,
+    at least one: on a 2-core machine, two torch threads beside two decoding workers
+    made small operations hundreds of times slower. ``workers`` overrides
+    ``compute.num_workers`` for work with no decoding workers running (``workers=0``).
     """
     busy = compute.num_workers if workers is None else workers
-    count = compute.threads or max(1, (os.cpu_count() or 1) - busy)
+    share = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    count = compute.threads or max(1, share - busy)
     previous = torch.get_num_threads()
     torch.set_num_threads(count)
     try:

@@ -21,30 +21,30 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from lavise.compute import cpu_threads, resolve_device
+from lavise.compute import cpu_threads
 from lavise.datasets.base import BadImage, ReferenceDataset, SkipLog, load_rgb
+from lavise.distributed import Ranks, current
 from lavise.embeddings import load_word_vectors
 from lavise.errors import LaviseError, LaviseWarning
-from lavise.explain import feature_inputs, pair_words, rank_words, top_images
-from lavise.features import target_features
+from lavise.explain import rank_words
+from lavise.features import MapStream, raise_no_usable
+from lavise.naming import feature_inputs, name_pairs, scan_filters
+from lavise.tallies import tally_dataset
 from lavise.inputs import original
 from lavise.metrics import (
-    RECALL_KS, IoUTally, Match, WordNetMatch, ground_truth, labelling_split, masks_on_grid, score_filters,
+    RECALL_KS, IoUTally, Match, WordNetMatch, ground_truth, labelling_split, score_filters,
 )
-from lavise.models import Preprocessing, TargetModel, layer_reader, preprocess_image, preprocess_masks
-from lavise.regions import quantile_thresholds, upsampled_regions
+from lavise.models import Preprocessing, TargetModel, layer_reader, preprocess_image
+from lavise.regions import upsampled_regions
 from lavise.runs import Run, as_run
 from lavise.settings import EVALUATION_METHODS, ComputeSettings, EvaluateSettings, ExplainSettings
-from lavise.storage import atomic_path, cache_folder, cached, write_json
+from lavise.storage import atomic_path, cache_folder, write_json
 
 _TALLY_VERSION = 2  # 2: T_u of saturated filters lies just below their maximum
 
@@ -58,109 +58,6 @@ def mask_images(images: torch.Tensor, maps: torch.Tensor, thresholds: torch.Tens
     (n, 3, H, W), (n, h, w) the chosen filter's map per image, (n,) its T_u -> (n, 3, H, W)
     """
     return images * upsampled_regions(maps.unsqueeze(1), thresholds.unsqueeze(1), images.shape[-2:])
-
-
-# --------------------------------------------------------------------------------------
-# Reading masks and tallying IoU over a dataset (cached).
-
-
-@dataclass
-class _MaskItem:
-    index: int
-    concepts: list[int] = field(default_factory=list)
-    masks: torch.Tensor | None = None  # (m, P) bool
-    problem: tuple[str, str] | None = None
-
-
-class _GroundTruthMasks(Dataset):
-    """One image's concept masks, resized and cropped like the image, on the IoU grid."""
-
-    def __init__(self, dataset: ReferenceDataset, preprocessing: Preprocessing, size: int) -> None:
-        self.dataset, self.preprocessing, self.size = dataset, preprocessing, size
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> _MaskItem:
-        path = self.dataset.image_path(index)
-        try:
-            with Image.open(path) as image:  # the header gives the size; no decoding
-                size = image.size
-            concepts, masks = self.dataset.masks(index, size)
-        except (OSError, BadImage) as error:
-            return _MaskItem(index, problem=("unreadable images", f"{path} ({error})"))
-        except ValueError as error:
-            return _MaskItem(index, problem=("images whose annotations do not fit", f"{path} ({error})"))
-        coverage = preprocess_masks(masks, self.preprocessing) if len(concepts) else torch.zeros(0, 1, 1)
-        return _MaskItem(index, list(concepts), masks_on_grid(coverage, self.size))
-
-
-def _pad_masks(items: list[_MaskItem], pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, m, P) masks and (n, m) concept indices, padded with −1 to the largest m."""
-    width = max([len(it.concepts) for it in items] + [1])
-    masks = torch.zeros(len(items), width, pixels, dtype=torch.bool)
-    concepts = torch.full((len(items), width), -1, dtype=torch.long)
-    for row, item in enumerate(items):
-        m = len(item.concepts)
-        if m:
-            masks[row, :m] = item.masks
-            concepts[row, :m] = torch.tensor(item.concepts)
-    return masks, concepts
-
-
-def tally_dataset(
-    dataset: ReferenceDataset,
-    maps: torch.Tensor,
-    paths: list[str],
-    thresholds: torch.Tensor,
-    labelling: torch.Tensor,
-    preprocessing: Preprocessing,
-    *,
-    size: int,
-    compute: ComputeSettings,
-    memory_budget: int = 2**26,
-) -> tuple[IoUTally, IoUTally, SkipLog]:
-    """IoU tallies of the labelling and scoring splits, in one pass over the masks.
-
-    Args:
-        maps: (N, d, h, w) feature maps of the usable images, in the order of ``paths``.
-        labelling: (N,) bool, the rows in the labelling split.
-        memory_budget: float elements of the region tensor per step; bounds memory.
-    """
-    d, concepts = maps.shape[1], len(dataset.concepts)
-    device = resolve_device(compute.device)
-    tallies = (IoUTally.zeros(d, concepts, device), IoUTally.zeros(d, concepts, device))
-    row_of = {path: row for row, path in enumerate(paths)}
-    skipped = SkipLog()
-    pixels = size * size
-    step = max(1, memory_budget // (d * pixels))
-    loader = DataLoader(
-        _GroundTruthMasks(dataset, preprocessing, size), batch_size=compute.batch_size,
-        num_workers=compute.num_workers, collate_fn=list,
-    )
-    thresholds = thresholds.to(device)
-    with tqdm(total=len(dataset), desc="IoU tallies", unit="img", disable=not compute.progress) as bar:
-        for items in loader:
-            usable, usable_rows = [], []
-            for item in items:
-                row = row_of.get(str(dataset.image_path(item.index)))
-                if item.problem:
-                    skipped.add(*item.problem)
-                elif row is not None:  # images without features were counted when features were taken
-                    usable.append(item)
-                    usable_rows.append(row)
-            for start in range(0, len(usable), step):
-                chunk = usable[start : start + step]
-                rows = torch.tensor(usable_rows[start : start + step])
-                regions = upsampled_regions(maps[rows].to(device), thresholds, (size, size)).flatten(2)
-                masks, indices = _pad_masks(chunk, pixels)
-                masks, indices = masks.to(device), indices.to(device)
-                for tally, members in zip(tallies, (labelling[rows], ~labelling[rows])):
-                    if members.any():
-                        members = members.to(device)
-                        tally.add(regions[members], masks[members], indices[members])
-            bar.update(len(items))
-    return tallies[0].cpu(), tallies[1].cpu(), skipped
 
 
 # --------------------------------------------------------------------------------------
@@ -183,20 +80,21 @@ class Evaluation:
 
 
 class _ImageLoader:
-    """Preprocessed target images by row, loaded once each (image masking re-runs them)."""
+    """Preprocessed images of a dataset by index, loaded once each (image masking re-runs them)."""
 
-    def __init__(self, paths: list[str], preprocessing: Preprocessing) -> None:
-        self.paths, self.preprocessing = paths, preprocessing
+    def __init__(self, dataset, preprocessing: Preprocessing) -> None:
+        self.dataset, self.preprocessing = dataset, preprocessing
         self._loaded: dict[int, torch.Tensor] = {}
 
-    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        for row in rows.unique().tolist():
-            if row not in self._loaded:
+    def __call__(self, indices: list[int]) -> torch.Tensor:
+        for index in indices:
+            if index not in self._loaded:
+                path = self.dataset.image_path(index)
                 try:
-                    self._loaded[row] = preprocess_image(load_rgb(Path(self.paths[row])), self.preprocessing)
+                    self._loaded[index] = preprocess_image(load_rgb(Path(path)), self.preprocessing)
                 except BadImage as error:  # it was readable when its features were taken
-                    raise LaviseError(f"Image '{self.paths[row]}' became unreadable during evaluation: {error}") from None
-        return torch.stack([self._loaded[row] for row in rows.tolist()])
+                    raise LaviseError(f"Image '{path}' became unreadable during evaluation: {error}") from None
+        return torch.stack([self._loaded[index] for index in indices])
 
 
 def image_masking_inputs(
@@ -209,7 +107,8 @@ def image_masking_inputs(
     """Explainer inputs of the image-masking baseline for batches of (filter, image) pairs.
 
     Each pair's image is masked to the filter's region and run through the network again;
-    the explainer then sees the whole new feature map, unmasked.
+    the explainer then sees the whole new feature map, unmasked. ``images(rows)`` gives
+    the preprocessed images of rows of ``maps``.
     """
 
     def inputs(filters: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -254,15 +153,19 @@ def evaluate(
         raise LaviseError("evaluate needs at least one run directory.")
     explain_settings = replace(explain_settings, top_words=max(explain_settings.top_words, max(RECALL_KS)))
     cache_dir = cache_folder(cache_dir)
-    matcher = WordNetMatch() if settings.lenient else None
+    ranks = current()
+    matcher = WordNetMatch() if settings.lenient and ranks.main else None
     results = []
     with cpu_threads(compute):
         for run in runs:
-            run = as_run(run)
-            result = _evaluate_run(run, dataset, settings, explain_settings, compute, model, cache_dir, matcher)
-            if write:
-                write_evaluation(result, run.path)
-            results.append(result)
+            with ranks.together("opening the run"):
+                run = as_run(run)
+            result = _evaluate_run(run, dataset, settings, explain_settings, compute, model, cache_dir, matcher, ranks)
+            with ranks.together("writing the evaluation"):
+                if write and ranks.main:
+                    write_evaluation(result, run.path)
+            shared = ranks.gather([result.model, result.layer, result.methods, result.filters, result.info] if ranks.main else None)[0]
+            results.append(result if ranks.main else Evaluation(*shared, path=run.path / "evaluation.json" if write else None))
     return results
 
 
@@ -275,29 +178,46 @@ def _evaluate_run(
     model: TargetModel | None,
     cache_dir: Path,
     matcher: Match | None,
+    ranks: Ranks,
 ) -> Evaluation:
-    target_model = run.target_model(model)
-    features = target_features(target_model, run.layer, dataset, cache_dir=cache_dir, compute=compute)
-    features.skipped.warn(f"evaluation images {dataset.root}")
-    maps = features.maps
-    run.check_filters(maps.shape[1], "the evaluation images")
-    thresholds = quantile_thresholds(maps, explain_settings.quantile)
-    labelling = labelling_split(len(maps), settings.labelling_fraction, settings.split_seed)
-    label_tally, score_tally, skipped = _cached_tallies(
-        run, target_model, dataset, maps, features.paths, thresholds, labelling, settings, explain_settings, compute, cache_dir
-    )
-    skipped.warn(f"evaluation masks {dataset.root}")
+    with ranks.together("opening the model and the evaluation images"):
+        target_model = run.target_model(model)
+        stream = MapStream(target_model, run.layer, dataset, cache_dir=cache_dir, compute=compute, ranks=ranks)
+        run.check_filters(stream.filters, "the evaluation images")
+        vocabulary = _vocabulary(run, explain_settings, cache_dir)
+    ranks.agree({"run": run.config, "model": target_model.identity(), "data": dataset.identity(),
+                 "settings": [settings.to_dict(), explain_settings.to_dict()]}, "evaluate jobs")
+    scan = scan_filters(stream, quantile=explain_settings.quantile, top=explain_settings.top_images, compute=compute,
+                        ranks=ranks, description="evaluation features")
+    if scan.images == 0:
+        raise_no_usable("evaluation", dataset, scan.skipped)
+    if ranks.main:
+        scan.skipped.warn(f"evaluation images {dataset.root}")
+    labelling = labelling_split(len(dataset), settings.labelling_fraction, settings.split_seed)
+    label_tally, score_tally, skipped = _cached_tallies(run, target_model, stream, dataset, scan.thresholds, labelling,
+                                                        settings, explain_settings, compute, cache_dir, ranks)
+    if ranks.main:
+        skipped.warn(f"evaluation masks {dataset.root}")
     names = dataset.concepts
     score_iou = score_tally.iou()
     truth_ids = ground_truth(score_iou, settings.iou_threshold)
+    scored = torch.tensor([u for u, t in enumerate(truth_ids) if t], dtype=torch.long)
+    label_iou = label_tally.iou() if label_tally.images else None
+    with cpu_threads(compute, workers=0):
+        words = _method_words(run, target_model, stream, scan, label_iou, names, scored, vocabulary, settings,
+                              explain_settings, compute, ranks)
+    if not ranks.main:
+        return None
+    return _scored(run, dataset, scan, words, truth_ids, score_iou, label_iou, label_tally, score_tally, skipped,
+                   vocabulary, settings, explain_settings, matcher)
+
+
+def _scored(run, dataset, scan, words, truth_ids, score_iou, label_iou, label_tally, score_tally, skipped, vocabulary,
+            settings, explain_settings, matcher) -> Evaluation:
+    """Every method's scores against the ground truth, per filter and in summary (rank 0)."""
+    names = dataset.concepts
     truth = [[names[c] for c in ids] for ids in truth_ids]
     seen = set(run.split["seen"])
-
-    scored = torch.tensor([u for u, t in enumerate(truth_ids) if t], dtype=torch.long)
-    vocabulary = _vocabulary(run, explain_settings, cache_dir)
-    label_iou = label_tally.iou() if label_tally.images else None
-    words = _method_words(run, target_model, maps, features.paths, thresholds, label_iou, names, scored, vocabulary,
-                          settings, explain_settings, compute)
     methods, per_method = {}, {}
     for method, method_words in words.items():
         summary, per_filter = score_filters(method_words, truth, seen)
@@ -313,7 +233,7 @@ def _evaluate_run(
     filters = []
     score_rows = score_iou.tolist()  # one conversion, not one per (filter, concept)
     best_iou, best_concept = ([], []) if label_iou is None else (t.tolist() for t in label_iou.max(dim=1))
-    for u in range(maps.shape[1]):
+    for u in range(len(truth_ids)):
         entry = {
             "filter": u,
             "ground_truth": [{"concept": names[c], "iou": round(score_rows[u][c], 5)} for c in truth_ids[u]],
@@ -330,20 +250,20 @@ def _evaluate_run(
     outside = sorted({c for t in truth for c in t} - set(vocabulary.words))
     info = {
         "run": str(run.path),
-        "dataset": {"description": repr(dataset), "images": len(maps), "labelling_images": int(labelling.sum()),
-                    "scoring_images": int((~labelling).sum()), "concepts": len(names)},
+        "dataset": {"description": repr(dataset), "images": scan.images, "labelling_images": label_tally.images,
+                    "scoring_images": score_tally.images, "concepts": len(names)},
         "settings": {"evaluate": settings.to_dict(), "explain": explain_settings.to_dict()},
         "seen_concepts": len(seen),
         "ground_truth_outside_vocabulary": outside,
-        "filters_total": int(maps.shape[1]),
-        "skipped": {"images": features.skipped.to_dict(), "masks": skipped.to_dict()},
+        "filters_total": len(truth_ids),
+        "skipped": {"images": scan.skipped.to_dict(), "masks": skipped.to_dict()},
     }
     if outside:
         warnings.warn(
             f"{len(outside)} ground-truth concepts are not single vocabulary words and can never be "
             f"named exactly: {', '.join(outside[:20])}",
             LaviseWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return Evaluation(run.config["model"]["name"], run.layer, methods, filters, info)
 
@@ -354,7 +274,8 @@ def _vocabulary(run: Run, explain_settings: ExplainSettings, cache_dir: Path):
     )
 
 
-def _cached_tallies(run, target_model, dataset, maps, paths, thresholds, labelling, settings, explain_settings, compute, cache_dir):
+def _cached_tallies(run, target_model, stream, dataset, thresholds, labelling, settings, explain_settings, compute,
+                    cache_dir, ranks):
     parts = {
         "product": "iou-tallies", "version": _TALLY_VERSION, **target_model.identity(), "layer": run.layer,
         "data": dataset.identity(), "quantile": explain_settings.quantile, "size": settings.iou_size,
@@ -362,16 +283,15 @@ def _cached_tallies(run, target_model, dataset, maps, paths, thresholds, labelli
     }
 
     def build():
-        label_tally, score_tally, skipped = tally_dataset(
-            dataset, maps, paths, thresholds, labelling, target_model.preprocessing, size=settings.iou_size, compute=compute
-        )
+        label_tally, score_tally, skipped = tally_dataset(stream, dataset, thresholds, labelling, size=settings.iou_size,
+                                                          compute=compute, ranks=ranks)
         tensors = {}
         for part, tally in (("labelling", label_tally), ("scoring", score_tally)):
             tensors |= {f"{part}_intersection": tally.intersection, f"{part}_region_area": tally.region_area,
                         f"{part}_mask_area": tally.mask_area}
         return tensors, {"labelling": label_tally.images, "scoring": score_tally.images, "skipped": skipped.to_dict()}
 
-    tensors, info = cached(cache_dir, "iou", parts, build)
+    tensors, info = ranks.cached(cache_dir, "iou", parts, build)
     tallies = [
         IoUTally(tensors[f"{part}_intersection"], tensors[f"{part}_region_area"], tensors[f"{part}_mask_area"], info[part])
         for part in ("labelling", "scoring")
@@ -379,35 +299,41 @@ def _cached_tallies(run, target_model, dataset, maps, paths, thresholds, labelli
     return tallies[0], tallies[1], SkipLog.from_dict(info["skipped"])
 
 
-def _method_words(run, target_model, maps, paths, thresholds, label_iou, names, scored, vocabulary, settings,
-                  explain_settings, compute):
-    """Per method, each filter's ranked words (NetDissect: concepts by labelling IoU).
+def _method_words(run, target_model, stream, scan, label_iou, names, scored, vocabulary, settings, explain_settings,
+                  compute, ranks):
+    """Per method, each filter's ranked words (NetDissect: concepts by labelling IoU); on rank 0.
 
     Only the ``scored`` filters (those with ground truth) are named by the explainer
     methods: the others cannot be scored, and image masking re-runs the network for
     every (filter, image) pair. The rest get an empty word list.
     """
-    d = maps.shape[1]
+    d = stream.filters
     words: dict[str, list[list[str]]] = {}
     explained = [m for m in settings.methods if m != "netdissect"]
     if explained and len(scored):
-        device = resolve_device(compute.device)
-        per_filter = min(explain_settings.top_images, len(maps))
-        chosen = top_images(maps, per_filter)[scored]
+        device = stream.device
         for method in explained:
             with contextlib.ExitStack() as stack:
                 if method == "image":
-                    module = target_model.module.to(device)
-                    read = stack.enter_context(layer_reader(module, run.layer))
+                    read = stack.enter_context(layer_reader(target_model.module.to(device), run.layer))
                     stack.enter_context(torch.inference_mode())
-                    inputs = image_masking_inputs(read, _ImageLoader(paths, target_model.preprocessing), maps, thresholds, device)
+                    loader = _ImageLoader(stream.images, target_model.preprocessing)
+
+                    def inputs_for(maps, images, loader=loader, read=read):
+                        return image_masking_inputs(read, lambda rows: loader([images[r] for r in rows.tolist()]), maps,
+                                                    scan.thresholds, device)
+
                     chunk = compute.batch_size
                 else:
-                    inputs, chunk = feature_inputs(method, maps, thresholds, device, run.pooling), 2048
-                ids, sims = pair_words(
-                    run.head, inputs, chosen, vocabulary.unit_vectors, explain_settings.words_per_image,
-                    device=device, progress=compute.progress, chunk=chunk, filter_ids=scored,
-                )
+                    def inputs_for(maps, images, method=method):
+                        return feature_inputs(method, maps, scan.thresholds, device, run.pooling)
+
+                    chunk = 2048
+                named = name_pairs(stream, scan, scored, inputs_for, run.head, vocabulary.unit_vectors,
+                                   explain_settings.words_per_image, compute=compute, ranks=ranks, chunk=chunk)
+            if not ranks.main:
+                continue
+            ids, sims = named
             ranked = rank_words(ids, sims, explain_settings.top_words,
                                 words_per_image=explain_settings.words_per_image, ranking=explain_settings.ranking)
             words[method] = [[] for _ in range(d)]

@@ -1,58 +1,32 @@
-"""Naming filters: thresholds, top images, explainer inputs, nearest words, ranking.
+"""Naming filters (``lavise explain``): a filter's words from its top images, ranked.
 
-For each filter u: its p most activated target images; on each, the explainer input
-for u (see :mod:`lavise.inputs`), the explainer's output (:func:`explainer_outputs`),
-and its s nearest words; the s·p words ranked (:func:`rank_words`); the top x reported.
-:func:`explain` writes them into the run as ``explanations.json`` and ``.csv``.
+For each filter u: its p most activated target images and T_u, from one pass over the
+images (:func:`lavise.naming.scan_filters`); on each image, the explainer input for u,
+the explainer's output and its s nearest words (:func:`lavise.naming.name_pairs`); the
+s·p words ranked (:func:`rank_words`); the top x reported. :func:`explain` writes them
+into the run as ``explanations.json`` and ``.csv``.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
-from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from lavise.compute import cpu_threads, resolve_device
+from lavise.compute import cpu_threads
 from lavise.datasets.base import ImageFiles, relative_name
+from lavise.distributed import current
 from lavise.embeddings import load_word_vectors
 from lavise.errors import LaviseError, LaviseWarning
-from lavise.features import target_features
-from lavise.inputs import explainer_inputs
+from lavise.features import MapStream, raise_no_usable
 from lavise.models import TargetModel
-from lavise.regions import peak_activations, quantile_thresholds
+from lavise.naming import FilterScan, feature_inputs, name_pairs, scan_filters
 from lavise.runs import Run, as_run
 from lavise.settings import METHODS, RANKINGS, ComputeSettings, ExplainSettings
 from lavise.storage import cache_folder, read_json, save_tensors, write_csv, write_json
-
-
-def top_images(maps: torch.Tensor, count: int) -> torch.Tensor:
-    """The ``count`` images with the highest maximum activation of each filter.
-
-    (N, d, h, w) -> (d, count) image indices, most activated first
-    """
-    return torch.topk(peak_activations(maps).T, count, dim=1).indices
-
-
-def nearest_words(
-    queries: torch.Tensor, unit_vocabulary: torch.Tensor, count: int, *, chunk: int = 1024
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``count`` words of highest cosine similarity to each query.
-
-    (Q, D), (V, D) unit rows -> (Q, count) word indices, (Q, count) similarities
-    """
-    queries = F.normalize(queries, dim=1)
-    indices, values = [], []
-    for start in range(0, len(queries), chunk):
-        top = torch.topk(queries[start : start + chunk] @ unit_vocabulary.T, count, dim=1)
-        indices.append(top.indices)
-        values.append(top.values)
-    return torch.cat(indices), torch.cat(values)
 
 
 @dataclass(frozen=True)
@@ -122,20 +96,29 @@ class FilterExplanation:
 
 @dataclass
 class Explanations:
+    """Every filter's explanation, and how it was made (``extra``: settings, vocabulary, target, compute)."""
+
     model: str
     layer: str
     method: str
     filters: list[FilterExplanation]
     path: Path | None = None
+    extra: dict = field(default_factory=dict)
 
     def to_dict(self, extra: dict | None = None) -> dict:
         return {
             "model": self.model,
             "layer": self.layer,
             "method": self.method,
-            **(extra or {}),
+            **(self.extra if extra is None else extra),
             "filters": [asdict(f) for f in self.filters],
         }
+
+    @classmethod
+    def from_dict(cls, data: dict, path: Path | None = None) -> Explanations:
+        known = {"model", "layer", "method", "filters"}
+        filters = [FilterExplanation(**f) for f in data["filters"]]
+        return cls(data["model"], data["layer"], data["method"], filters, path, {k: v for k, v in data.items() if k not in known})
 
 
 def explain(
@@ -150,184 +133,115 @@ def explain(
 ) -> Explanations:
     """Name every filter of the run's layer from unlabelled target images.
 
-    Writes ``thresholds.safetensors``, ``explanations.json`` and ``explanations.csv``
-    into the run directory (unless ``write`` is false).
+    One pass over the target images (their maps cached in chunks), then words for each
+    filter's top images. Writes ``thresholds.safetensors``, ``explanations.json`` and
+    ``explanations.csv`` into the run directory (unless ``write`` is false).
+
+    Under ``torchrun``, or with a process group initialised by the caller, every rank
+    calls this with the same arguments: each takes a contiguous shard of the images,
+    the statistics merge exactly, and rank 0 writes; every rank returns the same result.
     """
+    if settings.method not in METHODS:
+        raise LaviseError(f"Unknown method '{settings.method}'; valid: {', '.join(METHODS)}.")
+    for name in ("top_images", "words_per_image", "top_words"):
+        if getattr(settings, name) < 1:
+            raise LaviseError(f"{name} must be at least 1, got {getattr(settings, name)}.")
+    ranks = current()
     with cpu_threads(compute):
-        if settings.method not in METHODS:
-            raise LaviseError(f"Unknown method '{settings.method}'; valid: {', '.join(METHODS)}.")
-        for name in ("top_images", "words_per_image", "top_words"):
-            if getattr(settings, name) < 1:
-                raise LaviseError(f"{name} must be at least 1, got {getattr(settings, name)}.")
-        run = as_run(run)
-        images = target if isinstance(target, ImageFiles) else ImageFiles(Path(target))
-        cache_dir = cache_folder(cache_dir)
-        target_model = run.target_model(model)
+        with ranks.together("opening the run, the model and the images"):
+            run = as_run(run)
+            images = target if isinstance(target, ImageFiles) else ImageFiles(Path(target))
+            cache_dir = cache_folder(cache_dir)
+            target_model = run.target_model(model)
+            vocabulary = load_word_vectors(run.config["word_vectors"], cache_dir=cache_dir).vocabulary(
+                size=settings.vocabulary_size, word_list=settings.vocabulary_file
+            )
+            if settings.words_per_image > len(vocabulary):
+                raise LaviseError(f"words_per_image={settings.words_per_image} exceeds the vocabulary ({len(vocabulary)} words).")
+            stream = MapStream(target_model, run.layer, images, cache_dir=cache_dir, compute=compute, ranks=ranks)
+            run.check_filters(stream.filters, "the target images")
+        ranks.agree({"run": run.config, "model": target_model.identity(), "images": images.identity(),
+                     "settings": settings.to_dict()}, "explain jobs")
+        if ranks.main:
+            _warn_outside_vocabulary(run, vocabulary)
+        scan = scan_filters(stream, quantile=settings.quantile, top=settings.top_images, compute=compute, ranks=ranks)
+        if scan.images == 0:
+            raise_no_usable("target", images, scan.skipped)
+        if ranks.main:
+            scan.skipped.warn(f"target {images.root}")
+            if settings.top_images > scan.images:
+                warnings.warn(f"top_images={settings.top_images} but only {scan.images} usable target images; "
+                              f"using {scan.images}.", LaviseWarning, stacklevel=2)
+        filters = torch.arange(stream.filters)
+        with cpu_threads(compute, workers=0):  # no images are decoded while naming: every core
+            named = name_pairs(
+                stream, scan, filters, lambda maps, _: feature_inputs(settings.method, maps, scan.thresholds, stream.device, run.pooling),
+                run.head, vocabulary.unit_vectors, settings.words_per_image, compute=compute, ranks=ranks,
+            )
+        explanations = None
+        with ranks.together("writing the explanations"):
+            if ranks.main:
+                explanations = _explanations(run, images, scan, named, vocabulary, settings, compute, ranks, write)
+        data = ranks.gather(explanations.to_dict(explanations.extra) if ranks.main else None)[0]
+        return explanations if ranks.main else Explanations.from_dict(data, run.path / "explanations.json" if write else None)
 
-        vocabulary = load_word_vectors(run.config["word_vectors"], cache_dir=cache_dir).vocabulary(
-            size=settings.vocabulary_size, word_list=settings.vocabulary_file
+
+def _warn_outside_vocabulary(run: Run, vocabulary) -> None:
+    known = set(vocabulary.words)
+    outside = [c for c in run.split["seen"] + run.split["unseen"] if c not in known and " " not in c]
+    if outside:
+        warnings.warn(
+            f"{len(outside)} reference concepts are not in the vocabulary and can never be "
+            f"named: {', '.join(outside[:20])}",
+            LaviseWarning,
+            stacklevel=3,
         )
-        known = set(vocabulary.words)
-        outside = [c for c in run.split["seen"] + run.split["unseen"] if c not in known and " " not in c]
-        if outside:
-            warnings.warn(
-                f"{len(outside)} reference concepts are not in the vocabulary and can never be "
-                f"named: {', '.join(outside[:20])}",
-                LaviseWarning,
-                stacklevel=2,
-            )
-        if settings.words_per_image > len(vocabulary):
-            raise LaviseError(f"words_per_image={settings.words_per_image} exceeds the vocabulary ({len(vocabulary)} words).")
 
-        features = target_features(target_model, run.layer, images, cache_dir=cache_dir, compute=compute)
-        features.skipped.warn(f"target {images.root}")
-        maps = features.maps
-        run.check_filters(maps.shape[1], "the target images")
-        per_filter = settings.top_images
-        if per_filter > len(maps):
-            warnings.warn(
-                f"top_images={per_filter} but only {len(maps)} usable target images; using {len(maps)}.",
-                LaviseWarning,
-                stacklevel=2,
-            )
-            per_filter = len(maps)
 
-        thresholds = quantile_thresholds(maps, settings.quantile)
-        chosen = top_images(maps, per_filter)  # (d, p)
-        device = resolve_device(compute.device)
-        word_ids, similarities = pair_words(
-            run.head, feature_inputs(settings.method, maps, thresholds, device, run.pooling), chosen,
-            vocabulary.unit_vectors, settings.words_per_image, device=device, progress=compute.progress,
+def _explanations(run, images, scan: FilterScan, named, vocabulary, settings: ExplainSettings, compute: ComputeSettings,
+                  ranks, write: bool) -> Explanations:
+    """Rank each filter's words and write the outputs (rank 0)."""
+    word_ids, similarities = named
+    ranked = rank_words(word_ids, similarities, settings.top_words,
+                        words_per_image=settings.words_per_image, ranking=settings.ranking)
+    active = scan.active.tolist()
+    root = images.root
+    filters = [
+        FilterExplanation(
+            filter=u,
+            words=[{"word": vocabulary.words[r.word], "count": r.count, "first": r.first} for r in ranked[u]]
+            if active[u] else [],
+            top_images=[relative_name(images.image_path(i), root) for i in scan.chosen[u].tolist()],
+            threshold=float(scan.thresholds[u]),
+            active=bool(active[u]),
         )
-        ranked = rank_words(word_ids, similarities, settings.top_words,
-                            words_per_image=settings.words_per_image, ranking=settings.ranking)
-        flat = maps.flatten(2)
-        active = (flat.amax(dim=(0, 2)) > flat.amin(dim=(0, 2))).tolist()
-        root = images.root
-        filters = [
-            FilterExplanation(
-                filter=u,
-                words=[{"word": vocabulary.words[r.word], "count": r.count, "first": r.first} for r in ranked[u]]
-                if active[u] else [],
-                top_images=[relative_name(features.paths[i], root) for i in chosen[u].tolist()],
-                threshold=float(thresholds[u]),
-                active=bool(active[u]),
-            )
-            for u in range(maps.shape[1])
-        ]
-        inactive = [f.filter for f in filters if not f.active]
-        if inactive:
-            warnings.warn(
-                f"{len(inactive)} filters are constant on every target image and get no words: "
-                f"{inactive[:20]}",
-                LaviseWarning,
-                stacklevel=2,
-            )
-        explanations = Explanations(run.config["model"]["name"], run.layer, settings.method, filters)
-        if write:
-            extra = {
-                "model_spec": run.config["model"],
-                "settings": settings.to_dict(),
-                "vocabulary": {"word_vectors": run.config["word_vectors"], "words": len(vocabulary), **vocabulary.description},
-                "target": {"root": str(Path(root).resolve()), "images": len(features.paths), "skipped": features.skipped.to_dict()},
-            }
-            save_tensors(run.path / "thresholds.safetensors", {"thresholds": thresholds}, {"quantile": str(settings.quantile)})
-            write_json(run.path / "explanations.json", explanations.to_dict(extra))
-            write_csv(
-                run.path / "explanations.csv",
-                ["filter", "rank", "word", "count", "first"],
-                [[f.filter, r + 1, w["word"], w["count"], w["first"]] for f in filters for r, w in enumerate(f.words)],
-            )
-            explanations.path = run.path / "explanations.json"
-        return explanations
-
-
-PairInputs = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def feature_inputs(
-    method: str, maps: torch.Tensor, thresholds: torch.Tensor, device: torch.device, pooling: str
-) -> PairInputs:
-    """The explainer inputs of (filter, image) pairs computed from feature maps held in memory.
-
-    ``pooling`` is the run's (``Run.pooling``).
-
-    (n,) filters, (n,) image rows -> (n, d) on ``device``
-    """
-    thresholds = thresholds.to(device)
-
-    def inputs(filters: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return explainer_inputs(method, maps[rows].to(device), filters.to(device), thresholds, pooling)
-
-    return inputs
-
-
-def _output_chunks(
-    head: torch.nn.Module, pair_inputs: PairInputs, filters: torch.Tensor, rows: torch.Tensor, *,
-    device: torch.device, chunk: int, progress: bool,
-) -> Iterator[torch.Tensor]:
-    """The explainer's outputs for the pairs (filters[i], rows[i]), ``chunk`` pairs at a time, on ``device``."""
-    head = head.to(device).eval()
-    for start in tqdm(range(0, len(filters), chunk), desc="naming filters", unit="batch", disable=not progress):
-        yield _head_outputs(head, pair_inputs, filters[start : start + chunk], rows[start : start + chunk])
-
-
-@torch.inference_mode()
-def _head_outputs(head: torch.nn.Module, pair_inputs: PairInputs, filters: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    return head(pair_inputs(filters, rows))
-
-
-def explainer_outputs(
-    head: torch.nn.Module,
-    pair_inputs: PairInputs,
-    filters: torch.Tensor,
-    rows: torch.Tensor,
-    *,
-    device: torch.device = torch.device("cpu"),
-    chunk: int = 2048,
-    progress: bool = False,
-) -> torch.Tensor:
-    """The explainer's output in word space for each (filter, image) pair: the step before nearest words.
-
-    ``pair_inputs(filters, rows)`` gives the explainer inputs of a batch of pairs
-    (:func:`feature_inputs`, or image masking, which re-runs the network).
-
-    (n,) filters, (n,) image rows -> (n, D) on the CPU, not normalised
-    """
-    return torch.cat([out.cpu() for out in _output_chunks(
-        head, pair_inputs, filters, rows, device=device, chunk=chunk, progress=progress)])
-
-
-def pair_words(
-    head: torch.nn.Module,
-    pair_inputs: PairInputs,
-    chosen: torch.Tensor,
-    unit_vocabulary: torch.Tensor,
-    words_per_image: int,
-    *,
-    device: torch.device,
-    progress: bool = False,
-    chunk: int = 2048,
-    filter_ids: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest words for every (filter, top image) pair, in batches of pairs.
-
-    The same loop serves the feature-space methods and image masking (see
-    :func:`explainer_outputs`). ``filter_ids`` names the filters of ``chosen``'s rows
-    (default: 0..d−1).
-
-    (d, p) chosen image rows -> (d, p·s) word indices and similarities
-    """
-    d, p = chosen.shape
-    filter_ids = torch.arange(d) if filter_ids is None else filter_ids
-    filters = filter_ids.repeat_interleave(p)  # (d·p,)
-    vocab = unit_vocabulary.to(device)
-    ids, sims = [], []
-    for outputs in _output_chunks(head, pair_inputs, filters, chosen.flatten(), device=device, chunk=chunk, progress=progress):
-        words, values = nearest_words(outputs, vocab, words_per_image)
-        ids.append(words.cpu())
-        sims.append(values.cpu())
-    return torch.cat(ids).reshape(d, p * words_per_image), torch.cat(sims).reshape(d, p * words_per_image)
+        for u in range(len(active))
+    ]
+    inactive = [f.filter for f in filters if not f.active]
+    if inactive:
+        warnings.warn(
+            f"{len(inactive)} filters are constant on every target image and get no words: {inactive[:20]}",
+            LaviseWarning,
+            stacklevel=3,
+        )
+    extra = {
+        "model_spec": run.config["model"],
+        "settings": settings.to_dict(),
+        "vocabulary": {"word_vectors": run.config["word_vectors"], "words": len(vocabulary), **vocabulary.description},
+        "target": {"root": str(Path(root).resolve()), "images": scan.images, "skipped": scan.skipped.to_dict()},
+        "compute": {"processes": ranks.world, "memory_budget": compute.memory_budget, "naming_maps": scan.naming_maps},
+    }
+    explanations = Explanations(run.config["model"]["name"], run.layer, settings.method, filters, extra=extra)
+    if write:
+        save_tensors(run.path / "thresholds.safetensors", {"thresholds": scan.thresholds}, {"quantile": str(settings.quantile)})
+        write_json(run.path / "explanations.json", explanations.to_dict(extra))
+        write_csv(
+            run.path / "explanations.csv",
+            ["filter", "rank", "word", "count", "first"],
+            [[f.filter, r + 1, w["word"], w["count"], w["first"]] for f in filters for r, w in enumerate(f.words)],
+        )
+        explanations.path = run.path / "explanations.json"
+    return explanations
 
 
 def read_explanations(run_path: Path) -> dict:

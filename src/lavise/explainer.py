@@ -65,8 +65,11 @@ class TrainingResult:
     best_epoch: int
 
 
+VALIDATION_BATCH = 4096  # rows per step of the validation loss: the same sum in memory and from disk
+
+
 def train_explainer(
-    vectors: torch.Tensor,
+    vectors,
     targets: torch.Tensor,
     groups: torch.Tensor,
     concept_vectors: torch.Tensor,
@@ -78,7 +81,9 @@ def train_explainer(
     """Train the head on pooled vectors; keep the epoch with the lowest validation loss.
 
     Args:
-        vectors: (n, d) pooled masked features.
+        vectors: (n, d) pooled masked features: a tensor, or rows read from disk per batch
+            (anything indexed by a tensor of row numbers, :class:`lavise.reference.ChunkedRows`);
+            both give the same explainer.
         targets: (n,) index of each row's concept in ``concept_vectors``.
         groups: (n,) the image each row comes from; validation holds out whole images.
         concept_vectors: (C, D) vectors of the training (seen) concepts.
@@ -89,7 +94,13 @@ def train_explainer(
     torch.manual_seed(settings.seed)
     head = ExplainerHead(vectors.shape[1], concept_vectors.shape[1], settings.dropout).to(device)
     optimiser = torch.optim.Adam(head.parameters(), lr=settings.learning_rate)
-    vectors, targets, concepts = vectors.to(device), targets.to(device), concept_vectors.to(device)
+    in_memory = isinstance(vectors, torch.Tensor)
+    if in_memory:
+        vectors = vectors.to(device)
+    targets, concepts = targets.to(device), concept_vectors.to(device)
+
+    def rows(index: torch.Tensor) -> torch.Tensor:
+        return vectors[index] if in_memory else vectors[index.cpu()].to(device)
 
     history, best_loss, best_state, best_epoch = [], math.inf, None, 0
     # BatchNorm cannot train on a batch of one; drop such a last batch.
@@ -103,14 +114,14 @@ def train_explainer(
             batch = order[start : start + settings.train_batch_size]
             if len(batch) < 2 and drop_last:
                 continue
-            loss = hinge_rank_loss(head(vectors[batch]), targets[batch], concepts, settings.margin)
+            loss = hinge_rank_loss(head(rows(batch)), targets[batch], concepts, settings.margin)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             total += loss.item() * len(batch)
             count += len(batch)
         train_loss = total / max(count, 1)
-        val_loss = _evaluate(head, vectors, targets, concepts, val_rows, settings.margin) if len(val_rows) else train_loss
+        val_loss = _evaluate(head, rows, targets, concepts, val_rows, settings.margin) if len(val_rows) else train_loss
         history.append({"epoch": epoch, "train_loss": train_loss, "validation_loss": val_loss})
         bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
         if val_loss < best_loss:
@@ -122,9 +133,14 @@ def train_explainer(
 
 
 @torch.no_grad()
-def _evaluate(head, vectors, targets, concepts, rows, margin) -> float:
+def _evaluate(head, rows_of, targets, concepts, rows, margin) -> float:
+    """The mean loss over ``rows``, in steps of :data:`VALIDATION_BATCH` rows."""
     head.eval()
-    return float(hinge_rank_loss(head(vectors[rows]), targets[rows], concepts, margin))
+    total = 0.0
+    for start in range(0, len(rows), VALIDATION_BATCH):
+        part = rows[start : start + VALIDATION_BATCH]
+        total += float(hinge_rank_loss(head(rows_of(part)), targets[part], concepts, margin)) * len(part)
+    return total / len(rows)
 
 
 def _split_by_group(

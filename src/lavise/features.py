@@ -1,21 +1,22 @@
-"""Batched feature extraction, each image through the backbone once per product, cached on disk.
+"""Feature maps of a layer, streamed: images through the backbone in batches, chunk by chunk.
 
-Three products, each cached (:func:`lavise.storage.cached`) under a key of model,
-weights, preprocessing, layer, dataset and the settings it depends on, and recomputed
-when any of them changes:
+No stage holds the maps of a whole dataset. A dataset's images are cut into chunks of
+consecutive images (:func:`chunk_bounds`: at most about 64 MB of maps, and at least 64
+chunks when there are that many images), and batches never cross a chunk, so every
+image's maps come out of the same batch whatever the number of processes. A pass is
+one sweep over this rank's chunks (:class:`MapStream`); the target maps are cached in
+chunks (:class:`lavise.storage.ChunkStore`), so a later pass, or a run after a crash,
+reads what was made and runs the network only on what is missing.
 
-- reference features: per (image, concept) pair the pooled d-vector mean(F ⊙ M) of the
-  concept's mask, and with activation regions up to k more rows per pair, pooled over
-  the active regions of the filters strongest inside the mask: what the explainer
-  trains on (:func:`reference_features`);
-- reference thresholds: T_u over the reference images, for those regions, in one
-  streaming pass (:func:`reference_thresholds`);
-- target feature maps: F for every target image, from which thresholds, top images and
-  every method's explainer inputs are computed (:func:`target_features`).
+The pooled reference rows the explainer trains on are made the same way, in
+:mod:`lavise.reference`.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,17 +25,43 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from lavise.compute import resolve_device
-from lavise.datasets.base import BadImage, ImageFiles, ReferenceDataset, SkipLog, load_rgb
+from lavise.datasets.base import BadImage, ImageFiles, SkipLog, load_rgb
+from lavise.distributed import Ranks, current
 from lavise.errors import LaviseError
-from lavise.inputs import masked_mean
 from lavise.models import Preprocessing, TargetModel, layer_reader, preprocess_image, preprocess_masks
-from lavise.regions import ThresholdTally, masks_to_grid, strongest_regions
-from lavise.settings import ComputeSettings, TrainSettings
-from lavise.storage import cached
+from lavise.regions import QuantileRefiner
+from lavise.settings import ComputeSettings
+from lavise.storage import ChunkStore
+
+CHUNK_BYTES = 256 * 2**20  # a chunk of maps is at most about this large ...
+MIN_CHUNKS = 64  # ... there are this many chunks when the images allow ...
+MIN_CHUNK_IMAGES = 64  # ... but a chunk holds at least this many images, for full batches (when they fit)
+MAPS_VERSION = 2  # 2: chunks; batches never cross a chunk
+
+
+def chunk_bounds(count: int, item_bytes: int) -> list[tuple[int, int]]:
+    """Consecutive [start, stop) ranges of ``count`` items: :data:`MIN_CHUNKS` of them, but
+    each of at least :data:`MIN_CHUNK_IMAGES` items and at most about :data:`CHUNK_BYTES`.
+
+    They depend on the data and the layer only, never on the number of processes or the
+    batch size, so a cache made by one process serves many, and the other way round.
+
+    Example:
+        >>> chunk_bounds(100, 1000)
+        [(0, 64), (64, 100)]
+        >>> len(chunk_bounds(10_000, 1000)), chunk_bounds(10_000, 1000)[0]
+        (64, (0, 157))
+        >>> chunk_bounds(3, 10**9)
+        [(0, 1), (1, 2), (2, 3)]
+    """
+    size = max(1, min(max(math.ceil(count / MIN_CHUNKS), MIN_CHUNK_IMAGES), CHUNK_BYTES // max(item_bytes, 1)))
+    return [(start, min(start + size, count)) for start in range(0, count, size)]
 
 
 @dataclass
-class _Item:
+class Item:
+    """One loaded image (and its masks), or why it could not be used."""
+
     index: int
     image: torch.Tensor | None = None
     concepts: list[int] | None = None
@@ -53,217 +80,261 @@ class _Images(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> _Item:
+    def __getitem__(self, index: int) -> Item:
         try:
             image = load_rgb(self.dataset.image_path(index))
         except BadImage as error:
-            return _Item(index, problem=("unreadable images", str(error)))
-        item = _Item(index, image=preprocess_image(image, self.preprocessing))
+            return Item(index, problem=("unreadable images", str(error)))
+        item = Item(index, image=preprocess_image(image, self.preprocessing))
         if self.with_masks:
             try:
                 concepts, masks = self.dataset.masks(index, image.size)
             except ValueError as error:
-                return _Item(index, problem=("images whose annotations do not fit", str(error)))
+                return Item(index, problem=("images whose annotations do not fit", str(error)))
             item.concepts = concepts
             item.masks = preprocess_masks(masks, self.preprocessing)
         return item
 
 
-def _batches(dataset, preprocessing: Preprocessing, with_masks: bool, compute: ComputeSettings, description: str):
-    """Batches of loaded items, decoded by ``compute.num_workers`` processes, with a progress bar."""
+def chunk_batches(bounds: Sequence[tuple[int, int]], chunks: Sequence[int], batch_size: int) -> list[list[int]]:
+    """The image indices of each batch of the given chunks: batches never cross a chunk.
+
+    Example:
+        >>> chunk_batches([(0, 3), (3, 5)], [0, 1], 2)
+        [[0, 1], [2], [3, 4]]
+    """
+    batches = []
+    for c in chunks:
+        start, stop = bounds[c]
+        batches.extend(list(range(s, min(s + batch_size, stop))) for s in range(start, stop, batch_size))
+    return batches
+
+
+def load_batches(dataset, preprocessing: Preprocessing, batches: list[list[int]], compute: ComputeSettings, *,
+                 with_masks: bool = False, description: str = "", progress: bool = True) -> Iterator[list[Item]]:
+    """The loaded items of each batch, decoded by ``compute.num_workers`` processes, with a progress bar."""
     loader = DataLoader(
-        _Images(dataset, preprocessing, with_masks),
-        batch_size=compute.batch_size,
-        num_workers=compute.num_workers,
-        collate_fn=list,
-        persistent_workers=False,
+        _Images(dataset, preprocessing, with_masks), batch_sampler=batches, num_workers=compute.num_workers,
+        collate_fn=list, persistent_workers=False,
     )
-    with tqdm(total=len(dataset), desc=description, unit="img", disable=not compute.progress) as bar:
+    total = sum(len(b) for b in batches)
+    with tqdm(total=total, desc=description, unit="img", disable=not (progress and compute.progress)) as bar:
         for items in loader:
             yield items
             bar.update(len(items))
 
 
-@dataclass
-class ReferenceFeatures:
-    """Pooled masked features of a reference dataset.
-
-    Attributes:
-        vectors: (N, d) mean(F ⊙ M) over the whole grid, one row per (image, concept)
-            pair, and with activation regions, rows pooled over such regions too.
-        areas: (N,) the mask's share of the feature grid, Σ M / hw; vectors / areas is
-            the mean of F inside the mask.
-        concepts: (N,) index into ``concept_names``.
-        images: (N,) index of the image in the dataset.
-        concept_names: every concept of the dataset.
-        grid: (h, w) of the layer's feature map.
-        skipped: what could not be used, by reason.
-        regional: (N,) True for a row pooled over a filter's activation region inside
-            the mask (:func:`lavise.regions.strongest_regions`), False for a whole mask.
-    """
-
-    vectors: torch.Tensor
-    concepts: torch.Tensor
-    images: torch.Tensor
-    concept_names: list[str]
-    grid: tuple[int, int]
-    skipped: SkipLog
-    areas: torch.Tensor
-    regional: torch.Tensor
-
-    @property
-    def pairs(self) -> int:
-        """How many (image, concept) pairs: the rows of whole masks."""
-        return int((~self.regional).sum())
-
-    def pooled(self, pooling: str) -> torch.Tensor:
-        """(N, d) explainer inputs: ``mean`` over the grid (as stored) or ``region``, over the mask."""
-        return self.vectors if pooling == "mean" else self.vectors / self.areas.clamp_min(1e-12).unsqueeze(1)
-
-
-def _usable(items, dataset, skipped: SkipLog) -> list:
-    """The items of a batch with an image and at least one mask; the rest counted in ``skipped``."""
+def count_problems(items: list[Item], dataset, skipped: SkipLog) -> list[Item]:
+    """The items with an image; the others are counted in ``skipped`` by reason."""
     good = []
     for item in items:
         if item.problem:
             skipped.add(item.problem[0], f"{dataset.image_path(item.index)} ({item.problem[1]})")
-        elif not item.concepts:
-            skipped.add("images without any annotation", str(dataset.image_path(item.index)))
         else:
             good.append(item)
     return good
 
 
-def _reference_maps(model: TargetModel, layer: str, dataset: ReferenceDataset, skipped: SkipLog, *,
-                    description: str, compute: ComputeSettings):
-    """(usable items, their (n, d, h, w) maps on the device) per batch; the rest counted in ``skipped``."""
-    torch_device = resolve_device(compute.device)
-    module = model.module.to(torch_device)
-    with layer_reader(module, layer) as read, torch.inference_mode():
-        for items in _batches(dataset, model.preprocessing, True, compute, description):
-            good = _usable(items, dataset, skipped)
-            if good:
-                yield good, read(torch.stack([it.image for it in good]).to(torch_device)).float()
+def layer_shape(model: TargetModel, layer: str, device: torch.device) -> tuple[int, ...]:
+    """The shape of one image's output of ``layer``: (d, h, w), from one blank image."""
+    size = model.preprocessing.crop_size
+    with layer_reader(model.module.to(device), layer) as read, torch.inference_mode():
+        return tuple(read(torch.zeros(1, 3, size, size, device=device)).shape[1:])
 
 
-def reference_thresholds(
-    model: TargetModel,
-    layer: str,
-    dataset: ReferenceDataset,
-    quantile: float,
-    *,
-    cache_dir: Path | None,
-    compute: ComputeSettings = ComputeSettings(),
-) -> torch.Tensor:
-    """(d,) T_u over the usable reference images, as explain takes them over its targets (cached).
+@dataclass
+class MapChunk:
+    """The maps of the usable images of one chunk.
 
-    One streaming pass (:class:`lavise.regions.ThresholdTally`), so a reference set
-    larger than memory works; the images counted are those :func:`reference_features`
-    pools.
+    Attributes:
+        index: the chunk's number.
+        rows: (n,) the dataset index of each usable image, increasing.
+        maps: (n, d, h, w) float32 on the CPU (memory-mapped when read from the cache).
+        skipped: the chunk's images that could not be used, by reason.
     """
 
-    def build():
-        tally, skipped = None, SkipLog()
-        skipped.merge(dataset.skipped)
-        for _, maps in _reference_maps(model, layer, dataset, skipped, description="reference thresholds", compute=compute):
-            if tally is None:
-                tally = ThresholdTally(quantile, len(dataset) * maps.shape[2] * maps.shape[3])
-            tally.add(maps)
-        if tally is None:
-            raise_no_usable("reference", dataset, skipped)
-        return {"thresholds": tally.thresholds().cpu()}, {}
-
-    parts = {"product": "reference-thresholds", **model.identity(), "layer": layer, "data": dataset.identity(),
-             "quantile": quantile}
-    return cached(cache_dir, "thresholds", parts, build)[0]["thresholds"]
+    index: int
+    rows: torch.Tensor
+    maps: torch.Tensor
+    skipped: SkipLog
+    partial: bool = False  # only some batches of the chunk
 
 
-def reference_features(
-    model: TargetModel,
-    layer: str,
-    dataset: ReferenceDataset,
-    *,
-    cache_dir: Path | None,
-    compute: ComputeSettings = ComputeSettings(),
-    activation_regions: int = TrainSettings.activation_regions,
-    quantile: float = TrainSettings.region_quantile,
-) -> ReferenceFeatures:
-    """Pool the layer's features under each concept mask of each reference image (cached).
+class MapStream:
+    """The feature maps of one layer on a set of images, pass after pass, chunk by chunk.
 
-    With ``activation_regions`` = k > 0, each (image, concept) pair also gives up to k
-    rows pooled over the activation regions of the k filters most active inside its
-    mask (:func:`lavise.regions.strongest_regions`, with T_u at ``quantile`` over the
-    reference images; empty regions give no row). That costs a second pass over the
-    images, for the thresholds. k = 0 pools whole masks only, as the paper.
+    Each rank streams its contiguous share of the chunks (:meth:`Ranks.shard`). With a
+    cache, a chunk's maps are computed once and read from disk by every later pass;
+    ``forwards`` counts the images this stream ran through the network.
+
+    Args:
+        model: the target model; ``layer``: the dotted path of the layer.
+        images: a target dataset (``len``, ``image_path``, ``identity``).
+        cache_dir: where the chunks are kept (None, or ``compute.cache_maps`` false: nowhere).
+        compute: device, batches, workers, progress.
+        ranks: the processes sharing the work (default: :func:`lavise.distributed.current`).
     """
-    if activation_regions < 0:
-        raise LaviseError(f"activation_regions must be 0 or more, got {activation_regions}.")
-    regions = {"activation_regions": activation_regions, "quantile": quantile} if activation_regions else {}
-    parts = {"product": "reference-pooled", "version": 3, **model.identity(), "layer": layer,
-             "data": dataset.identity(), **regions}
 
-    def build():
-        result = _pool_reference(model, layer, dataset, cache_dir, compute, activation_regions, quantile)
-        tensors = {"vectors": result.vectors, "concepts": result.concepts, "images": result.images,
-                   "areas": result.areas, "regional": result.regional}
-        return tensors, {"concept_names": result.concept_names, "grid": list(result.grid), "skipped": result.skipped.to_dict()}
+    def __init__(self, model: TargetModel, layer: str, images, *, cache_dir: Path | None,
+                 compute: ComputeSettings = ComputeSettings(), ranks: Ranks | None = None) -> None:
+        self.model, self.layer, self.images, self.compute = model, layer, images, compute
+        self.ranks = ranks or current()
+        self.device = resolve_device(compute.device)
+        self.shape = layer_shape(model, layer, self.device)
+        if len(self.shape) != 3:
+            raise LaviseError(f"Layer '{layer}' gives maps of shape {self.shape} per image, not (filters, h, w).")
+        self.bounds = chunk_bounds(len(images), 4 * math.prod(self.shape))
+        parts = {"product": "target-maps", "version": MAPS_VERSION, **model.identity(), "layer": layer,
+                 "data": images.identity(), "chunk": self.bounds[0][1] if self.bounds else 0}
+        self.store = ChunkStore(cache_dir if compute.cache_maps else None, "target", parts)
+        self.forwards = 0
 
-    tensors, info = cached(cache_dir, "reference", parts, build)
-    return ReferenceFeatures(
-        tensors["vectors"], tensors["concepts"], tensors["images"], info["concept_names"],
-        tuple(info["grid"]), SkipLog.from_dict(info["skipped"]), tensors["areas"], tensors["regional"],
-    )
+    @property
+    def filters(self) -> int:
+        return int(self.shape[0])
+
+    @property
+    def positions(self) -> int:
+        """h·w positions per image."""
+        return int(self.shape[1] * self.shape[2])
+
+    @property
+    def mine(self) -> range:
+        """This rank's chunks."""
+        return self.ranks.shard(len(self.bounds))
+
+    @property
+    def image_range(self) -> tuple[int, int]:
+        """[start, stop) of the dataset indices in this rank's chunks."""
+        mine = self.mine
+        return (self.bounds[mine.start][0], self.bounds[mine.stop - 1][1]) if len(mine) else (0, 0)
+
+    def chunks(self, description: str = "target features") -> Iterator[MapChunk]:
+        """One pass over this rank's chunks, in order: read when cached, else computed (and cached)."""
+        cached = {c for c in self.store.done(self.mine) if self.store.load(c) is not None}
+        missing = [c for c in self.mine if c not in cached]
+        computed = self._compute(missing, description)
+        for c in self.mine:
+            if c in cached:
+                tensors, facts = self.store.load(c)
+                yield MapChunk(c, tensors["rows"], tensors["maps"], SkipLog.from_dict(facts["skipped"]))
+            else:
+                chunk = next(computed)
+                self.store.save(c, {"rows": chunk.rows, "maps": chunk.maps}, {"skipped": chunk.skipped.to_dict()})
+                yield chunk
+
+    def _compute(self, chunks: list[int], description: str) -> Iterator[MapChunk]:
+        """The chunks' maps from the network, one chunk at a time."""
+        if not chunks:
+            return
+        batches = chunk_batches(self.bounds, chunks, self.compute.batch_size)
+        loaded = load_batches(self.images, self.model.preprocessing, batches, self.compute,
+                              description=description, progress=self.ranks.main)
+        module = self.model.module.to(self.device)
+        with layer_reader(module, self.layer) as read:
+            for c in chunks:
+                start, stop = self.bounds[c]
+                skipped, rows, maps = SkipLog(), [], []
+                for _ in range(math.ceil((stop - start) / self.compute.batch_size)):
+                    good = count_problems(next(loaded), self.images, skipped)
+                    if good:
+                        with torch.inference_mode():
+                            out = read(torch.stack([it.image for it in good]).to(self.device)).float().cpu()
+                        maps.append(out)
+                        rows.extend(it.index for it in good)
+                        self.forwards += len(good)
+                yield MapChunk(c, torch.tensor(rows, dtype=torch.int64),
+                               torch.cat(maps) if maps else torch.zeros(0, *self.shape), skipped)
+
+    def maps_of(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(len(rows), d, h, w) the maps of the given images, in that order, and (len(rows),)
+        whether each has maps (an unreadable image has none: its maps are zeros).
+
+        From the cache when their chunks are there; otherwise their chunks' batches run
+        through the network again (whole batches, so the maps are the very numbers a
+        pass computed).
+        """
+        rows = torch.as_tensor(list(rows), dtype=torch.int64)
+        out = torch.zeros(len(rows), *self.shape)
+        found = torch.zeros(len(rows), dtype=torch.bool)
+        starts = torch.tensor([b[0] for b in self.bounds])
+        owner = torch.searchsorted(starts, rows, right=True) - 1
+        wanted = sorted(set(owner.tolist()))
+        cached = sorted(c for c in self.store.done(wanted) if self.store.load(c) is not None)
+        computed = self._compute_rows(rows, owner, sorted(set(wanted) - set(cached)))
+        for chunk in itertools.chain((self._cached(c) for c in cached), computed):
+            position = {int(r): i for i, r in enumerate(chunk.rows.tolist())}
+            for i in torch.nonzero(owner == chunk.index).flatten().tolist():
+                if int(rows[i]) in position:
+                    out[i] = chunk.maps[position[int(rows[i])]]
+                    found[i] = True
+        return out, found
+
+    def _cached(self, c: int) -> MapChunk:
+        tensors, facts = self.store.load(c)
+        return MapChunk(c, tensors["rows"], tensors["maps"], SkipLog.from_dict(facts["skipped"]))
+
+    def _compute_rows(self, rows: torch.Tensor, owner: torch.Tensor, chunks: list[int]) -> Iterator[MapChunk]:
+        """Chunks holding only the batches that contain ``rows``, computed again."""
+        size = self.compute.batch_size
+        wanted = {(int(o), (int(r) - self.bounds[int(o)][0]) // size) for r, o in zip(rows, owner) if int(o) in chunks}
+        batches = [list(range(self.bounds[c][0] + b * size, min(self.bounds[c][0] + (b + 1) * size, self.bounds[c][1])))
+                   for c, b in sorted(wanted)]
+        loaded = load_batches(self.images, self.model.preprocessing, batches, self.compute, progress=False)
+        module = self.model.module.to(self.device)
+        with layer_reader(module, self.layer) as read:
+            for (c, _), items in zip(sorted(wanted), loaded):
+                good = count_problems(items, self.images, SkipLog())
+                maps = torch.zeros(0, *self.shape)
+                if good:
+                    with torch.inference_mode():
+                        maps = read(torch.stack([it.image for it in good]).to(self.device)).float().cpu()
+                    self.forwards += len(good)
+                yield MapChunk(c, torch.tensor([it.index for it in good], dtype=torch.int64), maps, SkipLog(), partial=True)
 
 
-def _pool_reference(model, layer, dataset, cache_dir, compute, activation_regions, quantile) -> ReferenceFeatures:
-    """The rows of :func:`reference_features`, computed in one pass over the images."""
-    thresholds = None
-    if activation_regions:
-        thresholds = reference_thresholds(model, layer, dataset, quantile, cache_dir=cache_dir, compute=compute)
-    skipped = SkipLog()
-    skipped.merge(dataset.skipped)
-    vectors, concepts, images, areas, regional = [], [], [], [], []
-    grid = None
+def tally_fits(quantile: float, positions: int, filters: int, budget: float) -> bool:
+    """Whether a :class:`ThresholdTally` of this size, merged, stays within ``budget`` GiB.
 
-    def keep_rows(masks, pair_maps, pair_concepts, pair_images, is_regional):
-        """Pool under (P, h, w) or (P, k, h, w) masks; a mask of zero area gives no row."""
-        pooled = masked_mean(pair_maps, masks).cpu().reshape(-1, pair_maps.shape[1])
-        area = masks.flatten(-2).mean(dim=-1).cpu().flatten()
-        copies = area.numel() // len(pair_concepts)  # k masks per pair, pair-major
-        found = area > 0
-        vectors.append(pooled[found])
-        areas.append(area[found])
-        concepts.append(pair_concepts.repeat_interleave(copies)[found])
-        images.append(pair_images.repeat_interleave(copies)[found])
-        regional.append(torch.full((int(found.sum()),), is_regional))
+    It keeps 0.5 % (the quantile) of every position of every image per filter: for
+    ResNet-50 layer4 about 2 KB per image, so past about half a million images at 2 GiB
+    the thresholds are found in passes instead (:func:`refined_thresholds`).
+    """
+    keep = math.ceil(quantile * positions) + 2
+    return 2 * 4 * keep * filters <= budget * 2**30
 
-    for good, maps in _reference_maps(model, layer, dataset, skipped, description="reference features", compute=compute):
-        grid = tuple(maps.shape[-2:])
-        pairs = [(n, concept) for n, it in enumerate(good) for concept in it.concepts]
-        cells = masks_to_grid(torch.cat([it.masks for it in good]).to(maps.device), grid)
-        empty = (cells.flatten(1).sum(dim=1) <= 0).cpu()
-        for row in empty.nonzero().flatten().tolist():
-            n, concept = pairs[row]
-            where = f"{dataset.image_path(good[n].index).name}:{dataset.concepts[concept]}"
-            skipped.add("concept masks of zero area after resize and crop", where)
-        pair_maps = maps[torch.tensor([n for n, _ in pairs], device=maps.device)]
-        pair_concepts = torch.tensor([concept for _, concept in pairs])
-        pair_images = torch.tensor([good[n].index for n, _ in pairs])
-        keep_rows(cells, pair_maps, pair_concepts, pair_images, False)
-        if thresholds is not None:
-            regions = strongest_regions(pair_maps, cells, thresholds.to(maps.device), activation_regions)
-            keep_rows(regions, pair_maps, pair_concepts, pair_images, True)
-    if not vectors or sum(len(v) for v in vectors) == 0:
-        raise_no_usable("reference", dataset, skipped)
-    return ReferenceFeatures(
-        torch.cat(vectors), torch.cat(concepts).long(), torch.cat(images).long(),
-        list(dataset.concepts), grid, skipped, torch.cat(areas), torch.cat(regional),
-    )
+
+def refined_thresholds(pass_maps, quantile: float, minimum: torch.Tensor, maximum: torch.Tensor, count: int,
+                       budget: float, ranks: Ranks) -> torch.Tensor:
+    """(d,) T_u, exactly, over passes that each hold at most ``budget`` GiB (:class:`QuantileRefiner`).
+
+    ``pass_maps()`` yields one pass over this rank's maps, batch by batch; ``minimum``,
+    ``maximum`` and ``count`` are every rank's (merged).
+    """
+    refiner = QuantileRefiner(quantile, minimum, maximum, count, budget_values=int(budget * 2**30 // 32))
+    while True:
+        with ranks.together("refining the thresholds"):
+            for maps in pass_maps():
+                refiner.add(maps)
+        states = list(ranks.from_each(refiner.state()))
+        refiner._reset()
+        for state in states:
+            refiner.merge(state)
+        if not refiner.next_pass():
+            return refiner.thresholds()
+
+
+def merged_extremes(minimum: torch.Tensor, maximum: torch.Tensor, ranks: Ranks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each filter's smallest and largest value over every rank (+inf/−inf where a rank saw nothing)."""
+    low, high = minimum.clone(), maximum.clone()
+    for state in ranks.from_each({"minimum": minimum, "maximum": maximum}):
+        low, high = torch.minimum(low, state["minimum"]), torch.maximum(high, state["maximum"])
+    return low, high
 
 
 @dataclass
 class TargetFeatures:
-    """Feature maps of the target images.
+    """Feature maps of target images, all in memory: for small sets, tests and experiments.
 
     Attributes:
         maps: (N, d, h, w) the layer's output for each usable image.
@@ -276,39 +347,19 @@ class TargetFeatures:
     skipped: SkipLog
 
 
-def target_features(
-    model: TargetModel,
-    layer: str,
-    images: ImageFiles,
-    *,
-    cache_dir: Path | None,
-    compute: ComputeSettings = ComputeSettings(),
-) -> TargetFeatures:
-    """The layer's feature maps for every target image (cached)."""
-
-    def build():
-        skipped = SkipLog()
-        torch_device = resolve_device(compute.device)
-        module = model.module.to(torch_device)
-        maps, paths = [], []
-        with layer_reader(module, layer) as read, torch.inference_mode():
-            for items in _batches(images, model.preprocessing, False, compute, "target features"):
-                good = []
-                for item in items:
-                    if item.problem:
-                        skipped.add(item.problem[0], f"{images.image_path(item.index)} ({item.problem[1]})")
-                    else:
-                        good.append(item)
-                if good:
-                    maps.append(read(torch.stack([it.image for it in good]).to(torch_device)).float().cpu())
-                    paths.extend(str(images.image_path(it.index)) for it in good)
-        if not maps:
-            raise_no_usable("target", images, skipped)
-        return {"maps": torch.cat(maps)}, {"paths": paths, "skipped": skipped.to_dict()}
-
-    parts = {"product": "target-maps", **model.identity(), "layer": layer, "data": images.identity()}
-    tensors, info = cached(cache_dir, "target", parts, build)
-    return TargetFeatures(tensors["maps"], info["paths"], SkipLog.from_dict(info["skipped"]))
+def target_features(model: TargetModel, layer: str, images: ImageFiles, *, cache_dir: Path | None,
+                    compute: ComputeSettings = ComputeSettings()) -> TargetFeatures:
+    """Every target image's maps in one tensor (through the chunked cache). The stages never
+    call this: they stream (:class:`MapStream`); it is for sets that fit in memory."""
+    stream = MapStream(model, layer, images, cache_dir=cache_dir, compute=compute, ranks=Ranks())
+    skipped, maps, rows = SkipLog(), [], []
+    for chunk in stream.chunks():
+        skipped.merge(chunk.skipped)
+        maps.append(chunk.maps.clone())
+        rows.extend(chunk.rows.tolist())
+    if not rows:
+        raise_no_usable("target", images, skipped)
+    return TargetFeatures(torch.cat(maps), [str(images.image_path(r)) for r in rows], skipped)
 
 
 def raise_no_usable(kind: str, dataset, skipped: SkipLog) -> None:

@@ -40,13 +40,15 @@ import torch
 import torch.nn.functional as F
 
 from lavise.compute import cpu_threads
-from lavise.datasets.base import relative_name
+from lavise.datasets.base import SkipLog, relative_name
 from lavise.datasets.groups import read_groups
+from lavise.distributed import current
 from lavise.errors import LaviseError
 from lavise.explain import read_explanations
-from lavise.features import target_features
+from lavise.features import MapStream
 from lavise.models import TargetModel
-from lavise.regions import peak_activations, quantile_thresholds
+from lavise.naming import stream_thresholds
+from lavise.regions import RunningTopK, peak_activations
 from lavise.runs import Run, as_run
 from lavise.settings import TESTS, THRESHOLD_SOURCES, ComputeSettings, GroupSettings
 from lavise.stats import benjamini_hochberg, concept_evidence, fisher_exact_test, homogeneity_test, newcombe_interval
@@ -108,6 +110,14 @@ class GroupComparison:
     concepts: list[ConceptEvidence]
     path: Path | None = None
 
+    @classmethod
+    def from_dict(cls, data: dict) -> GroupComparison:
+        """The comparison :meth:`to_dict` (and a ``path``) describes."""
+        path = data.get("path")
+        return cls(Path(data["run"]), {g["name"]: g["images"] for g in data["groups"]},
+                   [FilterDifference(**f) for f in data["filters"]], [ConceptEvidence(**c) for c in data["concepts"]],
+                   Path(path) if path not in (None, "None") else None)
+
     def to_dict(self, extra: dict | None = None) -> dict:
         return {
             "run": str(self.run),
@@ -148,64 +158,112 @@ def compare_groups(
         >>> compare_groups("runs/r18", "photos/", "photos/groups.csv")  # doctest: +SKIP
     """
     _check_settings(settings)
+    ranks = current()
     with cpu_threads(compute):
-        run = as_run(run)
-        explanations = read_explanations(run.path)
-        images = read_groups(Path(target), groups)
-        images.skipped.warn(f"groups from {images.source}")
-        if settings.test == "fisher" and len(images.names) != 2:
-            raise LaviseError(
-                f"test='fisher' compares two groups; there are {len(images.names)} "
-                f"({', '.join(images.names)}). Use test='z' (chi-square across all groups)."
-            )
-        _check_sizes(images.names, np.bincount(images.groups, minlength=len(images.names)), settings.min_group_images)
-        if len(explanations["filters"]) != run.filters:
-            raise LaviseError(
-                f"'{run.path / 'explanations.json'}' names {len(explanations['filters'])} filters but the run "
-                f"has {run.filters}: explain the run again."
-            )
-        features = target_features(run.target_model(model), run.layer, images, cache_dir=cache_folder(cache_dir), compute=compute)
-        features.skipped.warn(f"target {images.root}")
-        maps = features.maps  # (N, d, h, w)
-        run.check_filters(maps.shape[1], "the group images")
-        group_of = dict(zip(map(str, images.paths), images.groups))
-        labels = torch.tensor([group_of[p] for p in features.paths], dtype=torch.long)  # (N,)
-        sizes = torch.bincount(labels, minlength=len(images.names))  # (G,), after unreadable images
-        _check_sizes(images.names, sizes.numpy(), settings.min_group_images)
-        thresholds, threshold_info = _thresholds(run, explanations, maps, settings)
-        peaks = peak_activations(maps)  # (N, d)
-        qualified = peaks > thresholds  # (N, d)
-        counts = group_counts(qualified, labels, len(images.names))  # (G, d)
-        examples = _examples(peaks, qualified, labels, len(images.names), settings.examples)  # G × (d, k)
+        with ranks.together("opening the run and the groups"):
+            run = as_run(run)
+            explanations = read_explanations(run.path)
+            images = read_groups(Path(target), groups)
+            if settings.test == "fisher" and len(images.names) != 2:
+                raise LaviseError(
+                    f"test='fisher' compares two groups; there are {len(images.names)} "
+                    f"({', '.join(images.names)}). Use test='z' (chi-square across all groups)."
+                )
+            _check_sizes(images.names, np.bincount(images.groups, minlength=len(images.names)), settings.min_group_images)
+            if len(explanations["filters"]) != run.filters:
+                raise LaviseError(
+                    f"'{run.path / 'explanations.json'}' names {len(explanations['filters'])} filters but the run "
+                    f"has {run.filters}: explain the run again."
+                )
+            stream = MapStream(run.target_model(model), run.layer, images, cache_dir=cache_folder(cache_dir),
+                               compute=compute, ranks=ranks)
+            run.check_filters(stream.filters, "the group images")
+        ranks.agree({"run": run.config, "groups": images.identity(), "labels": images.groups,
+                     "settings": settings.to_dict()}, "compare-groups jobs")
+        if ranks.main:
+            images.skipped.warn(f"groups from {images.source}")
+        thresholds, threshold_info = _thresholds(run, explanations, stream, settings, compute, ranks)
+        counted = _count(stream, thresholds, torch.tensor(images.groups), len(images.names), settings.examples, ranks)
+        comparison = None
+        with ranks.together("comparing the groups"):
+            if ranks.main:
+                comparison = _comparison(run, explanations, images, counted, thresholds, threshold_info, settings, out, write)
+        shared = ranks.gather(comparison.to_dict() | {"path": str(comparison.path)} if ranks.main else None)[0]
+        return comparison if ranks.main else GroupComparison.from_dict(shared)
 
-        filter_words = [[w["word"] for w in f["words"]] for f in explanations["filters"]]
-        result = _compare(counts.numpy(), sizes.numpy(), images.names, filter_words, settings)
-        relative = [relative_name(p, images.root) for p in features.paths]
-        for entry in result.filters:
-            entry.threshold = float(thresholds[entry.filter])
-            entry.examples = {
-                name: [relative[i] for i in examples[g][entry.filter].tolist() if i >= 0]
-                for g, name in enumerate(images.names)
-            }
-        comparison = GroupComparison(run.path, dict(zip(images.names, sizes.tolist())), result.filters, result.concepts)
-        if write:
-            out_dir = Path(out) if out is not None else run.path
-            extra = {
-                "model": run.config["model"]["name"],
-                "layer": run.layer,
-                "target": {
-                    "root": str(images.root.resolve()),
-                    "groups_from": images.source,
-                    "images": len(features.paths),
-                    "skipped": {**images.skipped.to_dict(), **features.skipped.to_dict()},
-                    "explained_on": explanations.get("target", {}).get("root"),
-                },
-                "settings": settings.to_dict(),
-                "thresholds": threshold_info,
-            }
-            _write_outputs(out_dir, comparison, extra, settings, f"{run.config['model']['name']} {run.layer}")
-            comparison.path = out_dir / "groups.json"
-        return comparison
+
+@dataclass
+class _Counted:
+    """What the counting pass found: qualified images per group and filter, and examples."""
+
+    counts: torch.Tensor  # (G, d)
+    sizes: torch.Tensor  # (G,) usable images
+    examples: list[torch.Tensor]  # G × (d, k) dataset indices, −1: none
+    skipped: SkipLog
+
+
+def _count(stream: MapStream, thresholds: torch.Tensor, labels: torch.Tensor, num_groups: int, examples: int,
+           ranks) -> _Counted:
+    """One pass: how many images of each group each filter qualifies, and its best qualified examples."""
+    counts = torch.zeros(num_groups, stream.filters, dtype=torch.int64)
+    sizes = torch.zeros(num_groups, dtype=torch.int64)
+    best = [RunningTopK(stream.filters, examples) for _ in range(num_groups)]
+    skipped = SkipLog()
+    with ranks.together("counting qualified images"):
+        for chunk in stream.chunks("group features"):
+            skipped.merge(chunk.skipped)
+            if not len(chunk.rows):
+                continue
+            peaks = peak_activations(chunk.maps.to(stream.device)).cpu()  # (n, d)
+            qualified = peaks > thresholds
+            group = labels[chunk.rows]
+            counts += group_counts(qualified, group, num_groups)
+            sizes += torch.bincount(group, minlength=num_groups)
+            for g in range(num_groups):
+                eligible = qualified & (group == g).unsqueeze(1)
+                best[g].add(torch.where(eligible, peaks, torch.tensor(-float("inf"))), chunk.rows)
+    merged = [RunningTopK(stream.filters, examples) for _ in range(num_groups)]
+    for state in ranks.from_each({f"{k}{g}": v for g, b in enumerate(best) for k, v in b.state().items()}):
+        for g in range(num_groups):
+            merged[g].merge({"values": state[f"values{g}"], "indices": state[f"indices{g}"]})
+    every = SkipLog()
+    for log in ranks.gather(skipped.to_dict()):
+        every.merge(SkipLog.from_dict(log))
+    chosen = [torch.where(torch.isfinite(m.values), m.indices, torch.tensor(-1)) for m in merged]
+    return _Counted(ranks.sum(counts), ranks.sum(sizes), chosen, every)
+
+
+def _comparison(run, explanations, images, counted: _Counted, thresholds, threshold_info, settings, out, write) -> GroupComparison:
+    """The statistics, the ranking and the outputs (rank 0)."""
+    counted.skipped.warn(f"target {images.root}")
+    _check_sizes(images.names, counted.sizes.numpy(), settings.min_group_images)
+    filter_words = [[w["word"] for w in f["words"]] for f in explanations["filters"]]
+    result = _compare(counted.counts.numpy(), counted.sizes.numpy(), images.names, filter_words, settings)
+    for entry in result.filters:
+        entry.threshold = float(thresholds[entry.filter])
+        entry.examples = {
+            name: [relative_name(images.image_path(i), images.root) for i in counted.examples[g][entry.filter].tolist() if i >= 0]
+            for g, name in enumerate(images.names)
+        }
+    comparison = GroupComparison(run.path, dict(zip(images.names, counted.sizes.tolist())), result.filters, result.concepts)
+    if write:
+        out_dir = Path(out) if out is not None else run.path
+        extra = {
+            "model": run.config["model"]["name"],
+            "layer": run.layer,
+            "target": {
+                "root": str(images.root.resolve()),
+                "groups_from": images.source,
+                "images": int(counted.sizes.sum()),
+                "skipped": {**images.skipped.to_dict(), **counted.skipped.to_dict()},
+                "explained_on": explanations.get("target", {}).get("root"),
+            },
+            "settings": settings.to_dict(),
+            "thresholds": threshold_info,
+        }
+        _write_outputs(out_dir, comparison, extra, settings, f"{run.config['model']['name']} {run.layer}")
+        comparison.path = out_dir / "groups.json"
+    return comparison
 
 
 @dataclass
@@ -275,24 +333,7 @@ def _compare(
     return _Compared(filters, concepts)
 
 
-def _examples(
-    peaks: torch.Tensor, qualified: torch.Tensor, labels: torch.Tensor, num_groups: int, count: int
-) -> list[torch.Tensor]:
-    """Per group, each filter's most activated qualified images of that group (−1: none).
-
-    (N, d), (N, d) bool, (N,) -> G × (d, count) image indices
-    """
-    result = []
-    k = min(count, peaks.shape[0])
-    for g in range(num_groups):  # one batched top-k per group, over every filter
-        eligible = qualified & (labels == g).unsqueeze(1)  # (N, d)
-        scores = torch.where(eligible, peaks, torch.tensor(float("-inf"), dtype=peaks.dtype))
-        top = torch.topk(scores.T, k, dim=1)  # (d, k)
-        result.append(torch.where(torch.isfinite(top.values), top.indices, torch.tensor(-1)))
-    return result
-
-
-def _thresholds(run: Run, explanations: dict, maps: torch.Tensor, settings: GroupSettings) -> tuple[torch.Tensor, dict]:
+def _thresholds(run: Run, explanations: dict, stream: MapStream, settings: GroupSettings, compute, ranks) -> tuple[torch.Tensor, dict]:
     """T_u per filter, and a record of where it came from."""
     quantile = float(explanations.get("settings", {}).get("quantile", 0.005))
     if settings.thresholds == "run":
@@ -300,12 +341,12 @@ def _thresholds(run: Run, explanations: dict, maps: torch.Tensor, settings: Grou
         if not path.is_file():
             raise LaviseError(f"'{path}' does not exist: run 'lavise explain' first, or use --thresholds groups.")
         thresholds = load_tensors(path)["thresholds"]
-        if thresholds.shape != (maps.shape[1],):
-            raise LaviseError(f"'{path}' holds {tuple(thresholds.shape)} thresholds for {maps.shape[1]} filters: explain the run again.")
+        if thresholds.shape != (stream.filters,):
+            raise LaviseError(f"'{path}' holds {tuple(thresholds.shape)} thresholds for {stream.filters} filters: explain the run again.")
         root = explanations.get("target", {}).get("root")
-        return thresholds.to(maps.dtype), {"source": "run", "quantile": quantile, "computed_on": root}
-    thresholds = quantile_thresholds(maps, quantile)
-    return thresholds, {"source": "groups", "quantile": quantile, "computed_on": f"the {len(maps)} group images"}
+        return thresholds.float(), {"source": "run", "quantile": quantile, "computed_on": root}
+    thresholds, usable = stream_thresholds(stream, quantile, ranks, compute, description="group thresholds")
+    return thresholds, {"source": "groups", "quantile": quantile, "computed_on": f"the {usable} group images"}
 
 
 def _check_sizes(names: list[str], sizes: np.ndarray, minimum: int) -> None:

@@ -23,10 +23,11 @@ import torch
 from lavise._version import __version__
 from lavise.compute import cpu_threads, resolve_device
 from lavise.datasets.base import ReferenceDataset
+from lavise.distributed import Ranks, current
 from lavise.embeddings import BUILTIN_GLOVE, concept_vectors, load_word_vectors
 from lavise.errors import LaviseError, LaviseWarning
 from lavise.explainer import ExplainerHead, train_explainer
-from lavise.features import reference_features
+from lavise.reference import ReferenceRows, reference_rows
 from lavise.models import ModelSpec, TargetModel, load_target_model
 from lavise.settings import ComputeSettings, TrainSettings
 from lavise.storage import cache_folder, load_tensors, read_json, save_tensors, write_csv, write_json
@@ -99,7 +100,7 @@ class Run:
                     f"{str(trained.get('weights_sha256'))[:12]}); its filters may not be the ones the "
                     "explainer learnt.",
                     LaviseWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
             return model
         return load_target_model(self.model_spec)
@@ -158,80 +159,104 @@ def train(
         settings: training settings; ``compute``: device, batch size, workers.
         cache_dir: where features are cached (default :func:`default_cache_dir`).
     """
+    ranks = current()
     with cpu_threads(compute):
         out_dir = Path(out_dir)
         cache_dir = cache_folder(cache_dir)
-        target = model if isinstance(model, TargetModel) else load_target_model(model)
-        vectors_source = load_word_vectors(word_vectors, cache_dir=cache_dir)
-
-        features = reference_features(
+        with ranks.together("loading the model and the word vectors"):
+            target = model if isinstance(model, TargetModel) else load_target_model(model)
+            vectors_source = load_word_vectors(word_vectors, cache_dir=cache_dir)
+        ranks.agree({"model": target.identity(), "layer": layer, "reference": reference.identity(),
+                     "word_vectors": vectors_source.source, "settings": settings.to_dict()}, "training jobs")
+        features = reference_rows(
             target, layer, reference, cache_dir=cache_dir, compute=compute,
-            activation_regions=settings.activation_regions, quantile=settings.region_quantile,
+            activation_regions=settings.activation_regions, quantile=settings.region_quantile, ranks=ranks,
         )
-        features.skipped.warn(f"reference {reference.root}")
+        trained = None
+        with ranks.together("training the explainer"):
+            if ranks.main:
+                trained = _train_on_rows(target, layer, reference, out_dir, features, vectors_source, settings, compute)
+        return _on_every_rank(ranks, trained)
 
-        names_with_vectors, _, without_vectors = concept_vectors(features.concept_names, vectors_source)
-        if without_vectors:
-            warnings.warn(
-                f"{len(without_vectors)} concepts have no known word in {vectors_source.source} and are "
-                f"left out: {', '.join(without_vectors)}",
-                LaviseWarning,
-                stacklevel=2,
-            )
-        present = {features.concept_names[i] for i in torch.unique(features.concepts).tolist()}
-        without_data = [n for n in names_with_vectors if n not in present]
-        if without_data:
-            warnings.warn(
-                f"{len(without_data)} concepts have no usable mask and are left out: {', '.join(without_data)}",
-                LaviseWarning,
-                stacklevel=2,
-            )
-        seen, unseen = split_concepts([n for n in names_with_vectors if n in present], settings.unseen_fraction, settings.seed)
 
-        # Training rows: pairs whose concept is seen; targets index into the seen list.
-        seen_index = {name: i for i, name in enumerate(seen)}
-        row_names = [features.concept_names[i] for i in features.concepts.tolist()]
-        rows = torch.tensor([name in seen_index for name in row_names])
-        targets = torch.tensor([seen_index.get(name, -1) for name in row_names])[rows]
-        _, seen_vectors, _ = concept_vectors(seen, vectors_source)
-        result = train_explainer(
-            features.pooled(settings.pooling)[rows], targets, features.images[rows], seen_vectors, settings,
-            device=resolve_device(compute.device), progress=compute.progress,
+def _train_on_rows(target: TargetModel, layer: str, reference: ReferenceDataset, out_dir: Path, features: ReferenceRows,
+                   vectors_source, settings: TrainSettings, compute: ComputeSettings) -> Run:
+    """Split the concepts, train the head on the seen concepts' rows, write the run (rank 0)."""
+    features.skipped.warn(f"reference {reference.root}")
+
+    names_with_vectors, _, without_vectors = concept_vectors(features.concept_names, vectors_source)
+    if without_vectors:
+        warnings.warn(
+            f"{len(without_vectors)} concepts have no known word in {vectors_source.source} and are "
+            f"left out: {', '.join(without_vectors)}",
+            LaviseWarning,
+            stacklevel=3,
         )
-
-        channels = int(features.vectors.shape[1])
-        config = {
-            "lavise_version": __version__,
-            "model": {**target.description},
-            "preprocessing": target.preprocessing.to_dict(),
-            "layer": layer,
-            "reference": {"description": repr(reference), "identity": reference.identity()},
-            "word_vectors": vectors_source.source,
-            "word_dim": vectors_source.dim,
-            "train": settings.to_dict(),
-            "feature_shape": [channels, *features.grid],
-            "training_pairs": int((rows & ~features.regional).sum()),
-            "training_rows": int(rows.sum()),
-            "best_epoch": result.best_epoch,
-            "skipped": features.skipped.to_dict(),
-        }
-        split = {
-            "seed": settings.seed,
-            "unseen_fraction": settings.unseen_fraction,
-            "seen": seen,
-            "unseen": unseen,
-            "without_word_vectors": without_vectors,
-            "without_usable_masks": without_data,
-        }
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("config.json", "explanations.json", "explanations.csv", "thresholds.safetensors"):
-            (out_dir / stale).unlink(missing_ok=True)  # a half-replaced run must not look complete
-        save_tensors(out_dir / "explainer.safetensors", result.head.state_dict())
-        write_csv(
-            out_dir / "training.csv",
-            ["epoch", "train_loss", "validation_loss"],
-            [[h["epoch"], h["train_loss"], h["validation_loss"]] for h in result.history],
+    present = {features.concept_names[i] for i in torch.unique(features.concepts).tolist()}
+    without_data = [n for n in names_with_vectors if n not in present]
+    if without_data:
+        warnings.warn(
+            f"{len(without_data)} concepts have no usable mask and are left out: {', '.join(without_data)}",
+            LaviseWarning,
+            stacklevel=3,
         )
-        write_json(out_dir / "split.json", split)
-        write_json(out_dir / "config.json", config)  # last: its presence marks a complete run
-        return Run(path=out_dir, config=config, split=split, head=result.head)
+    seen, unseen = split_concepts([n for n in names_with_vectors if n in present], settings.unseen_fraction, settings.seed)
+
+    # Training rows: pairs whose concept is seen; targets index into the seen list.
+    seen_index = {name: i for i, name in enumerate(seen)}
+    row_names = [features.concept_names[i] for i in features.concepts.tolist()]
+    rows = torch.tensor([name in seen_index for name in row_names])
+    targets = torch.tensor([seen_index.get(name, -1) for name in row_names])[rows]
+    _, seen_vectors, _ = concept_vectors(seen, vectors_source)
+    result = train_explainer(
+        features.pooled(settings.pooling, rows), targets, features.images[rows], seen_vectors, settings,
+        device=resolve_device(compute.device), progress=compute.progress,
+    )
+
+    channels = int(features.vectors.shape[1])
+    config = {
+        "lavise_version": __version__,
+        "model": {**target.description},
+        "preprocessing": target.preprocessing.to_dict(),
+        "layer": layer,
+        "reference": {"description": repr(reference), "identity": reference.identity()},
+        "word_vectors": vectors_source.source,
+        "word_dim": vectors_source.dim,
+        "train": settings.to_dict(),
+        "feature_shape": [channels, *features.grid],
+        "training_pairs": int((rows & ~features.regional).sum()),
+        "training_rows": int(rows.sum()),
+        "best_epoch": result.best_epoch,
+        "skipped": features.skipped.to_dict(),
+    }
+    split = {
+        "seed": settings.seed,
+        "unseen_fraction": settings.unseen_fraction,
+        "seen": seen,
+        "unseen": unseen,
+        "without_word_vectors": without_vectors,
+        "without_usable_masks": without_data,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("config.json", "explanations.json", "explanations.csv", "thresholds.safetensors"):
+        (out_dir / stale).unlink(missing_ok=True)  # a half-replaced run must not look complete
+    save_tensors(out_dir / "explainer.safetensors", result.head.state_dict())
+    write_csv(
+        out_dir / "training.csv",
+        ["epoch", "train_loss", "validation_loss"],
+        [[h["epoch"], h["train_loss"], h["validation_loss"]] for h in result.history],
+    )
+    write_json(out_dir / "split.json", split)
+    write_json(out_dir / "config.json", config)  # last: its presence marks a complete run
+    return Run(path=out_dir, config=config, split=split, head=result.head)
+
+
+def _on_every_rank(ranks: Ranks, run: Run | None) -> Run:
+    """Rank 0's run on every rank: its config, split and explainer (the others have no copy on disk)."""
+    if ranks.world == 1:
+        return run
+    path, config, split = ranks.gather([str(run.path), run.config, run.split] if ranks.main else None)[0]
+    state = ranks.from_rank(0, run.head.state_dict() if ranks.main else None)
+    head = ExplainerHead(int(config["feature_shape"][0]), int(config["word_dim"]), config["train"]["dropout"])
+    head.load_state_dict(state)
+    return Run(path=Path(path), config=config, split=split, head=head.eval())

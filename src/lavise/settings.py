@@ -128,6 +128,14 @@ class ComputeSettings(_Settings):
         "(oversubscribed cores made a 2-core machine 2-600x slower, see README)"
     )
     progress: bool = option(True, "show progress bars")
+    memory_budget: float = option(
+        2.0, "GiB that a stage may hold of what grows with the data: the feature maps of the images "
+        "it names from, the pooled reference rows it trains on; beyond it they are read again from disk"
+    )
+    cache_maps: bool = option(
+        True, "keep the target images' feature maps in the cache, in chunks (4·d·h·w bytes per image); "
+        "without, every pass over the images runs the network again and an interrupted pass starts over"
+    )
 
 
 @dataclass(frozen=True)

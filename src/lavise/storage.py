@@ -121,14 +121,27 @@ def cached(
     """
     if cache_dir is None:
         return build()
-    load, save = _FORMATS[suffix]
+    if (hit := cache_hit(cache_dir, name, parts, suffix=suffix)) is not None:
+        return hit
+    product = build()
+    cache_save(cache_dir, name, parts, product, suffix=suffix)
+    return product
+
+
+def cache_hit(cache_dir: Path | None, name: str, parts: dict, *, suffix: str = ".safetensors") -> Product | None:
+    """The product :func:`cached` would load, or None when it has to be built."""
+    if cache_dir is None:
+        return None
     key = cache_key(parts)
     path = Path(cache_dir) / f"{name}-{key[:24]}{suffix}"
-    if path.is_file() and (hit := load(path, key)) is not None:
-        return hit
-    arrays, facts = build()
-    save(path, key, arrays, facts)
-    return arrays, facts
+    return _FORMATS[suffix][0](path, key) if path.is_file() else None
+
+
+def cache_save(cache_dir: Path | None, name: str, parts: dict, product: Product, *, suffix: str = ".safetensors") -> None:
+    """Save a product where :func:`cached` finds it (nothing without a cache folder)."""
+    if cache_dir is not None:
+        key = cache_key(parts)
+        _FORMATS[suffix][1](Path(cache_dir) / f"{name}-{key[:24]}{suffix}", key, *product)
 
 
 def load_cached(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
@@ -178,6 +191,84 @@ def _save_npz(path: Path, key: str, arrays: dict, facts: dict) -> None:
 
 
 _FORMATS = {".safetensors": (_load_safetensors, _save_safetensors), ".npz": (_load_npz, _save_npz)}
+
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def read_safetensors(path: Path, key: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """The tensors of a safetensors file, memory-mapped, and its metadata; None if the file
+    is damaged or (when ``key`` is given) was made under another key.
+
+    The tensors are views of the file (copy-on-write): nothing is read until it is used,
+    so a chunk of feature maps larger than memory can be sliced without loading it.
+    """
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if size > Path(path).stat().st_size:
+                return None
+            header = json.loads(handle.read(size))
+        metadata = header.pop("__metadata__", {}) or {}
+        if key is not None and metadata.get("key") != key:
+            return None
+        start, total = 8 + size, Path(path).stat().st_size
+        tensors = {}
+        for name, entry in header.items():
+            dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
+            begin, end = entry["data_offsets"]
+            shape = tuple(entry["shape"])
+            if start + end > total or end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+                return None
+            if end == begin:
+                tensors[name] = torch.from_numpy(np.zeros(shape, dtype=dtype))
+            else:
+                array = np.memmap(path, dtype=dtype, mode="c", offset=start + begin, shape=shape)
+                tensors[name] = torch.from_numpy(array)
+        return tensors, metadata
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+        return None
+
+
+class ChunkStore:
+    """A cached product in chunks: one safetensors file per chunk, each carrying the key.
+
+    Large products (the feature maps of a dataset, the pooled rows of a reference set)
+    are made chunk by chunk, so a pass that is interrupted keeps every chunk it
+    finished and the next one makes only the rest; chunks are written atomically, so
+    two processes sharing the store can make the same chunk without harm. Chunks are
+    read memory-mapped (:func:`read_safetensors`).
+
+    ``cache_dir`` None: a store that keeps nothing (every chunk is made again).
+    """
+
+    def __init__(self, cache_dir: Path | None, name: str, parts: dict) -> None:
+        self.key = cache_key(parts)
+        self.folder = None if cache_dir is None else Path(cache_dir) / f"{name}-{self.key[:24]}"
+
+    def path(self, chunk: int) -> Path:
+        return self.folder / f"{chunk:06d}.safetensors"
+
+    def load(self, chunk: int) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """Chunk ``chunk``'s tensors (memory-mapped) and facts, or None when it is not made."""
+        if self.folder is None or not self.path(chunk).is_file():
+            return None
+        hit = read_safetensors(self.path(chunk), self.key)
+        if hit is None:
+            return None
+        tensors, metadata = hit
+        return tensors, json.loads(metadata.get("info", "{}"))
+
+    def save(self, chunk: int, tensors: dict[str, torch.Tensor], facts: dict) -> None:
+        if self.folder is not None:
+            save_tensors(self.path(chunk), tensors, {"key": self.key, "info": json.dumps(facts)})
+
+    def done(self, chunks) -> set[int]:
+        """Which of ``chunks`` are made (their file exists; damaged ones are found when loaded)."""
+        if self.folder is None or not self.folder.is_dir():
+            return set()
+        return {c for c in chunks if self.path(c).is_file()}
 
 
 def files_digest(paths: list[Path]) -> str:

@@ -24,17 +24,21 @@ machine), the report is still written, without images, and a LaviseWarning says 
 
 from __future__ import annotations
 
+import bisect
 import html
 import shutil
 import warnings
 from importlib import resources
 from pathlib import Path
 
+import torch
+
 from lavise._version import __version__
 from lavise.compute import cpu_threads
-from lavise.datasets.base import ImageFiles, SkipLog, relative_name
+from lavise.datasets.base import ImageFiles, SkipLog
 from lavise.errors import LaviseError, LaviseWarning
-from lavise.features import target_features
+from lavise.distributed import Ranks
+from lavise.features import MapStream
 from lavise.models import Preprocessing, TargetModel
 from lavise.report.gather import (
     Sources,
@@ -239,17 +243,39 @@ def _preprocessing(config: dict, run_dir: Path) -> Preprocessing:
 
 
 def _target_maps(run_dir, root, explanations, model, cache_dir, compute):
-    """The target feature maps (cached by ``explain``) and each image name's row in them."""
+    """Each filter's own map on each of its top images, and the images that have maps.
+
+    Only the top images are read, from the feature cache that ``explain`` left (or
+    through the network again), in groups that fit the memory budget.
+    """
     run = load_run(run_dir)
     try:
         target_model = run.target_model(model)
     except LaviseError as error:
         raise LaviseError(f"{error} Or build the report without regions: overlays=False (--no-overlays).") from None
+    images = ImageFiles(root)
+    wanted = {}  # dataset index -> (name, the filters that show it)
+    for entry in explanations["filters"]:
+        for name in entry.get("top_images", []):
+            index = bisect.bisect_left(images.paths, Path(root) / name)
+            if index < len(images.paths) and images.paths[index] == Path(root) / name:
+                wanted.setdefault(index, (str(name), []))[1].append(int(entry["filter"]))
     with cpu_threads(compute):
-        features = target_features(target_model, run.layer, ImageFiles(root), cache_dir=cache_folder(cache_dir), compute=compute)
-    run.check_filters(features.maps.shape[1], "the target images")
-    rows = {relative_name(path, root): i for i, path in enumerate(features.paths)}
-    return features.maps, rows
+        stream = MapStream(target_model, run.layer, images, cache_dir=cache_folder(cache_dir), compute=compute, ranks=Ranks())
+        run.check_filters(stream.filters, "the target images")
+        group = max(1, int(compute.memory_budget * 2**30 // (4 * stream.filters * stream.positions)))
+        indices = sorted(wanted)
+        maps: dict[tuple[str, int], torch.Tensor] = {}
+        for start in range(0, len(indices), group):
+            part = indices[start : start + group]
+            part_maps, found = stream.maps_of(part)
+            for index, image_maps, has in zip(part, part_maps, found.tolist()):
+                name, filters = wanted[index]
+                if not has:
+                    continue
+                for u in filters:
+                    maps[(name, u)] = image_maps[u].clone()
+    return maps, {name for name, _ in maps}
 
 
 def _group_examples(

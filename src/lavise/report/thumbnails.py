@@ -208,17 +208,18 @@ def draw_filter_thumbnails(
     manifest: Manifest,
     skipped: SkipLog,
     *,
-    maps: torch.Tensor | None,
-    rows: dict[str, int] | None,
+    maps: dict[tuple[str, int], torch.Tensor] | None,
+    rows: set[str] | dict[str, int] | None,
     chunk: int = 16,
     progress: bool = False,
 ) -> None:
     """Make the thumbnails of the given filters, ``chunk`` filters at a time.
 
-    With ``maps`` (N, d, h, w) and ``rows`` (image name -> row of ``maps``) each
-    thumbnail has the filter's region drawn in; without, the plain image is shown.
-    Images that cannot be read, or have no row, are counted once in ``skipped``, and
-    the manifest records each filter's ranks that have no thumbnail.
+    With ``maps`` ((image name, filter) -> that filter's (h, w) map on the image) and
+    ``rows`` (the image names that have maps) each thumbnail has the filter's region
+    drawn in; without, the plain image is shown. Images that cannot be read, or have
+    no maps, are counted once in ``skipped``, and the manifest records each filter's
+    ranks that have no thumbnail.
     """
     overlays = maps is not None
     bad: set[str] = set()
@@ -227,7 +228,7 @@ def draw_filter_thumbnails(
             block = items[start : start + chunk]
             pixels, index = _load_block(job, block, skipped, rows if overlays else None, bad)
             pairs = [
-                (item.filter, rank, index[name], item.threshold, rows[name] if overlays else -1)
+                (item.filter, rank, index[name], item.threshold, name)
                 for item in block
                 for rank, name in enumerate(item.names)
                 if name in index
@@ -235,9 +236,8 @@ def draw_filter_thumbnails(
             if pairs:
                 images = pixels[torch.tensor([p[2] for p in pairs])]  # (P, S, S, 3)
                 if overlays:
-                    filters = torch.tensor([p[0] for p in pairs])
                     thresholds = torch.tensor([p[3] for p in pairs], dtype=torch.float32)
-                    images = overlay_regions(images, maps[torch.tensor([p[4] for p in pairs]), filters], thresholds)
+                    images = overlay_regions(images, torch.stack([maps[(p[4], p[0])] for p in pairs]), thresholds)
                 out = images.numpy()
                 for k, (f, rank, *_rest) in enumerate(pairs):
                     save_jpeg(out[k], job.folder / filter_thumbnail_name(f, rank), job.quality)
@@ -284,7 +284,7 @@ def _load_block(
     job: ThumbnailJob,
     block: Sequence[FilterImages],
     skipped: SkipLog,
-    rows: dict[str, int] | None,
+    rows: set[str] | dict[str, int] | None,
     bad: set[str],
 ) -> tuple[torch.Tensor, dict[str, int]]:
     """Each distinct image of the block once: (U, S, S, 3) uint8 and name -> position."""
