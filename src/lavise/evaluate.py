@@ -34,7 +34,7 @@ from lavise.embeddings import load_word_vectors
 from lavise.errors import LaviseError, LaviseWarning
 from lavise.explain import rank_words
 from lavise.features import MapStream, raise_no_usable
-from lavise.naming import feature_inputs, name_pairs, scan_filters
+from lavise.naming import feature_inputs, gather_maps, name_pairs, scan_filters
 from lavise.tallies import tally_dataset
 from lavise.inputs import original
 from lavise.metrics import (
@@ -112,7 +112,8 @@ def image_masking_inputs(
     """
 
     def inputs(filters: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        masked = mask_images(images(rows).to(device), maps[rows, filters].to(device), thresholds[filters].to(device))
+        chosen = gather_maps(maps, rows)[torch.arange(len(rows)), filters]  # each pair's filter map
+        masked = mask_images(images(rows).to(device), chosen.to(device), thresholds[filters].to(device))
         features = read(masked).float()
         return original(features, filters.to(device))
 

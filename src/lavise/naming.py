@@ -15,7 +15,7 @@ receives the words of all.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -171,11 +171,22 @@ def nearest_words(
     return torch.cat(indices), torch.cat(values)
 
 
+PAIR_BYTES = 64 * 2**20  # the maps gathered for one batch of pairs
+
+
+def gather_maps(maps: torch.Tensor | Sequence[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """The maps of the given rows, from an (m, d, h, w) tensor or a list of (d, h, w) maps."""
+    if isinstance(maps, torch.Tensor):
+        return maps[rows]
+    return torch.stack([maps[i] for i in rows.tolist()])
+
+
 def feature_inputs(
-    method: str, maps: torch.Tensor, thresholds: torch.Tensor, device: torch.device, pooling: str
+    method: str, maps: torch.Tensor | Sequence[torch.Tensor], thresholds: torch.Tensor, device: torch.device, pooling: str
 ) -> PairInputs:
     """The explainer inputs of (filter, image) pairs computed from feature maps held in memory.
 
+    ``maps``: an (m, d, h, w) tensor, or a list of m (d, h, w) maps (not copied into one).
     ``pooling`` is the run's (``Run.pooling``).
 
     (n,) filters, (n,) image rows of ``maps`` -> (n, d) on ``device``
@@ -183,7 +194,7 @@ def feature_inputs(
     thresholds = thresholds.to(device)
 
     def inputs(filters: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return explainer_inputs(method, maps[rows].to(device), filters.to(device), thresholds, pooling)
+        return explainer_inputs(method, gather_maps(maps, rows).to(device), filters.to(device), thresholds, pooling)
 
     return inputs
 
@@ -290,7 +301,7 @@ def name_pairs(
         for begin in range(0, len(rows), group):
             part = rows[begin : begin + group]
             if scan.kept is not None:
-                maps = torch.stack([scan.kept[r] for r in part])
+                maps = [scan.kept[r] for r in part]
             else:
                 maps, found = stream.maps_of(part)
                 if not found.all():
@@ -304,7 +315,8 @@ def name_pairs(
             local_rows = torch.tensor([position[int(images[pair])] for pair in pairs.tolist()], dtype=torch.int64)
             pair_filters = filters[pairs // p]
             words, values = pair_words(head, inputs_for(maps, part), pair_filters, local_rows, unit_vocabulary, words_per_image,
-                                       device=device, progress=compute.progress and ranks.main, chunk=chunk)
+                                       device=device, progress=compute.progress and ranks.main,
+                                       chunk=max(1, min(chunk, PAIR_BYTES // per_map)))
             ids[selected], sims[selected] = words, values
     all_ids = torch.zeros(f * p, words_per_image, dtype=torch.int64)
     all_sims = torch.zeros(f * p, words_per_image)
