@@ -11,6 +11,7 @@ the same stages on two processes (torchrun, Gloo) against one, and a cost model.
 
     python benchmarks/scale.py                      # the figures quoted in docs/scale.md
     python benchmarks/scale.py --quick              # a few minutes: small N only
+    python benchmarks/scale.py --counts 8000 --only-resnet18   # one more row
 """
 
 from __future__ import annotations
@@ -189,6 +190,10 @@ def main() -> None:
     one.add_argument("--threads", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/lavise-scale"))
     parser.add_argument("--quick", action="store_true", help="small sets only")
+    parser.add_argument("--counts", type=int, nargs="+", default=[1000, 4000, 16000],
+                        help="image counts of the ResNet-18 rows")
+    parser.add_argument("--only-resnet18", action="store_true",
+                        help="the ResNet-18 rows only: no ResNet-50 rows, no comparison of processes")
     args = parser.parse_args()
     if args.mode == "child":
         child(args)
@@ -200,8 +205,8 @@ def main() -> None:
           "held once its model was built; --num-workers 0 (decoding counted), batches of 32\n")
     small = ("resnet18", "layer3")  # 256 x 14 x 14: 200 KB of maps per image
     large = ("resnet50", "layer4")  # 2048 x 7 x 7: 401 KB per image
-    plan = [(small, n) for n in ((250, 1000) if args.quick else (1000, 4000, 16000))]
-    if not args.quick:
+    plan = [(small, n) for n in ((250, 1000) if args.quick else args.counts)]
+    if not args.quick and not args.only_resnet18:
         plan += [(large, n) for n in (1000, 4000)]
     results = {}
     print("| model, layer | images | stage | peak memory | wall | backbone share |")
@@ -217,6 +222,8 @@ def main() -> None:
                   f"{100 * result['backbone'] / result['seconds']:.0f} % |", flush=True)
 
     counts = sorted({n for (m, n, _) in results if m == small[0]})
+    if args.only_resnet18 or len(counts) < 2:
+        return
     a, b = counts[-2], counts[-1]
     for stage in ("train", "explain"):
         grown = results[(small[0], b, stage)]["peak"] - results[(small[0], a, stage)]["peak"]
