@@ -109,11 +109,13 @@ def test_no_module_is_huge():
 def test_data_flows_one_way():
     """Stages never reach forward: what datasets, models and the pure mathematics import."""
     foundations = ("lavise.errors", "lavise._version", "lavise.settings", "lavise.storage", "lavise.compute",
-                   "lavise.distributed", "lavise.regions", "lavise.inputs", "lavise.metrics", "lavise.stats")
+                   "lavise.distributed", "lavise.regions", "lavise.inputs", "lavise.metrics", "lavise.stats",
+                   "lavise.confidence", "lavise.retrieval")
     downstream = {"lavise.runs", "lavise.explain", "lavise.evaluate", "lavise.sweep", "lavise.groups",
                   "lavise.compare_models", "lavise.report", "lavise.demos", "lavise.cli"}
     for name, targets in GRAPH.items():
         upstream = name in foundations or name.startswith(("lavise.datasets", "lavise.models", "lavise.embeddings",
+                                                           "lavise.vocabulary",
                                                            "lavise.explainer", "lavise.features", "lavise.reference",
                                                            "lavise.naming", "lavise.tallies"))
         if upstream:

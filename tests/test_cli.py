@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -71,7 +72,9 @@ def test_train_and_explain_end_to_end(tmp_path, coco, targets, capsys):
     out = capsys.readouterr().out
     assert "Explained 512 filters of resnet18 layer4 with activation" in out
     assert f"Written: {run / 'explanations.json'} and {run / 'explanations.csv'}" in out
-    assert out.count("  filter ") == 8  # a few examples
+    examples = out.split("  filter  confidence  words")[1].split("  ... and the least confident")[0]
+    assert len(re.findall(r"^ +\d+  \d\.\d\d  ", examples, flags=re.M)) == 8  # the most trusted few
+    assert "have a confident name (confidence >= " in out
     data = json.loads((run / "explanations.json").read_text())
     assert len(data["filters"]) == 512
     assert all(len(f["top_images"]) == 3 for f in data["filters"])

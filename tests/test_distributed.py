@@ -115,9 +115,19 @@ def test_torchrun_on_two_processes_gives_one_process_outputs(data, tmp_path):
     assert [f["words"] for f in one["filters"]] == [f["words"] for f in two["filters"]]
     assert [f["top_images"] for f in one["filters"]] == [f["top_images"] for f in two["filters"]]
     np.testing.assert_allclose([f["threshold"] for f in one["filters"]], [f["threshold"] for f in two["filters"]], rtol=1e-6)
+    # words and scores are identical; confidences are floats of sums made in another order
+    confidences = [_pop_confidences(one["evaluation"]), _pop_confidences(two["evaluation"])]
     assert one["evaluation"] == two["evaluation"]
+    np.testing.assert_allclose(*confidences, rtol=1e-6)
     assert one["groups"] == two["groups"]
     assert one["skipped"] == two["skipped"] and one["skipped"][0]["unreadable images"]["count"] == 1
+
+
+def _pop_confidences(evaluation) -> list[float]:
+    """Remove (and return, in order) the per-filter confidences of an evaluation's methods."""
+    _, filters = evaluation
+    return [f["methods"][m].pop("confidence") or 0.0 for f in filters for m in sorted(f["methods"])
+            if "confidence" in f["methods"][m]]
 
 
 def launch_torchrun(command: list[str]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from lavise.models import Preprocessing, TargetModel, layer_reader, preprocess_i
 from lavise.regions import quantile_thresholds
 from lavise.runs import train
 from lavise.settings import METHODS, ExplainSettings, TrainSettings
+from lavise.vocabulary import candidate_vocabulary
 
 # Small vocabularies leave some concept names out; that warning is tested on its own.
 pytestmark = pytest.mark.filterwarnings("ignore:.*reference concepts are not in the vocabulary")
@@ -201,10 +203,23 @@ def test_explain_end_to_end(tmp_path, tiny_run, tiny_model, targets, compute):
         assert float(peak[chosen].min()) >= float(peak[others].max())
 
     # the words, recomputed here from the definitions of the defaults: activation masking
-    # pooled inside the region (the run was trained with region pooling), head, cosine
-    assert tiny_run.pooling == "region"
+    # pooled inside the region (the run was trained with region pooling), head, and aligned
+    # retrieval over the visual vocabulary with the run's concept names: every word mapped
+    # by the ridge regression A = (M^T V + I)(V^T V + I)^-1 from the seen concepts' unit
+    # word vectors V to their mean unit reference outputs M
+    assert tiny_run.pooling == "region" and settings.retrieval == "aligned"
     levels = load_file(str(tiny_run.path / "thresholds.safetensors"))["thresholds"]
-    vocabulary = load_word_vectors().vocabulary(size=settings.vocabulary_size)
+    word_vectors = load_word_vectors()
+    vocabulary = candidate_vocabulary(word_vectors, concepts=tiny_run.split["seen"] + tiny_run.split["unseen"])
+    assert "traffic light" in vocabulary.words
+    saved = load_file(str(tiny_run.path / "reference_outputs.safetensors"))
+    seen = tiny_run.split["seen"]
+    v = torch.stack([F.normalize(word_vectors.phrase_vector(c), dim=0) for c in seen]).double()
+    m = torch.stack([F.normalize(F.normalize(saved["outputs"][saved["concepts"] == c], dim=1).sum(dim=0), dim=0)
+                     for c in range(len(seen))]).double()
+    eye = torch.eye(v.shape[1], dtype=torch.float64)
+    mapping = ((m.T @ v + eye) @ torch.linalg.inv(v.T @ v + eye)).float()
+    aligned = F.normalize(vocabulary.unit_vectors @ mapping.T, dim=1)
     head = tiny_run.head.eval()
     for f in filters:
         u = f["filter"]
@@ -215,8 +230,8 @@ def test_explain_end_to_end(tmp_path, tiny_run, tiny_model, targets, compute):
             region = fm[u] > levels[u]
             inputs = fm[:, region].sum(dim=1) / max(int(region.sum()), 1)
             with torch.no_grad():
-                cosines = F.normalize(head(inputs[None]), dim=1)[0] @ vocabulary.unit_vectors.T
-            nearest = [vocabulary.words[i] for i in torch.argsort(cosines, descending=True)[:S].tolist()]
+                scores = F.normalize(head(inputs[None]), dim=1)[0] @ aligned.T
+            nearest = [vocabulary.words[i] for i in torch.argsort(scores, descending=True)[:S].tolist()]
             votes.update(nearest)
             firsts[nearest[0]] += 1
         reported = {w["word"]: (w["first"], w["count"]) for w in f["words"]}
@@ -227,9 +242,9 @@ def test_explain_end_to_end(tmp_path, tiny_run, tiny_model, targets, compute):
     # the CSV holds the same words, in rank order
     with (tiny_run.path / "explanations.csv").open(newline="") as handle:
         rows = list(csv.reader(handle))
-    assert rows[0] == ["filter", "rank", "word", "count", "first"]
-    expected_rows = [[str(f["filter"]), str(r + 1), w["word"], str(w["count"]), str(w["first"])]
-                     for f in filters for r, w in enumerate(f["words"])]
+    assert rows[0] == ["filter", "rank", "word", "count", "first", "confidence", "named"]
+    expected_rows = [[str(f["filter"]), str(r + 1), w["word"], str(w["count"]), str(w["first"]), str(f["confidence"]),
+                      str(int(f["named"]))] for f in filters for r, w in enumerate(f["words"])]
     assert rows[1:] == expected_rows
 
     # thresholds: the per-filter quantile of the maps
@@ -240,7 +255,8 @@ def test_explain_end_to_end(tmp_path, tiny_run, tiny_model, targets, compute):
     np.testing.assert_allclose([f["threshold"] for f in filters], thresholds.numpy(), rtol=1e-6)
     # what was used is recorded
     assert data["settings"]["top_images"] == P and data["target"]["images"] == 12
-    assert data["vocabulary"]["words"] == 20_000
+    assert data["vocabulary"]["kind"] == "visual" and data["vocabulary"]["words"] == len(vocabulary)
+    assert data["naming"]["retrieval"] == "aligned" and data["naming"]["calibration"]["simulated_filters"] > 0
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -308,7 +324,7 @@ def test_explain_settings_are_checked(tmp_path, tiny_run, tiny_model, targets, c
     listing = tmp_path / "words.txt"
     listing.write_text("dog\ncat\n")
     with pytest.raises(LaviseError, match="words_per_image=5 exceeds the vocabulary"):
-        run(vocabulary_file=str(listing))
+        run(vocabulary_file=str(listing), concept_names=False)
 
 
 def test_custom_model_must_be_passed_again(tmp_path, tiny_run, targets, compute):
@@ -319,17 +335,26 @@ def test_custom_model_must_be_passed_again(tmp_path, tiny_run, targets, compute)
 def test_vocabulary_file_limits_the_words(tmp_path, tiny_run, tiny_model, targets, compute):
     listing = tmp_path / "words.txt"
     listing.write_text("red\ngreen\nblue\nyellow\ncircle\nsquare\ntriangle\nlight\nunicornzz\n")
-    settings = ExplainSettings(top_images=2, words_per_image=2, top_words=3, vocabulary_file=str(listing))
-    result = explain(tiny_run.path, targets, settings=settings, compute=compute, model=tiny_model, cache_dir=tmp_path / "cache")
+    settings = ExplainSettings(top_images=2, words_per_image=2, top_words=3, vocabulary_file=str(listing),
+                               concept_names=False)
+    with pytest.warns(LaviseWarning, match=r"1 of the 9 words of '.*words.txt' have no vector .* left out: unicornzz"):
+        result = explain(tiny_run.path, targets, settings=settings, compute=compute, model=tiny_model,
+                         cache_dir=tmp_path / "cache")
     allowed = set(listing.read_text().split())
     assert all(w["word"] in allowed for f in result.filters for w in f.words)
     data = json.loads((tiny_run.path / "explanations.json").read_text())
     assert data["vocabulary"]["missing"] == ["unicornzz"] and data["vocabulary"]["words"] == 8
+    # by default the run's concept names join a file's words, "traffic light" as a phrase
+    result = explain(tiny_run.path, targets, settings=replace(settings, concept_names=True), compute=compute,
+                     model=tiny_model, cache_dir=tmp_path / "cache")
+    data = json.loads((tiny_run.path / "explanations.json").read_text())
+    assert data["vocabulary"]["words"] == 9 and data["vocabulary"]["concept_names_added"] == 1
+    assert all(w["word"] in allowed | {"traffic light"} for f in result.filters for w in f.words)
 
 
 def test_concepts_outside_the_vocabulary_are_reported(tmp_path, tiny_run, tiny_model, targets, compute):
     listing = tmp_path / "words.txt"
     listing.write_text("red\ngreen\nblue\nsquare\nlight\ntraffic\n")
-    settings = ExplainSettings(top_images=2, words_per_image=2, vocabulary_file=str(listing))
-    with pytest.warns(LaviseWarning, match=r"2 reference concepts are not in the vocabulary and can never be named: circle, triangle$"):
+    settings = ExplainSettings(top_images=2, words_per_image=2, vocabulary_file=str(listing), concept_names=False)
+    with pytest.warns(LaviseWarning, match=r"3 reference concepts are not in the vocabulary and can never be named: circle, traffic light, triangle$"):
         explain(tiny_run, targets, settings=settings, compute=compute, model=tiny_model, cache_dir=tmp_path / "cache")

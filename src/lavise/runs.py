@@ -6,9 +6,14 @@ Layout of a run directory::
                              training settings, feature shape, package version
     split.json               seen and unseen concepts (and those left out, with reasons)
     explainer.safetensors    the best explainer head (by validation loss)
+    reference_outputs.safetensors
+                             its outputs on up to 20,000 reference rows (held-out images
+                             first): the neighbourhoods of CSLS and the confidence's calibration
     training.csv             loss per epoch
     thresholds.safetensors   written by `explain`: T_u per filter
     explanations.json/.csv   written by `explain`
+    hubness-*, confidence-*  written by `explain`: the CSLS penalty and the calibrated
+                             confidence, per vocabulary and settings
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from lavise.datasets.base import ReferenceDataset
 from lavise.distributed import Ranks, current
 from lavise.embeddings import BUILTIN_GLOVE, concept_vectors, load_word_vectors
 from lavise.errors import LaviseError, LaviseWarning
-from lavise.explainer import ExplainerHead, train_explainer
+from lavise.explainer import ExplainerHead, TrainingResult, head_outputs, train_explainer
 from lavise.reference import ReferenceRows, reference_rows
 from lavise.models import ModelSpec, TargetModel, load_target_model
+from lavise.retrieval import REFERENCE_OUTPUTS
+from lavise.vocabulary import normalize_concept, unnamed_concepts
 from lavise.settings import ComputeSettings, TrainSettings
 from lavise.storage import cache_folder, load_tensors, read_json, save_tensors, write_csv, write_json
 
@@ -184,7 +191,16 @@ def _train_on_rows(target: TargetModel, layer: str, reference: ReferenceDataset,
     """Split the concepts, train the head on the seen concepts' rows, write the run (rank 0)."""
     features.skipped.warn(f"reference {reference.root}")
 
-    names_with_vectors, _, without_vectors = concept_vectors(features.concept_names, vectors_source)
+    without_words = unnamed_concepts(features.concept_names)
+    if without_words:
+        warnings.warn(
+            f"{len(without_words)} concept names mean no word once their dataset's marks are taken off "
+            f"(e.g. 'other-merged') and are left out: {', '.join(without_words)}",
+            LaviseWarning,
+            stacklevel=3,
+        )
+    names_with_vectors, _, without_vectors = concept_vectors(
+        [n for n in features.concept_names if n not in without_words], vectors_source, normalize_concept)
     if without_vectors:
         warnings.warn(
             f"{len(without_vectors)} concepts have no known word in {vectors_source.source} and are "
@@ -207,11 +223,12 @@ def _train_on_rows(target: TargetModel, layer: str, reference: ReferenceDataset,
     row_names = [features.concept_names[i] for i in features.concepts.tolist()]
     rows = torch.tensor([name in seen_index for name in row_names])
     targets = torch.tensor([seen_index.get(name, -1) for name in row_names])[rows]
-    _, seen_vectors, _ = concept_vectors(seen, vectors_source)
-    result = train_explainer(
-        features.pooled(settings.pooling, rows), targets, features.images[rows], seen_vectors, settings,
-        device=resolve_device(compute.device), progress=compute.progress,
-    )
+    _, seen_vectors, _ = concept_vectors(seen, vectors_source, normalize_concept)
+    vectors = features.pooled(settings.pooling, rows)
+    device = resolve_device(compute.device)
+    result = train_explainer(vectors, targets, features.images[rows], seen_vectors, settings, device=device,
+                             progress=compute.progress)
+    outputs = _reference_outputs(result, vectors, targets, features.regional[rows], settings.seed, device)
 
     channels = int(features.vectors.shape[1])
     config = {
@@ -234,13 +251,17 @@ def _train_on_rows(target: TargetModel, layer: str, reference: ReferenceDataset,
         "unseen_fraction": settings.unseen_fraction,
         "seen": seen,
         "unseen": unseen,
+        "without_words": without_words,
         "without_word_vectors": without_vectors,
         "without_usable_masks": without_data,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("config.json", "explanations.json", "explanations.csv", "thresholds.safetensors"):
         (out_dir / stale).unlink(missing_ok=True)  # a half-replaced run must not look complete
+    for stale in [*out_dir.glob("hubness-*.safetensors"), *out_dir.glob("confidence-*.safetensors")]:
+        stale.unlink()  # made for the previous explainer
     save_tensors(out_dir / "explainer.safetensors", result.head.state_dict())
+    save_tensors(out_dir / REFERENCE_OUTPUTS, outputs)
     write_csv(
         out_dir / "training.csv",
         ["epoch", "train_loss", "validation_loss"],
@@ -249,6 +270,31 @@ def _train_on_rows(target: TargetModel, layer: str, reference: ReferenceDataset,
     write_json(out_dir / "split.json", split)
     write_json(out_dir / "config.json", config)  # last: its presence marks a complete run
     return Run(path=out_dir, config=config, split=split, head=result.head)
+
+
+OUTPUT_ROWS = 20_000  # reference rows whose explainer outputs a run keeps, for CSLS and the confidence
+
+
+def _reference_outputs(result: TrainingResult, vectors, targets: torch.Tensor, regional: torch.Tensor, seed: int,
+                       device: torch.device) -> dict[str, torch.Tensor]:
+    """The trained head's outputs on every held-out row (then training rows) up to :data:`OUTPUT_ROWS`.
+
+    ``concepts`` index the seen concepts; ``validation`` marks rows of held-out images.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    held = result.validation_rows
+    held = held[torch.randperm(len(held), generator=generator)[:OUTPUT_ROWS]]
+    others = torch.ones(len(targets), dtype=torch.bool)
+    others[result.validation_rows] = False
+    rest = others.nonzero().flatten()
+    rest = rest[torch.randperm(len(rest), generator=generator)[: OUTPUT_ROWS - len(held)]]
+    rows = torch.cat([held, rest]).sort().values
+    return {
+        "outputs": head_outputs(result.head, vectors, rows, device=device).float(),
+        "concepts": targets[rows].cpu(),
+        "validation": ~others[rows],
+        "regional": regional.cpu()[rows],
+    }
 
 
 def _on_every_rank(ranks: Ranks, run: Run | None) -> Run:

@@ -30,6 +30,8 @@ class _Settings:
 METHODS = ("activation", "attention", "cosine-attention", "original")  # explainer inputs, lavise.inputs
 POOLINGS = ("region", "mean")  # how the explainer's inputs are pooled, lavise.inputs
 RANKINGS = ("first-choice", "frequency")  # how a filter's words are ordered, lavise.explain.rank_words
+VOCABULARIES = ("visual", "frequent")  # candidate words, lavise.vocabulary
+RETRIEVALS = ("aligned", "csls", "cosine")  # how an explainer output's nearest words are found, lavise.retrieval
 EVALUATION_METHODS = ("original", "image", "activation", "attention", "cosine-attention", "netdissect")
 REFERENCE_FORMATS = ("coco", "visual_genome", "broden", "folder", "manifest")
 TESTS = ("z", "fisher")  # per-filter tests of a group comparison
@@ -110,10 +112,32 @@ class ExplainSettings(_Settings):
     )
     top_words: int = option(10, "x: words reported per filter")
     quantile: float = option(0.005, "a filter's region is where it exceeds its top-quantile level T_u")
-    vocabulary_size: int = option(
-        VOCABULARY_SIZE, "name filters from the N most frequent clean words (0: every word)"
+    vocabulary: str = option(
+        "visual",
+        "candidate words: visual (nouns of things one can see, colours and textures, shipped with "
+        "lavise) or frequent (the most frequent clean words of the word vectors, lavise 0.4)",
+        choices=VOCABULARIES,
     )
-    vocabulary_file: str | None = option(None, "a file of candidate words, one per line (overrides the size)")
+    vocabulary_size: int = option(VOCABULARY_SIZE, "keep the first N words of the vocabulary, most frequent first (0: every word)")
+    vocabulary_file: str | None = option(None, "a file of candidate words or phrases, one per line (overrides --vocabulary and its size)")
+    concept_names: bool = option(True, "the reference data's concept names are candidates too, multi-word ones as phrases")
+    retrieval: str = option(
+        "aligned",
+        "nearest words by aligned (the words mapped into the explainer's output space by a ridge "
+        "regression fitted on the seen concepts' reference outputs), csls (cross-domain similarity local "
+        "scaling: a word near many reference outputs is penalised) or cosine (the paper)",
+        choices=RETRIEVALS,
+    )
+    alignment_ridge: float = option(1.0, "lambda of aligned retrieval: how strongly the map is pulled towards the identity")
+    hub_neighbours: int = option(10, "k of csls: a word's hubness is its mean similarity to its k nearest reference outputs")
+    abstain_precision: float = option(0.9, "report a filter as having no confident name when its confidence is below the level at which "
+                                      "named filters were right this often on the reference data's validation images (0: name every filter)")
+    calibration_seed: int = option(0, "seed of the simulated filters the confidence is calibrated on")
+
+    @classmethod
+    def as_in_0_4(cls, **changes) -> ExplainSettings:
+        """lavise 0.4's naming: the 20,000 most frequent words, cosine, no concept names added."""
+        return cls(**{"vocabulary": "frequent", "concept_names": False, "retrieval": "cosine", **changes})
 
 
 @dataclass(frozen=True)
@@ -250,6 +274,11 @@ class SceneSettings(_Settings):
         True, "annotate texture patches as concepts (grass, gravel, brick); otherwise they are "
         "unannotated background, and emoji sharing a texture's word are left out"
     )
+    background_concepts: bool = option(
+        False, "annotate plain backgrounds as concepts, the way Broden does: the colour name nearest the "
+        "background's colour (of Broden's 11), its mask the background left visible under the other layers; "
+        "the colour is drawn among the part's usable colour concepts, and emoji named by a colour are left out"
+    )
     texture_area: tuple[float, float] = option((0.4, 1.0), "(min, max) share of the scene a texture patch covers")
     min_visible_area: int = option(64, "instances with fewer visible pixels are dropped")
     min_visible_fraction: float = option(0.25, "instances with less of their own area visible are dropped")
@@ -276,8 +305,9 @@ class SceneSettings(_Settings):
         _check_range("texture_area", self.texture_area, 0.0, 1.0)
         _check_int("min_visible_area", self.min_visible_area, minimum=1)
         _check_fraction("min_visible_fraction", self.min_visible_fraction)
-        if not isinstance(self.texture_concepts, bool):
-            raise LaviseError(f"texture_concepts must be True or False, not {self.texture_concepts!r}.")
+        for name in ("texture_concepts", "background_concepts"):
+            if not isinstance(getattr(self, name), bool):
+                raise LaviseError(f"{name} must be True or False, not {getattr(self, name)!r}.")
         kinds = self.backgrounds
         if (
             not isinstance(kinds, tuple)
@@ -304,6 +334,8 @@ class SceneSettings(_Settings):
         data = asdict(self)
         if data["group_bias"] is None:  # scenes made before group_bias keep their key
             del data["group_bias"]
+        if not data["background_concepts"]:  # and those made before background concepts theirs
+            del data["background_concepts"]
         return data
 
     @classmethod
@@ -329,7 +361,24 @@ class DemoSettings(_Settings):
     explainer_activation_regions: int = option(
         TrainSettings.activation_regions, "activation regions per (image, concept) pair the explainers also train on (0: the authors')"
     )
-    vocabulary_size: int = option(VOCABULARY_SIZE, "candidate words: the N most frequent clean GloVe words")
+    vocabulary: str = option(
+        "visual", "candidate words, and the words the scenes' concepts may have: visual, or frequent "
+        "(lavise 0.4's naming: the most frequent words, cosine, no concept names added)",
+        choices=VOCABULARIES,
+    )
+    vocabulary_size: int = option(VOCABULARY_SIZE, "keep the first N words of the vocabulary (0: every word)")
+    background_concepts: bool = option(True, "plain backgrounds are concepts named by their colour, as in Broden (False: lavise 0.4's scenes)")
+
+    @classmethod
+    def as_in_0_4(cls, **changes) -> DemoSettings:
+        """lavise 0.4's demo: the 20,000 most frequent words, backgrounds not annotated."""
+        return cls(**{"vocabulary": "frequent", "background_concepts": False, **changes})
+
+    def explain_settings(self) -> ExplainSettings:
+        """How the demo names its filters."""
+        if self.vocabulary == "frequent":
+            return ExplainSettings.as_in_0_4(vocabulary_size=self.vocabulary_size)
+        return ExplainSettings(vocabulary=self.vocabulary, vocabulary_size=self.vocabulary_size)
 
 
 @dataclass(frozen=True)

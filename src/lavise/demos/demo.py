@@ -8,7 +8,7 @@ Offline and on two CPU cores in a few minutes:
    tell which concepts a scene holds (so its filters are known to carry them);
 3. train an explainer per target on the reference scenes;
 4. explain every filter on the evaluation scenes plus scikit-image's photographs;
-5. print the most consistent filters with their words, marking held-out concepts.
+5. print the most confidently named filters with their words, marking held-out concepts.
 
 Everything lands under ``--out`` in the layout of ``lavise train``/``explain``; data,
 features, the scene CNN and explainers are reused by a second run with the same settings.
@@ -29,11 +29,12 @@ from lavise.datasets.coco import CocoDataset
 from lavise.demos.common import DemoTarget, trained_once, trained_run, with_count
 from lavise.demos.scene_training import train_scene_cnn
 from lavise.embeddings import load_word_vectors
-from lavise.explain import Explanations, consistency, explain
+from lavise.explain import Explanations, explain, most_trusted, naming_line
 from lavise.models import ModelSpec
-from lavise.settings import ComputeSettings, DemoSettings, ExplainSettings, SceneSettings, TrainSettings
+from lavise.settings import ComputeSettings, DemoSettings, SceneSettings, TrainSettings
 from lavise.storage import read_json, write_json
 from lavise.synthetic import OPENMOJI_ATTRIBUTION, generate_scenes
+from lavise.vocabulary import candidate_vocabulary
 
 # scikit-image photographs that load offline, added to the target images.
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "stereo_motorcycle", "camera", "coins", "hubble_deep_field")
@@ -43,11 +44,13 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), compute: Comput
     """Run the whole demo under ``out``; return a summary (also saved as demo.json)."""
     out = Path(out)
     cache_dir = out / "cache"
-    vocabulary = load_word_vectors().vocabulary(size=settings.vocabulary_size)
+    explain_settings = settings.explain_settings()
+    vocabulary = candidate_vocabulary(load_word_vectors(), kind=settings.vocabulary, size=settings.vocabulary_size)
     scenes = SceneSettings(
         num_concepts=settings.concepts,
         unseen_fraction=settings.unseen_fraction,
         seed=settings.seed,
+        background_concepts=settings.background_concepts,
     )
     reference_dir = generate_scenes(
         out / "data" / "reference", with_count(scenes, settings.reference_images),
@@ -73,7 +76,6 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), compute: Comput
         pooling=settings.explainer_pooling, learning_rate=settings.explainer_learning_rate,
         activation_regions=settings.explainer_activation_regions,
     )
-    explain_settings = ExplainSettings(vocabulary_size=settings.vocabulary_size)
     results = {}
     for target in targets:
         run = trained_run(out / "runs" / target.key, target, reference, train_settings, compute, cache_dir)
@@ -135,18 +137,20 @@ def _scene_cnn(out: Path, reference: CocoDataset, settings: DemoSettings, comput
 
 
 def print_table(title: str, layer: str, explanations: Explanations, seen: list[str], unseen: list[str], rows: int = 12) -> None:
-    """The most consistent filters: their top words, with held-out concepts marked."""
+    """The most confidently named filters: their top words, with held-out concepts marked."""
     seen_set, unseen_set = set(seen), set(unseen)
 
     def mark(word: str) -> str:
         return f"{word}*" if word in unseen_set else f"{word}+" if word in seen_set else word
 
     active = [f for f in explanations.filters if f.words]
-    ranked = sorted(active, key=lambda f: (-consistency(f.words), f.filter))[:rows]
-    print(f"\n{title} — {layer}, {len(explanations.filters)} filters, method {explanations.method}")
-    print(f"{'filter':>6}  top words (n/m: the nearest word on n top images, among the 5 nearest on m)"
+    ranked = most_trusted(active)[:rows]
+    named = sum(f.named for f in active)
+    print(f"\n{title} — {layer}, {len(explanations.filters)} filters, method {explanations.method}; "
+          f"{named} of {len(active)} with a confident name")
+    print(f"{'filter':>6}  confidence  top words (n/m: the nearest word on n top images, among the 5 nearest on m)"
           "   [+ seen concept, * held-out concept]")
     for f in ranked:
-        print(f"{f.filter:>6}  " + ", ".join(f"{mark(w['word'])} ({w['first']}/{w['count']})" for w in f.words[:6]))
-    named_unseen = sorted({w["word"] for f in active for w in f.words[:5]} & unseen_set)
-    print(f"held-out concepts among some filter's top 5 words: {', '.join(named_unseen) or 'none'}")
+        print(f"{f.filter:>6}  " + naming_line(f, 6, mark))
+    named_unseen = sorted({w["word"] for f in active if f.named for w in f.words[:5]} & unseen_set)
+    print(f"held-out concepts among the top 5 words of a confidently named filter: {', '.join(named_unseen) or 'none'}")

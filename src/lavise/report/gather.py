@@ -161,12 +161,20 @@ def about_rows(sources: Sources, *, absolute: bool) -> list[list[str]]:
         ["Target data", f"{public_path(target.get('root'), absolute=absolute) or 'unknown'}: "
                         f"{target.get('images', '?')} images" + (f", {skipped} skipped" if skipped else "")],
         ["Word vectors", f"{public_path(str(config.get('word_vectors', 'unknown')), absolute=absolute)}, "
-                         f"{explanations.get('vocabulary', {}).get('words', '?')} candidate words"],
+                         f"{explanations.get('vocabulary', {}).get('words', '?')} candidate words "
+                         f"({explanations.get('vocabulary', {}).get('kind', 'frequent')} vocabulary, "
+                         f"{(explanations.get('naming') or {}).get('retrieval', 'cosine')} retrieval)"],
         ["Method", str(explanations["method"])],
         ["Explanation settings", settings_text(explanations.get("settings", {}), absolute=absolute)],
         ["Training settings", settings_text(config.get("train", {}), absolute=absolute)
          + (f"; best epoch {config['best_epoch']}" if "best_epoch" in config else "")],
     ]
+    calibration = (explanations.get("naming") or {}).get("calibration")
+    if calibration:
+        named = sum(1 for f in explanations["filters"] if f.get("named", True) and f.get("words"))
+        rows.append(["Confidence", f"{named} filters have a confident name: confidence at least "
+                                   f"{calibration['threshold']:.2f}, where simulated filters of the reference data's "
+                                   f"held-out images were right {calibration['abstain_precision']:.0%} of the time"])
     if "lavise_version" in config:
         rows.append(["lavise", str(config["lavise_version"])])
     return rows
@@ -248,6 +256,10 @@ def evaluation_page(evaluation: dict, plot: str | None, method: str, *, absolute
                 "filters": result.get("filters"),
                 **{f"{part} recall@5": _number((result.get(part) or {}).get("recall@5"))
                    for part in ("seen", "unseen", "lenient")},
+                "f1@5": _number(result.get("f1@5")),
+                "confidence auroc": _number((result.get("confidence") or {}).get("auroc")),
+                "named": _number((result.get("confidence") or {}).get("named")),
+                "precision@1 named": _number((result.get("confidence") or {}).get("precision@1_named")),
             }
             for name, result in evaluation["methods"].items() if isinstance(result, dict)
         ],
@@ -305,6 +317,9 @@ def page_data(
             "words": [{"word": str(w.get("word")), "count": int(w.get("count", 0)),
                        "first": int(w["first"]) if "first" in w else None} for w in entry.get("words", [])],
             "images": images.get(u, []),
+            # "confidence" and "named" are absent from explanations before 0.5: every filter named
+            "confidence": _number(entry.get("confidence")),
+            "named": bool(entry.get("named", True)),
             "score": score,
             "evaluation": evaluation_entry(evaluated) if evaluated is not None else None,
             "groups": groups_entry(grouped[1], grouped[0], examples, per_group=examples_per_group, absolute=absolute) if grouped else None,

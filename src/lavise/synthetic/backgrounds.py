@@ -18,6 +18,14 @@ from lavise.synthetic.compose import Layer, SceneConcept
 
 # scikit-image textures (grey) and the mean colour each is tinted to.
 TEXTURE_TINTS = {"brick": (185, 95, 70), "grass": (95, 160, 60), "gravel": (150, 145, 135)}
+# Broden's 11 colour names and a prototype of each (sRGB); a background is named by the
+# prototype nearest its colour in CIELAB.
+COLOUR_PROTOTYPES = {
+    "black": (0, 0, 0), "blue": (0, 0, 255), "brown": (139, 69, 19), "green": (0, 128, 0), "grey": (128, 128, 128),
+    "orange": (255, 140, 0), "pink": (255, 105, 180), "purple": (128, 0, 128), "red": (255, 0, 0),
+    "white": (255, 255, 255), "yellow": (255, 255, 0),
+}  # fmt: skip
+COLOUR_DRAWS = 512  # candidate colours drawn at once when a background must have a given colour name
 # scikit-image photographs bundled with the package (no download), showing no concept.
 PHOTOS = ("astronaut", "coffee", "hubble_deep_field", "immunohistochemistry")
 SKIMAGE_ATTRIBUTION = "Backgrounds: scikit-image sample data (skimage.data); see its licences"
@@ -42,6 +50,32 @@ def texture_layer(rng: np.random.Generator, name: str, settings: SceneSettings) 
     concept = SceneConcept(word=name, source="texture", name=name)
     placement = {"layer": 0, "texture": name, "x": x, "y": y, "width": w, "height": h}
     return Layer(rgba=rgba, x=x, y=y, concept=concept, placement=placement)
+
+
+def colour_names(rgb: np.ndarray) -> np.ndarray:
+    """The colour name nearest each colour in CIELAB, of :data:`COLOUR_PROTOTYPES`.
+
+    (n, 3) uint8 -> (n,) names
+
+    Example:
+        >>> colour_names(np.array([[250, 10, 5], [20, 20, 20], [240, 0, 250]], dtype=np.uint8)).tolist()
+        ['red', 'black', 'purple']
+    """
+    from skimage.color import rgb2lab
+
+    names = list(COLOUR_PROTOTYPES)
+    prototypes = rgb2lab(np.array([COLOUR_PROTOTYPES[n] for n in names], dtype=np.float64)[None] / 255)[0]
+    lab = rgb2lab(np.asarray(rgb, dtype=np.float64)[None] / 255)[0]
+    distances = ((lab[:, None, :] - prototypes[None]) ** 2).sum(axis=2)
+    return np.array(names)[distances.argmin(axis=1)]
+
+
+def colour_of_name(rng: np.random.Generator, name: str) -> np.ndarray:
+    """A random colour whose name is ``name``: the first of :data:`COLOUR_DRAWS` uniform draws
+    that has it, else the name's prototype. (3,) uint8"""
+    candidates = rng.integers(0, 256, size=(COLOUR_DRAWS, 3)).astype(np.uint8)
+    hits = np.nonzero(colour_names(candidates) == name)[0]
+    return candidates[hits[0]] if len(hits) else np.array(COLOUR_PROTOTYPES[name], dtype=np.uint8)
 
 
 def photo_crop(rng: np.random.Generator, name: str, size: int) -> np.ndarray:

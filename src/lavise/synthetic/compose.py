@@ -29,7 +29,7 @@ class SceneConcept:
 
     Attributes:
         word: the category name.
-        source: ``"openmoji"`` or ``"texture"``.
+        source: ``"openmoji"``, ``"texture"`` or ``"colour"`` (a plain background).
         codepoint: the emoji's codepoint (emoji only).
         name: the Unicode name (emoji) or the skimage.data function name (texture).
     """

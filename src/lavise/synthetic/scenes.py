@@ -9,8 +9,11 @@ summary stored in ``scenes.json``.
 
 A texture patch ("grass", "gravel", "brick") is a concept too when
 ``SceneSettings.texture_concepts`` is set: it is the bottom layer, opaque inside its
-rectangle. Photographs are unannotated clutter; they were chosen to show nothing that is
-an emoji concept.
+rectangle. With ``SceneSettings.background_concepts`` a plain background (alone or
+around a texture patch) is a concept as Broden's colours are: its colour is drawn to
+have one of Broden's 11 colour names, and its mask is the background left visible under
+the other layers. Photographs are unannotated clutter; they were chosen to show nothing
+that is an emoji concept.
 
 The concepts are split into seen and unseen ones, from the seed alone. The
 ``"reference"`` part (for training the explainer) uses only seen concepts; the
@@ -55,7 +58,9 @@ from PIL import Image
 from lavise.errors import LaviseError
 from lavise.settings import GROUP_NAMES, SceneSettings
 from lavise.storage import write_bytes
-from lavise.synthetic.backgrounds import SKIMAGE_ATTRIBUTION, TEXTURE_TINTS, PHOTOS, photo_crop, texture_layer
+from lavise.synthetic.backgrounds import (
+    COLOUR_PROTOTYPES, PHOTOS, SKIMAGE_ATTRIBUTION, TEXTURE_TINTS, colour_of_name, photo_crop, texture_layer,
+)
 from lavise.synthetic.compose import Layer, SceneConcept, blend, compose
 from lavise.synthetic.concepts import OPENMOJI_ATTRIBUTION, Concept, concept_pool, render_concept
 
@@ -115,6 +120,7 @@ def generate_scenes(
     chances = dict(settings.group_bias or ())
     emoji = [c for c in usable if c.source == "openmoji" and c.word not in chances]
     textures = [c for c in usable if c.source == "texture"]
+    colours = [c for c in usable if c.source == "colour"]
     biased = [(c, chances[c.word]) for c in usable if c.word in chances]
     if len(emoji) < settings.concepts_per_image[0]:
         raise LaviseError(
@@ -132,7 +138,7 @@ def generate_scenes(
         )
         group = group_of_scene(index, settings)
         group_index = GROUP_NAMES.index(group) if group else 0
-        scene = _draw_scene(rng, settings, emoji, textures, biased, group_index)
+        scene = _draw_scene(rng, settings, emoji, textures, biased, group_index, colours)
         image, masks, keep = compose(scene.background, scene.layers, settings)
         dropped += int(np.count_nonzero(~keep))
         file_name = f"{index:06d}.png"
@@ -262,7 +268,11 @@ def choose_concepts(
             for name in sorted(TEXTURE_TINTS)
             if allowed is None or name in allowed
         ]
-    texture_words = {t.word for t in textures}
+    colours: list[SceneConcept] = []
+    if settings.background_concepts and set(settings.backgrounds) & {"plain", "texture"}:
+        colours = [SceneConcept(word=name, source="colour", name=name) for name in sorted(COLOUR_PROTOTYPES)
+                   if allowed is None or name in allowed]
+    texture_words = {t.word for t in textures} | {c.word for c in colours}
     pool: list[Concept] = [c for c in concept_pool(allowed) if c.word not in texture_words]
     forced = [word for word, _ in settings.group_bias or ()]
     missing = sorted(set(forced) - {c.word for c in pool})
@@ -290,7 +300,7 @@ def choose_concepts(
             keep = set(forced) | {rest[i].word for i in picked}
             pool = [c for c in pool if c.word in keep]
     emoji = [SceneConcept(word=c.word, source="openmoji", codepoint=c.codepoint, name=c.name) for c in pool]
-    concepts = sorted(emoji + textures, key=lambda c: c.word)
+    concepts = sorted(emoji + textures + colours, key=lambda c: c.word)
     num_unseen = int(round(settings.unseen_fraction * len(concepts)))
     unseen = rng.choice(len(concepts), size=num_unseen, replace=False)
     return concepts, frozenset(concepts[i].word for i in unseen)
@@ -310,22 +320,34 @@ def _draw_scene(
     textures: Sequence[SceneConcept],
     biased: Sequence[tuple[SceneConcept, tuple[float, ...]]] = (),
     group: int = 0,
+    colours: Sequence[SceneConcept] = (),
 ) -> _Scene:
     """Draw one scene's background and layers (not yet composed).
 
     ``biased`` concepts (with a planted bias) join the scene with the probability given
-    for ``group``; every other draw is the same whatever the group.
+    for ``group``; every other draw is the same whatever the group. With ``colours``
+    (background concepts), a plain background's colour has one of their names and is
+    the bottom layer.
     """
     size = settings.image_size
     kinds = [k for k in settings.backgrounds if k != "texture" or textures or not settings.texture_concepts]
     if not kinds:
         kinds = ["plain"]  # every allowed texture concept is unseen in this part
     kind = kinds[int(rng.integers(len(kinds)))]
-    color = rng.integers(0, 256, size=3)
+    colour = None
+    if colours and kind != "photo":
+        colour = colours[int(rng.integers(len(colours)))]
+        color = colour_of_name(rng, colour.word)
+    else:
+        color = rng.integers(0, 256, size=3)
     background = np.empty((size, size, 3), dtype=np.uint8)
     background[:] = color.astype(np.uint8)
     info: dict = {"kind": kind, "color": [int(c) for c in color]}
     layers: list[Layer] = []
+    if colour is not None:
+        info["colour"] = colour.word
+        rgba = np.concatenate([background, np.full((size, size, 1), 255, dtype=np.uint8)], axis=2)
+        layers.append(Layer(rgba=rgba, x=0, y=0, concept=colour, placement={"layer": 0, "background": colour.word}))
     if kind == "photo":
         name = PHOTOS[int(rng.integers(len(PHOTOS)))]
         background = photo_crop(rng, name, size)

@@ -112,6 +112,10 @@
   var SORTS = {
     filter: function (a, b) { return a.filter - b.filter; },
     count: function (a, b) { return agreement(b) - agreement(a) || a.filter - b.filter; },
+    confidence: function (a, b) {
+      var x = a.confidence === null ? -Infinity : a.confidence, y = b.confidence === null ? -Infinity : b.confidence;
+      return y - x || a.filter - b.filter;
+    },
     score: function (a, b) {
       var x = a.score === null ? -Infinity : a.score, y = b.score === null ? -Infinity : b.score;
       return y - x || a.filter - b.filter;
@@ -137,8 +141,10 @@
   function card(f) {
     var head = el("div", { class: "card-head" }, el("span", { class: "num", text: "Filter " + f.filter }));
     if (f.score !== null) head.appendChild(el("span", { class: "score", text: "recall@5 " + fmt(f.score) }));
+    if (f.confidence !== null) head.appendChild(el("span", { class: "confidence", text: "confidence " + fmt(f.confidence) }));
     if (!f.active) head.appendChild(el("span", { class: "badge", text: "inactive" }));
-    var words = el("ol", { class: "words" });
+    else if (!f.named) head.appendChild(el("span", { class: "badge", text: "no confident name" }));
+    var words = el("ol", { class: f.named ? "words" : "words unnamed" });
     f.words.slice(0, 5).forEach(function (w) {
       words.appendChild(el("li", null, el("span", { class: "word", text: w.word }), el("span", { class: "count", text: "(" + (w.first === null ? w.count : w.first) + ")" })));
     });
@@ -178,6 +184,8 @@
     var sort = el("select", { id: "sort", "aria-label": "sort filters" },
       el("option", { value: "filter", text: "sort by filter" }),
       el("option", { value: "count", text: "sort by agreement of top images" }));
+    if (D.filters.some(function (f) { return f.confidence !== null; }))
+      sort.appendChild(el("option", { value: "confidence", text: "sort by confidence" }));
     if (D.score_name) sort.appendChild(el("option", { value: "score", text: "sort by evaluation score, " + D.score_name }));
     sort.value = state.sort;
     var jumpInput = el("input", { id: "jump-input", type: "number", min: 0, step: 1, placeholder: "filter #", "aria-label": "filter number" });
@@ -232,7 +240,12 @@
     if (i < D.filters.length - 1) pager.appendChild(filterLink(D.filters[i + 1].filter, "filter " + D.filters[i + 1].filter + " ›"));
 
     var heading = el("h1", { id: "filter-title", text: "Filter " + n + " of " + D.layer });
-    var facts = el("p", { class: "muted", text: "threshold T_u = " + fmt(f.threshold, 4) + (f.score !== null ? " · " + D.score_name + " " + fmt(f.score) : "") });
+    var facts = el("p", { class: "muted", text: "threshold T_u = " + fmt(f.threshold, 4) + (f.score !== null ? " · " + D.score_name + " " + fmt(f.score) : "")
+      + (f.confidence !== null ? " · confidence that the first word is right " + fmt(f.confidence) : "") });
+    var trust = f.active && !f.named
+      ? el("p", { class: "warning", text: "No confident name: the words below are only the nearest candidates; "
+                                          + "filters this unsure were often wrong on the reference data." })
+      : null;
 
     var maxCount = Math.max.apply(null, f.words.map(function (w) { return w.count; }).concat([1]));
     var words = f.words.length
@@ -249,7 +262,7 @@
     f.images.forEach(function (entry, rank) { images.appendChild(figure(entry, (rank + 1) + ". " + entry.name)); });
 
     show(
-      pager, heading, facts,
+      pager, heading, facts, trust,
       section("Words, by how many of the top images gave them", words),
       section("Top images, the filter's region above T_u left bright", images),
       f.evaluation ? evaluationPanel(f.evaluation) : null,
@@ -303,10 +316,12 @@
   function showEvaluation() {
     var e = D.evaluation;
     document.title = "Evaluation — " + D.title;
-    var methods = table(["method", "recall@5", "recall@10", "recall@20", "precision@1", "filters", "seen recall@5", "unseen recall@5", "lenient recall@5"],
+    var methods = table(["method", "precision@1", "recall@5", "recall@10", "recall@20", "F1@5", "filters", "seen recall@5",
+                         "unseen recall@5", "lenient recall@5", "confidence AUROC", "named", "precision@1 of named"],
       e.methods.map(function (m) {
-        return [m.method, m["recall@5"], m["recall@10"], m["recall@20"], m["precision@1"],
-          m.filters === null || m.filters === undefined ? "–" : String(m.filters), m["seen recall@5"], m["unseen recall@5"], m["lenient recall@5"]];
+        return [m.method, m["precision@1"], m["recall@5"], m["recall@10"], m["recall@20"], m["f1@5"],
+          m.filters === null || m.filters === undefined ? "–" : String(m.filters), m["seen recall@5"], m["unseen recall@5"],
+          m["lenient recall@5"], m["confidence auroc"], m["named"], m["precision@1 named"]];
       }));
     methods.id = "evaluation-methods";
     var scored = D.filters.filter(function (f) { return f.evaluation; }).sort(SORTS.score);

@@ -1,0 +1,240 @@
+"""How far to trust a filter's first word: a calibrated confidence, and when to abstain.
+
+A filter's p top images each give s nearest words (:mod:`lavise.naming`); its first word
+is the ranked winner (:func:`lavise.explain.rank_words`). Four numbers of that vote
+predict whether the first word is right (:func:`vote_features`):
+
+- ``agreement``: the share of the p images whose nearest word is the first word;
+- ``share``: the share of the p images that have it among their s words;
+- ``margin``: the mean, over the images, of the gap between their best and second score;
+- ``score``: the mean best score.
+
+A logistic regression maps them to a probability that the first word is right
+(:class:`Calibration`). It is fitted on *simulated filters* made from the reference
+data's held-out validation images (:func:`simulated_filters`): p explainer outputs of
+which a random share come from one concept and the rest from others, named exactly as
+explain names a filter; the first word is right when it names a concept that makes up
+at least a fifth of the p outputs. The threshold below which a filter is reported as
+having no confident name is the lowest confidence at which the simulated filters named
+at or above it were right at least ``abstain_precision`` of the time
+(:func:`threshold_for_precision`).
+
+:func:`auroc` and :func:`precision_coverage` measure how well a confidence separates
+right from wrong first words (``lavise evaluate``). Pure functions on tensors and
+arrays; :func:`calibrate` is the one that names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import optimize, stats
+
+FEATURES = ("agreement", "share", "margin", "score")
+TRUTH_SHARE = 0.2  # a simulated filter's truth: the concepts of at least this share of its p outputs
+COVERAGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def vote_features(word_ids: torch.Tensor, scores: torch.Tensor, first: torch.Tensor, words_per_image: int) -> torch.Tensor:
+    """The features of :data:`FEATURES` for each filter's vote.
+
+    (f, p·s) word indices and scores, each image's s words best first; (f,) each
+    filter's first word -> (f, 4) float64
+    """
+    f, collected = word_ids.shape
+    s = words_per_image
+    ids = word_ids.reshape(f, collected // s, s)
+    values = scores.reshape(f, collected // s, s).double()
+    first = first.reshape(f, 1, 1)
+    agreement = (ids[:, :, 0] == first[:, :, 0]).double().mean(dim=1)
+    share = (ids == first).any(dim=2).double().mean(dim=1)
+    margin = (values[:, :, 0] - values[:, :, 1]).mean(dim=1) if s > 1 else torch.zeros(f, dtype=torch.float64)
+    score = values[:, :, 0].mean(dim=1)
+    return torch.stack([agreement, share, margin, score], dim=1)
+
+
+def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-2) -> tuple[np.ndarray, float]:
+    """Weights and bias of an L2-regularised logistic regression (scipy's L-BFGS).
+
+    (n, k) standardised features, (n,) 0/1 labels -> ((k,) weights, bias)
+    """
+    x = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = theta[:-1], theta[-1]
+        z = x @ w + b
+        value = np.mean(np.logaddexp(0.0, z) - y * z) + l2 * (w @ w) / 2
+        residual = (1.0 / (1.0 + np.exp(-z)) - y) / len(y)
+        return value, np.concatenate([x.T @ residual + l2 * w, [residual.sum()]])
+
+    result = optimize.minimize(loss, np.zeros(x.shape[1] + 1), jac=True, method="L-BFGS-B")
+    return result.x[:-1], float(result.x[-1])
+
+
+def auroc(confidence: Sequence[float], right: Sequence[bool]) -> float | None:
+    """Area under the ROC curve of ``confidence`` for telling right from wrong (ties count half).
+
+    None when all are right or all wrong. The Mann-Whitney U statistic over n₁·n₀ pairs.
+
+    Example:
+        >>> auroc([0.9, 0.8, 0.3, 0.1], [True, False, True, False])
+        0.75
+    """
+    values = np.asarray(confidence, dtype=np.float64)
+    labels = np.asarray(right, dtype=bool)
+    positives, negatives = values[labels], values[~labels]
+    if not len(positives) or not len(negatives):
+        return None
+    u = stats.mannwhitneyu(positives, negatives, alternative="two-sided").statistic
+    return float(u / (len(positives) * len(negatives)))
+
+
+def threshold_for_precision(confidence: Sequence[float], right: Sequence[bool], target: float) -> float:
+    """The lowest confidence t such that the filters with confidence >= t are right at
+    least ``target`` of the time; above every confidence when no t reaches it.
+
+    Example:
+        >>> threshold_for_precision([0.9, 0.8, 0.7, 0.6], [True, True, False, True], 0.75)
+        0.6
+        >>> threshold_for_precision([0.9, 0.8, 0.7, 0.6], [True, True, False, True], 0.9)
+        0.8
+    """
+    values = np.asarray(confidence, dtype=np.float64)
+    labels = np.asarray(right, dtype=bool)
+    if target <= 0:
+        return -np.inf
+    order = np.argsort(-values, kind="stable")
+    sorted_values, hits = values[order], np.cumsum(labels[order])
+    precision = hits / np.arange(1, len(values) + 1)
+    # a cut may only fall between different values: the last index of each run of ties
+    last_of_value = np.r_[sorted_values[1:] != sorted_values[:-1], True]
+    good = np.nonzero((precision >= target) & last_of_value)[0]
+    return float(sorted_values[good[-1]]) if len(good) else float(np.nextafter(values.max(initial=0.0), np.inf))
+
+
+def precision_coverage(confidence: Sequence[float], right: Sequence[bool],
+                       coverages: Sequence[float] = COVERAGES) -> list[dict]:
+    """Precision@1 of the most confident filters at each coverage (share of the filters named).
+
+    Example:
+        >>> precision_coverage([0.9, 0.2, 0.6, 0.4], [True, False, True, False], (0.5, 1.0))
+        [{'coverage': 0.5, 'filters': 2, 'precision@1': 1.0}, {'coverage': 1.0, 'filters': 4, 'precision@1': 0.5}]
+    """
+    values = np.asarray(confidence, dtype=np.float64)
+    labels = np.asarray(right, dtype=bool)[np.argsort(-values, kind="stable")]
+    rows = []
+    for coverage in coverages:
+        named = max(1, int(round(coverage * len(labels)))) if len(labels) else 0
+        rows.append({"coverage": coverage, "filters": named,
+                     "precision@1": float(labels[:named].mean()) if named else None})
+    return rows
+
+
+@dataclass
+class Calibration:
+    """A logistic map from vote features to the probability that the first word is right.
+
+    Attributes:
+        mean, scale: (4,) standardisation of the features.
+        weights, bias: the regression.
+        threshold: filters below it have no confident name.
+        facts: how it was fitted (simulated filters, their right share, AUROC, target).
+    """
+
+    mean: np.ndarray
+    scale: np.ndarray
+    weights: np.ndarray
+    bias: float
+    threshold: float
+    facts: dict
+
+    def confidence(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(f, 4) features -> (f,) probability that each first word is right."""
+        x = (np.asarray(features, dtype=np.float64) - self.mean) / self.scale
+        return 1.0 / (1.0 + np.exp(-(x @ self.weights + self.bias)))
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {name: torch.from_numpy(np.asarray(getattr(self, name), dtype=np.float64))
+                   for name in ("mean", "scale", "weights")}
+        return tensors, {"bias": self.bias, "threshold": self.threshold, **self.facts}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], facts: dict) -> Calibration:
+        rest = {k: v for k, v in facts.items() if k not in ("bias", "threshold")}
+        return cls(*(tensors[name].numpy() for name in ("mean", "scale", "weights")), float(facts["bias"]),
+                   float(facts["threshold"]), rest)
+
+
+def simulated_filters(concepts: torch.Tensor, count: int, top: int, generator: torch.Generator) -> tuple[torch.Tensor, list[set[int]]]:
+    """Rows of ``count`` simulated filters, and each one's true concepts.
+
+    Each draws a concept c and a purity α uniform in [0, 1]: max(1, round(α·p)) rows of
+    c (with replacement when c has fewer) and the rest from the other concepts' rows.
+    Its truth is the concepts of at least :data:`TRUTH_SHARE` of its rows.
+
+    (n,) concept of each output row -> (count, p) row indices, count sets of concepts
+    """
+    present = torch.unique(concepts)
+    rows_of = {int(c): torch.nonzero(concepts == c).flatten() for c in present.tolist()}
+    chosen = present[torch.randint(len(present), (count,), generator=generator)]
+    purity = torch.rand(count, generator=generator)
+    filters, truths = [], []
+    for c, alpha in zip(chosen.tolist(), purity.tolist()):
+        own = rows_of[c]
+        k = max(1, round(alpha * top))
+        mine = own[torch.randint(len(own), (k,), generator=generator)]
+        others = torch.nonzero(concepts != c).flatten()
+        if len(others) and k < top:
+            rest = others[torch.randint(len(others), (top - k,), generator=generator)]
+        else:
+            rest = own[torch.randint(len(own), (top - k,), generator=generator)]
+        rows = torch.cat([mine, rest])[torch.randperm(top, generator=generator)]
+        filters.append(rows)
+        members, counts = torch.unique(concepts[rows], return_counts=True)
+        truths.append({int(m) for m, n in zip(members.tolist(), counts.tolist()) if n >= TRUTH_SHARE * top})
+    return torch.stack(filters), truths
+
+
+NameVotes = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # see calibrate
+
+
+def calibrate(outputs: torch.Tensor, concepts: torch.Tensor, concept_words: Sequence[str], name_votes: NameVotes,
+              words: Sequence[str], *, top: int, words_per_image: int, target: float, seed: int,
+              count: int = 2000) -> Calibration:
+    """Fit the confidence on simulated filters of the reference outputs.
+
+    Args:
+        outputs: (n, D) explainer outputs on held-out reference rows.
+        concepts: (n,) each row's concept, an index into ``concept_words``.
+        concept_words: the concepts as the vocabulary spells them (normalised).
+        name_votes: names simulated filters as explain names filters: (f, p, D) outputs ->
+            (f, p·s) word ids and scores, and (f,) each one's first word.
+        words: the vocabulary's words.
+        top, words_per_image: p and s of the naming.
+        target: the precision named filters should reach (``abstain_precision``).
+        seed: of the simulated filters.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    rows, truths = simulated_filters(concepts, count, top, generator)
+    ids, scores, first = name_votes(outputs[rows])
+    features = vote_features(ids, scores, first, words_per_image).numpy()
+    right = np.array([words[w] in {concept_words[c] for c in truth} for w, truth in zip(first.tolist(), truths)])
+    mean, scale = features.mean(axis=0), features.std(axis=0)
+    scale[scale == 0] = 1.0
+    if right.all() or not right.any():  # nothing to tell apart: a constant confidence
+        weights, bias = np.zeros(len(FEATURES)), float(np.log((right.mean() + 1e-3) / (1 - right.mean() + 1e-3)))
+    else:
+        weights, bias = fit_logistic((features - mean) / scale, right)
+    calibration = Calibration(mean, scale, weights, bias, 0.0, {})
+    confidence = calibration.confidence(features)
+    calibration.threshold = threshold_for_precision(confidence, right, target)
+    calibration.facts = {
+        "simulated_filters": count, "reference_rows": len(outputs), "right_share": float(right.mean()),
+        "auroc": auroc(confidence, right), "abstain_precision": target, "seed": seed,
+        "named_share": float((confidence >= calibration.threshold).mean()),
+    }
+    return calibration
