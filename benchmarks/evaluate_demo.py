@@ -10,7 +10,8 @@ evaluation scenes and the IoU tallies).
 
 ``--authors`` trains the demo's explainers the authors' way (pooling over the whole
 grid, Adam at 1e-4), as the demo did before lavise's defaults changed; without it the
-demo's own defaults are used. docs/evaluation.md quotes its output.
+demo's own defaults are used. ``--as-in-0.4`` builds lavise 0.4's demo world and names
+with its naming (docs/evaluation.md's tables before lavise 0.5 were made so). docs/evaluation.md quotes its output.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def main() -> None:
     parser.add_argument("--authors", action="store_true",
                         help="train the explainers the authors' way (mean pooling, lr 1e-4)")
     parser.add_argument("--json", type=Path, default=None, help="also save every seed's summaries here")
+    parser.add_argument("--as-in-0.4", dest="as_in_0_4", action="store_true",
+                        help="lavise 0.4's demo world and naming (the tables of docs/evaluation.md before 0.5)")
     args = parser.parse_args()
 
     compute = ComputeSettings(progress=False)
@@ -71,14 +74,15 @@ def main() -> None:
         out = args.work / f"seed-{seed}"
         started = time.perf_counter()
         explainer = {"explainer_pooling": "mean", "explainer_learning_rate": 1e-4} if args.authors else {}
-        summary = run_demo(out, DemoSettings(seed=seed, **explainer), compute)
+        demo = (DemoSettings.as_in_0_4 if args.as_in_0_4 else DemoSettings)(seed=seed, **explainer)
+        summary = run_demo(out, demo, compute)
         demo_seconds = time.perf_counter() - started
         evaluation_data = out / "data" / "evaluation"
         dataset = CocoDataset(evaluation_data / "annotations.json", evaluation_data / "images")
         runs = [Path(summary["runs"][key]) for key in sorted(summary["runs"])]
         started = time.perf_counter()
         evaluations = evaluate(runs, dataset, settings=EvaluateSettings(methods=tuple(args.methods)),
-                               compute=compute, cache_dir=out / "cache")
+                               explain_settings=demo.explain_settings(), compute=compute, cache_dir=out / "cache")
         timings[seed] = time.perf_counter() - started
         results[seed] = {f"{e.model} {e.layer}": e.methods for e in evaluations}
         print(f"seed {seed}: demo {demo_seconds:.0f} s, evaluation of both targets {timings[seed]:.0f} s", flush=True)

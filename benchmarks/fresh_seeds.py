@@ -26,6 +26,10 @@ an earlier protocol is scored again (its demo data and caches are reused). Print
 Markdown table (mean ± sd over the seeds) of seen, unseen and all-concept recall, then
 each seed's seen recall@5 for each comparison: on how many seeds the second is higher,
 and whether the mean ± sd intervals overlap.
+
+These protocols ran on lavise 0.2-0.4, and keep their demo world and naming
+(``DemoSettings.as_in_0_4``, ``ExplainSettings.as_in_0_4``) so that they reproduce;
+lavise 0.5's naming is measured by ``benchmarks/naming_quality.py``.
 """
 
 from __future__ import annotations
@@ -118,7 +122,7 @@ def scores_of_seed(seed: int, work: Path, compute: ComputeSettings, protocol: in
     if saved.is_file():
         return json.loads(saved.read_text())
     started = time.perf_counter()
-    summary = run_demo(out, DemoSettings(seed=seed), compute)
+    summary = run_demo(out, DemoSettings.as_in_0_4(seed=seed), compute)  # the protocols ran on lavise 0.4's demo
     reference_dir = out / "data" / "reference"
     evaluation_dir = out / "data" / "evaluation"
     reference = CocoDataset(reference_dir / "annotations.json", reference_dir / "images")
@@ -141,7 +145,7 @@ def scores_of_seed(seed: int, work: Path, compute: ComputeSettings, protocol: in
                     if ranking == "first-choice":
                         methods = tuple(m for m in methods if m in FIRST_CHOICE_METHODS)
                     [evaluation] = evaluate([run], dataset, settings=EvaluateSettings(methods=methods),
-                                            explain_settings=ExplainSettings(ranking=ranking),
+                                            explain_settings=ExplainSettings.as_in_0_4(ranking=ranking),
                                             compute=compute, cache_dir=out / "cache")
                     for method, result in evaluation.methods.items():
                         scores.setdefault(f"{target} {layer}", {})[f"{explainer.name} {method}{suffix}"] = result

@@ -30,7 +30,7 @@ from lavise.features import target_features
 from lavise.regions import top_images
 from lavise.regions import quantile_thresholds
 from lavise.runs import Run, load_run
-from lavise.settings import ComputeSettings, EvaluateSettings
+from lavise.settings import ComputeSettings, EvaluateSettings, ExplainSettings
 from lavise.storage import read_json
 
 
@@ -80,6 +80,10 @@ class ScoredLayer:
     def scored_truth(self) -> list[list[str]]:
         return [self.truth[u] for u in self.scored.tolist()]
 
+# The experiments answered their questions with lavise 0.4's naming (the 20,000 most frequent
+# words, cosine, no concept names added); they keep it, so their figures stay reproducible.
+NAMING = ExplainSettings.as_in_0_4()
+
 
 def protocol_runs(folder: Path, explainer: str) -> list[tuple[str, str, Path]]:
     """(target, layer, run directory) of every run of ``explainer`` in a seed's protocol folder.
@@ -110,7 +114,7 @@ def protocol_layers(work: Path, seeds: list[int], explainer: str, compute: Compu
         for target, layer, path in protocol_runs(demo.path / "protocol", explainer):
             run = load_run(path)
             [evaluation] = evaluate([run], demo.evaluation, settings=EvaluateSettings(methods=("activation",)),
-                                    compute=compute, cache_dir=demo.cache, write=False)
+                                    explain_settings=NAMING, compute=compute, cache_dir=demo.cache, write=False)
             truth = [[g["concept"] for g in f["ground_truth"]] for f in evaluation.filters]
             maps = target_maps(run, demo, compute)
             word_vectors = load_word_vectors(run.config["word_vectors"], cache_dir=demo.cache)

@@ -16,6 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from common import NAMING  # experiments/ is on the path when a script in it runs
 from lavise.datasets.coco import CocoDataset
 from lavise.embeddings import load_word_vectors
 from lavise.evaluate import evaluate, markdown_table
@@ -50,7 +51,7 @@ def main() -> None:
                 settings=TrainSettings(seed=args.seed, pooling="region", learning_rate=1e-3),
                 compute=compute, cache_dir=cache)
     (evaluation,) = evaluate([run], dataset, settings=EvaluateSettings(methods=("activation", "attention")),
-                             compute=compute, cache_dir=cache, write=False)
+                             explain_settings=NAMING, compute=compute, cache_dir=cache, write=False)
     print(f"{len(run.split['seen'])} seen concepts, {len(reference)} reference and {len(dataset)} evaluation scenes, "
           f"{time.perf_counter() - started:.0f} s\n")
     print(markdown_table([evaluation]))

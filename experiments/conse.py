@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import DemoFolder
+from common import DemoFolder, NAMING
 from lavise.embeddings import concept_vectors, load_word_vectors
 from lavise.evaluate import evaluate, markdown_table
 from lavise.runs import train
@@ -70,7 +70,7 @@ def main() -> None:
     }
     for name, variant in heads.items():
         (evaluation,) = evaluate([variant], dataset, settings=EvaluateSettings(methods=("activation",), lenient=True),
-                                 compute=compute, cache_dir=cache, write=False)
+                                 explain_settings=NAMING, compute=compute, cache_dir=cache, write=False)
         print(f"\n{args.demo.name} {args.target}, {name}\n")
         print(markdown_table([evaluation]))
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from common import DemoFolder
+from common import DemoFolder, NAMING
 from lavise.evaluate import evaluate, markdown_table
 from lavise.features import target_features
 from lavise.reference import reference_rows
@@ -79,7 +79,7 @@ def main() -> None:
             settings=replace(base.train_settings, pooling=pooling, **overrides), compute=compute, cache_dir=cache,
         ))
     evaluations = evaluate(runs, dataset, settings=EvaluateSettings(methods=METHODS, lenient=args.lenient),
-                           compute=compute, cache_dir=cache, write=False)
+                           explain_settings=NAMING, compute=compute, cache_dir=cache, write=False)
     for pooling, evaluation in zip(args.poolings, evaluations):
         print(f"\n{pooling} pooling\n")
         print(markdown_table([evaluation]))

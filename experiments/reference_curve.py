@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import DemoFolder
+from common import DemoFolder, NAMING
 from lavise.datasets.coco import CocoDataset
 from lavise.evaluate import evaluate, markdown_cell
 from lavise.runs import train
@@ -57,7 +57,7 @@ def main() -> None:
                         args.work / args.demo.name / f"{target}-{size}",
                         settings=TrainSettings(seed=base.config["train"]["seed"]), compute=compute, cache_dir=cache)
             (evaluation,) = evaluate([run], dataset, settings=EvaluateSettings(methods=("activation",), lenient=False),
-                                     compute=compute, cache_dir=cache, write=False)
+                                     explain_settings=NAMING, compute=compute, cache_dir=cache, write=False)
             s = evaluation.methods["activation"]
             seen, unseen = s["seen"] or {}, s["unseen"] or {}  # None when no filter's ground truth has one
             rows.append([target, base.layer, str(size), str(len(run.split["seen"])), markdown_cell(s["recall@5"]),

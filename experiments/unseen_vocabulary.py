@@ -37,7 +37,7 @@ def main() -> None:
             words.write_text("\n".join(w for w in vocabulary.words if w not in seen) + "\n")
             (evaluation,) = evaluate(
                 [run], dataset, settings=EvaluateSettings(methods=("activation", "attention", "cosine-attention"), lenient=False),
-                explain_settings=ExplainSettings(vocabulary_file=str(words)), compute=ComputeSettings(progress=False),
+                explain_settings=ExplainSettings.as_in_0_4(vocabulary_file=str(words)), compute=ComputeSettings(progress=False),
                 cache_dir=cache, write=False,
             )
             print(f"\n{target}: vocabulary of {len(vocabulary.words) - len(seen & set(vocabulary.words))} words "

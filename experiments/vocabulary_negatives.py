@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import DemoFolder
+from common import DemoFolder, NAMING
 from lavise.compute import cpu_threads, resolve_device
 from lavise.embeddings import concept_vectors, load_word_vectors
 from lavise.evaluate import evaluate, markdown_table
@@ -118,7 +118,7 @@ def main() -> None:
         facts["negatives"] = {"kind": kind, "count": 0 if kind == "none" else args.negatives}
         run = write_run(base, args.work / f"{args.demo.name}-{args.target}-{kind}", result, split, settings, facts)
         (evaluation,) = evaluate([run], dataset, settings=EvaluateSettings(methods=("activation",), lenient=False),
-                                 compute=compute, cache_dir=cache, write=False)
+                                 explain_settings=NAMING, compute=compute, cache_dir=cache, write=False)
         print(f"\n{args.demo.name} {args.target}, negatives: {kind}"
               + ("" if kind == "none" else f" ({args.negatives} words)") + "\n")
         print(markdown_table([evaluation]), flush=True)

@@ -14,6 +14,15 @@ meanwhile.
 The outputs are deterministic on one machine with one thread setting; on another
 machine or another torch, the two sides may differ in the last bits of a float even
 when the code does the same thing.
+
+When a change adds outputs, ``--results`` compares what both sides report instead of
+bytes: every filter's words, and every score both evaluations hold; ``--after-demo`` and
+``--after-evaluate`` give the after side options, such as the settings that reproduce
+an earlier version::
+
+    python tools/same_behaviour.py --before 961204f --results \
+        --after-demo "--vocabulary frequent --no-background-concepts" \
+        --after-evaluate "--vocabulary frequent --retrieval cosine --no-concept-names"
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import argparse
 import filecmp
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -50,7 +60,8 @@ def snapshot(revision: str | None, destination: Path) -> Path:
     return destination / "src"
 
 
-def run_side(name: str, source: Path, demo: Path, seed: int, log: Path) -> str:
+def run_side(name: str, source: Path, demo: Path, seed: int, log: Path, demo_options: tuple[str, ...] = (),
+             evaluate_options: tuple[str, ...] = ()) -> str:
     """Run the demo and evaluate it with the package under ``source``; return the demo's output."""
     if demo.exists():
         shutil.rmtree(demo)
@@ -62,9 +73,10 @@ def run_side(name: str, source: Path, demo: Path, seed: int, log: Path) -> str:
     if not Path(where).resolve().is_relative_to(source.resolve()):
         raise SystemExit(f"{name}: 'import lavise' found {where}, not the copy under {source}.")
     commands = [
-        ["demo", "--out", str(demo), "--seed", str(seed), "--no-progress"],
+        ["demo", "--out", str(demo), "--seed", str(seed), "--no-progress", *demo_options],
         ["evaluate", *(str(demo / "runs" / r) for r in RUNS), "--dataset",
-         str(demo / "data" / "evaluation" / "annotations.json"), "--cache-dir", str(demo / "cache"), "--no-progress"],
+         str(demo / "data" / "evaluation" / "annotations.json"), "--cache-dir", str(demo / "cache"), "--no-progress",
+         *evaluate_options],
     ]
     printed = []
     for arguments in commands:
@@ -100,12 +112,36 @@ def json_differences(a: Path, b: Path, limit: int = 5) -> list[str]:
     return found
 
 
+def result_differences(a: Path, b: Path) -> list[str]:
+    """What two explanations or evaluations report differently: words, and the scores both hold."""
+    x, y = json.loads(a.read_text()), json.loads(b.read_text())
+    found = []
+    if "methods" in x:  # an evaluation: the summary numbers both sides have, and each filter's words
+        for method in sorted(set(x["methods"]) | set(y["methods"])):
+            p, q = x["methods"].get(method) or {}, y["methods"].get(method) or {}
+            for key in sorted(set(p) & set(q)):
+                if key != "confidence" and p[key] != q[key]:
+                    found.append(f"methods.{method}.{key}: {p[key]} != {q[key]}")
+        pairs = [(f"filters[{e['filter']}].{m}", e["methods"][m]["words"], g["methods"].get(m, {}).get("words"))
+                 for e, g in zip(x["filters"], y["filters"]) for m in e["methods"]]
+    else:
+        pairs = [(f"filters[{e['filter']}]", e["words"], g["words"]) for e, g in zip(x["filters"], y["filters"])]
+    found += [f"{where}: words differ" for where, u, v in pairs if u != v]
+    if len(x["filters"]) != len(y["filters"]):
+        found.append(f"filters: {len(x['filters'])} != {len(y['filters'])}")
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", required=True, help="git revision of the reference side")
     parser.add_argument("--after", default=None, help="git revision of the other side (default: the working tree)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/lavise-same-behaviour"))
+    parser.add_argument("--results", action="store_true",
+                        help="compare the words and scores both sides report, not the files' bytes")
+    parser.add_argument("--after-demo", default="", help="options for the after side's 'lavise demo'")
+    parser.add_argument("--after-evaluate", default="", help="options for the after side's 'lavise evaluate'")
     args = parser.parse_args()
 
     work = args.work.resolve()
@@ -115,13 +151,28 @@ def main() -> int:
     for name, source in sides.items():
         log = work / f"{name}.log"
         log.unlink(missing_ok=True)
-        printed[name] = run_side(name, source, demo, args.seed, log)
+        options = (tuple(shlex.split(args.after_demo)), tuple(shlex.split(args.after_evaluate))) if name == "after" else ((), ())
+        printed[name] = run_side(name, source, demo, args.seed, log, *options)
         outputs[name] = work / f"{name}-out"
         if outputs[name].exists():
             shutil.rmtree(outputs[name])
         demo.rename(outputs[name])
 
     differing = []
+    if args.results:
+        for run in RUNS:
+            for file in ("explanations.json", "evaluation.json"):
+                a, b = (outputs[side] / "runs" / run / file for side in ("before", "after"))
+                lines = result_differences(a, b)
+                print(f"{'same results' if not lines else 'DIFFERENT'}  runs/{run}/{file}")
+                for line in lines[:8]:
+                    print(f"           {line}")
+                if lines:
+                    differing.append(f"runs/{run}/{file}")
+        after = args.after or "the working tree"
+        print(f"\n{args.before} -> {after}: " + ("the same words and scores" if not differing
+                                                 else f"{len(differing)} outputs differ: {', '.join(differing)}"))
+        return 1 if differing else 0
     for run in RUNS:
         for file in COMPARED:
             a, b = (outputs[side] / "runs" / run / file for side in ("before", "after"))
