@@ -341,6 +341,7 @@ def test_plain_backgrounds_are_colour_concepts_under_the_other_layers(tmp_path) 
     split = json.loads((out / "split.json").read_text())
     colours = {c["word"] for c in split["concepts"] if c["source"] == "colour"}
     assert colours == set(COLOUR_PROTOTYPES) and len(split["concepts"]) == 10 + 11
+    assert not colours & set(split["unseen"]) and len(split["unseen"]) == 3  # colours are always seen; 30 % of the rest
     coco = _load_coco(out)
     photos = 0
     for image_id, info in coco.imgs.items():

@@ -277,7 +277,7 @@ class SceneSettings(_Settings):
     background_concepts: bool = option(
         False, "annotate plain backgrounds as concepts, the way Broden does: the colour name nearest the "
         "background's colour (of Broden's 11), its mask the background left visible under the other layers; "
-        "the colour is drawn among the part's usable colour concepts, and emoji named by a colour are left out"
+        "colours are always seen concepts, the colour is drawn among them, and emoji named by a colour are left out"
     )
     texture_area: tuple[float, float] = option((0.4, 1.0), "(min, max) share of the scene a texture patch covers")
     min_visible_area: int = option(64, "instances with fewer visible pixels are dropped")
