@@ -112,6 +112,20 @@ def json_differences(a: Path, b: Path, limit: int = 5) -> list[str]:
     return found
 
 
+def _shared_differences(p: dict, q: dict, where: str) -> list[str]:
+    """Differences of the values both mappings hold, nested mappings key by key; a new
+    score on one side (a new key) is not a difference, nor is a confidence."""
+    found = []
+    for key in sorted(set(p) & set(q)):
+        if key == "confidence":
+            continue
+        if isinstance(p[key], dict) and isinstance(q[key], dict):
+            found += _shared_differences(p[key], q[key], f"{where}.{key}")
+        elif p[key] != q[key]:
+            found.append(f"{where}.{key}: {p[key]} != {q[key]}")
+    return found
+
+
 def result_differences(a: Path, b: Path) -> list[str]:
     """What two explanations or evaluations report differently: words, and the scores both hold."""
     x, y = json.loads(a.read_text()), json.loads(b.read_text())
@@ -119,9 +133,7 @@ def result_differences(a: Path, b: Path) -> list[str]:
     if "methods" in x:  # an evaluation: the summary numbers both sides have, and each filter's words
         for method in sorted(set(x["methods"]) | set(y["methods"])):
             p, q = x["methods"].get(method) or {}, y["methods"].get(method) or {}
-            for key in sorted(set(p) & set(q)):
-                if key != "confidence" and p[key] != q[key]:
-                    found.append(f"methods.{method}.{key}: {p[key]} != {q[key]}")
+            found += _shared_differences(p, q, f"methods.{method}")
         pairs = [(f"filters[{e['filter']}].{m}", e["methods"][m]["words"], g["methods"].get(m, {}).get("words"))
                  for e, g in zip(x["filters"], y["filters"]) for m in e["methods"]]
     else:
@@ -142,18 +154,22 @@ def main() -> int:
                         help="compare the words and scores both sides report, not the files' bytes")
     parser.add_argument("--after-demo", default="", help="options for the after side's 'lavise demo'")
     parser.add_argument("--after-evaluate", default="", help="options for the after side's 'lavise evaluate'")
+    parser.add_argument("--compare-only", action="store_true",
+                        help="run nothing: compare the outputs a previous call left in --work")
     args = parser.parse_args()
+    if args.compare_only and not args.results:
+        parser.error("--compare-only compares results (--results): what the demo printed is not kept")
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    sides = {"before": snapshot(args.before, work / "before"), "after": snapshot(args.after, work / "after")}
-    demo, outputs, printed = work / "demo", {}, {}
+    demo, outputs, printed = work / "demo", {side: work / f"{side}-out" for side in ("before", "after")}, {}
+    sides = {} if args.compare_only else {"before": snapshot(args.before, work / "before"),
+                                          "after": snapshot(args.after, work / "after")}
     for name, source in sides.items():
         log = work / f"{name}.log"
         log.unlink(missing_ok=True)
         options = (tuple(shlex.split(args.after_demo)), tuple(shlex.split(args.after_evaluate))) if name == "after" else ((), ())
         printed[name] = run_side(name, source, demo, args.seed, log, *options)
-        outputs[name] = work / f"{name}-out"
         if outputs[name].exists():
             shutil.rmtree(outputs[name])
         demo.rename(outputs[name])

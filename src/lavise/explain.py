@@ -3,7 +3,7 @@
 For each filter u: its p most activated target images and T_u, from one pass over the
 images (:func:`lavise.naming.scan_filters`); on each image, the explainer input for u,
 the explainer's output and its s nearest words (:func:`lavise.naming.name_pairs`), by
-CSLS or cosine (:mod:`lavise.retrieval`); the s·p words ranked (:func:`rank_words`); the
+aligned retrieval, CSLS or cosine (:mod:`lavise.retrieval`); the s·p words ranked (:func:`rank_words`); the
 top x reported, with a confidence that the first is right and whether it is confident
 enough to be named (:mod:`lavise.confidence`). :func:`explain` writes them into the run
 as ``explanations.json`` and ``.csv``.
@@ -128,7 +128,7 @@ class FilterExplanation:
 
 @dataclass
 class Naming:
-    """What filters are named with: the vocabulary, the retrieval's hub penalty, the confidence."""
+    """What filters are named with: the vocabulary, its retrieval vectors (and CSLS's hub penalty), the confidence."""
 
     vocabulary: Vocabulary
     vectors: torch.Tensor  # (V, D) unit: the words as retrieval compares them (lavise.retrieval)
