@@ -11,7 +11,6 @@ as ``explanations.json`` and ``.csv``.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from lavise.naming import FilterScan, feature_inputs, name_pairs, nearest_words,
 from lavise.retrieval import REFERENCE_OUTPUTS, reference_outputs, retrieval_space
 from lavise.runs import Run, as_run
 from lavise.settings import METHODS, RANKINGS, ComputeSettings, ExplainSettings
-from lavise.storage import cache_folder, read_json, save_tensors, write_csv, write_json
+from lavise.storage import cache_folder, read_json, save_tensors, tensors_digest, write_csv, write_json
 from lavise.vocabulary import naming_vocabulary, normalize_concept
 
 
@@ -199,9 +198,9 @@ def _calibration(run: Run, naming: Naming, saved: dict[str, torch.Tensor], ranks
         held = torch.ones_like(held)
     outputs, concepts = saved["outputs"][held], saved["concepts"][held]
     words = [normalize_concept(c) for c in run.split["seen"]]
-    parts = {"product": "confidence", "version": _CALIBRATION_VERSION, "outputs": _digest(outputs, concepts),
-             "words": naming.vocabulary.words, "vectors": _digest(naming.vectors),
-             "penalty": None if naming.penalty is None else _digest(naming.penalty),
+    parts = {"product": "confidence", "version": _CALIBRATION_VERSION, "outputs": tensors_digest(outputs, concepts),
+             "words": naming.vocabulary.words, "vectors": tensors_digest(naming.vectors),
+             "penalty": None if naming.penalty is None else tensors_digest(naming.penalty),
              "concepts": words, **{k: getattr(settings, k) for k in (
                  "top_images", "words_per_image", "ranking", "abstain_precision", "calibration_seed")}}
 
@@ -218,13 +217,6 @@ def _calibration(run: Run, naming: Naming, saved: dict[str, torch.Tensor], ranks
         return fitted.to_tensors()
 
     return Calibration.from_tensors(*ranks.cached(run.path, "confidence", parts, build))
-
-
-def _digest(*tensors: torch.Tensor) -> str:
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        digest.update(tensor.contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 @dataclass

@@ -34,7 +34,6 @@ Pure functions on tensors; :func:`retrieval_space` is the thin layer that reads 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -44,7 +43,7 @@ from lavise.distributed import Ranks
 from lavise.embeddings import Vocabulary
 from lavise.errors import LaviseError
 from lavise.settings import RETRIEVALS, ExplainSettings
-from lavise.storage import load_tensors
+from lavise.storage import load_tensors, tensors_digest
 
 REFERENCE_OUTPUTS = "reference_outputs.safetensors"  # in a run: explainer outputs on a sample of its reference rows
 _PENALTY_VERSION = 1
@@ -133,11 +132,8 @@ def retrieval_space(run, vocabulary: Vocabulary, concept_vectors: torch.Tensor, 
         present = means.norm(dim=1) > 0
         mapping = alignment(F.normalize(concept_vectors[present].float(), dim=1), means[present], settings.alignment_ridge)
         return F.normalize(words @ mapping.T, dim=1), None, "aligned"
-    digest = hashlib.sha256()
-    for tensor in (outputs["outputs"], words):
-        digest.update(tensor.contiguous().numpy().tobytes())
-    digest.update("\n".join(vocabulary.words).encode())
-    parts = {"product": "hubness", "version": _PENALTY_VERSION, "k": settings.hub_neighbours, "digest": digest.hexdigest()}
+    parts = {"product": "hubness", "version": _PENALTY_VERSION, "k": settings.hub_neighbours,
+             "digest": tensors_digest(outputs["outputs"], words), "words": vocabulary.words}
 
     def build():
         return {"penalty": hub_penalty(words, outputs["outputs"], settings.hub_neighbours)}, {}

@@ -271,6 +271,14 @@ class ChunkStore:
         return {c for c in chunks if self.path(c).is_file()}
 
 
+def tensors_digest(*tensors: torch.Tensor) -> str:
+    """A digest of tensors' values (in order), for cache keys of results computed from them."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def files_digest(paths: list[Path]) -> str:
     """One digest over the fingerprints of many files (order matters)."""
     digest = hashlib.sha256()
