@@ -180,6 +180,7 @@ def simulated_filters(concepts: torch.Tensor, count: int, top: int, generator: t
     """
     present = torch.unique(concepts)
     rows_of = {int(c): torch.nonzero(concepts == c).flatten() for c in present.tolist()}
+    others_of = {int(c): torch.nonzero(concepts != c).flatten() for c in present.tolist()}
     chosen = present[torch.randint(len(present), (count,), generator=generator)]
     purity = torch.rand(count, generator=generator)
     filters, truths = [], []
@@ -187,7 +188,7 @@ def simulated_filters(concepts: torch.Tensor, count: int, top: int, generator: t
         own = rows_of[c]
         k = max(1, round(alpha * top))
         mine = own[torch.randint(len(own), (k,), generator=generator)]
-        others = torch.nonzero(concepts != c).flatten()
+        others = others_of[c]
         if len(others) and k < top:
             rest = others[torch.randint(len(others), (top - k,), generator=generator)]
         else:

@@ -220,9 +220,10 @@ def _train_on_rows(target: TargetModel, layer: str, reference: ReferenceDataset,
 
     # Training rows: pairs whose concept is seen; targets index into the seen list.
     seen_index = {name: i for i, name in enumerate(seen)}
-    row_names = [features.concept_names[i] for i in features.concepts.tolist()]
-    rows = torch.tensor([name in seen_index for name in row_names])
-    targets = torch.tensor([seen_index.get(name, -1) for name in row_names])[rows]
+    seen_of_concept = torch.tensor([seen_index.get(name, -1) for name in features.concept_names], dtype=torch.long)
+    row_targets = seen_of_concept[features.concepts]  # one lookup for every row, not a Python loop over them
+    rows = row_targets >= 0
+    targets = row_targets[rows]
     _, seen_vectors, _ = concept_vectors(seen, vectors_source, normalize_concept)
     vectors = features.pooled(settings.pooling, rows)
     device = resolve_device(compute.device)
