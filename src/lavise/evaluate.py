@@ -44,7 +44,7 @@ from lavise.models import Preprocessing, TargetModel, layer_reader, preprocess_i
 from lavise.regions import upsampled_regions
 from lavise.runs import Run, as_run
 from lavise.settings import EVALUATION_METHODS, ComputeSettings, EvaluateSettings, ExplainSettings
-from lavise.storage import atomic_path, cache_folder, write_json
+from lavise.storage import atomic_path, cache_folder, output_set, write_json
 from lavise.vocabulary import normalize_concept
 
 _TALLY_VERSION = 2  # 2: T_u of saturated filters lies just below their maximum
@@ -261,6 +261,7 @@ def _scored(run, dataset, scan, words, confidences, truth_ids, score_iou, label_
     outside = sorted({names[c] for ids in truth_ids for c in ids if spelled[c] not in set(naming.vocabulary.words)})
     info = {
         "run": str(run.path),
+        "run_id": run.config.get("run_id"),
         "dataset": {"description": repr(dataset), "images": scan.images, "labelling_images": label_tally.images,
                     "scoring_images": score_tally.images, "concepts": len(names)},
         "settings": {"evaluate": settings.to_dict(), "explain": explain_settings.to_dict()},
@@ -439,8 +440,10 @@ def plot_recall(evaluation: Evaluation, path: Path) -> None:
 
 
 def write_evaluation(evaluation: Evaluation, run_dir: Path) -> None:
-    write_json(run_dir / "evaluation.json", evaluation.to_dict())
-    with atomic_path(run_dir / "evaluation.md") as tmp:
-        tmp.write_text(markdown_table([evaluation]))
-    plot_recall(evaluation, run_dir / "evaluation.png")
+    """evaluation.json, .md and .png, changed together (evaluation.json last)."""
+    with output_set(run_dir, last="evaluation.json") as outputs:
+        with atomic_path(outputs.path("evaluation.md")) as tmp:
+            tmp.write_text(markdown_table([evaluation]))
+        plot_recall(evaluation, outputs.path("evaluation.png"))
+        write_json(outputs.path("evaluation.json"), evaluation.to_dict())
     evaluation.path = run_dir / "evaluation.json"

@@ -11,6 +11,7 @@ as ``explanations.json`` and ``.csv``.
 
 from __future__ import annotations
 
+import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from lavise.naming import FilterScan, feature_inputs, name_pairs, nearest_words,
 from lavise.retrieval import REFERENCE_OUTPUTS, reference_outputs, retrieval_space
 from lavise.runs import Run, as_run
 from lavise.settings import METHODS, RANKINGS, ComputeSettings, ExplainSettings
-from lavise.storage import cache_folder, read_json, save_tensors, tensors_digest, write_csv, write_json
+from lavise.storage import cache_folder, output_set, read_json, save_tensors, tensors_digest, write_csv, write_json
 from lavise.vocabulary import naming_vocabulary, normalize_concept
 
 
@@ -349,6 +350,8 @@ def _explanations(run, images, scan: FilterScan, named, naming: Naming, compute:
             stacklevel=3,
         )
     extra = {
+        "run_id": run.config.get("run_id"),
+        "explanation_id": uuid.uuid4().hex,  # what outputs made from these words (groups.json) record
         "model_spec": run.config["model"],
         "settings": settings.to_dict(),
         "vocabulary": {"word_vectors": run.config["word_vectors"], "words": len(naming.vocabulary),
@@ -358,15 +361,17 @@ def _explanations(run, images, scan: FilterScan, named, naming: Naming, compute:
         "compute": {"processes": ranks.world, "memory_budget": compute.memory_budget, "naming_maps": scan.naming_maps},
     }
     explanations = Explanations(run.config["model"]["name"], run.layer, settings.method, filters, extra=extra)
-    if write:
-        save_tensors(run.path / "thresholds.safetensors", {"thresholds": scan.thresholds}, {"quantile": str(settings.quantile)})
-        write_json(run.path / "explanations.json", explanations.to_dict(extra))
-        write_csv(
-            run.path / "explanations.csv",
-            ["filter", "rank", "word", "count", "first", "confidence", "named"],
-            [[f.filter, r + 1, w["word"], w["count"], w["first"], "" if f.confidence is None else f.confidence,
-              int(f.named)] for f in filters for r, w in enumerate(f.words)],
-        )
+    if write:  # the three change together: thresholds and words of one explanation, never a mix
+        with output_set(run.path, last="explanations.json") as outputs:
+            save_tensors(outputs.path("thresholds.safetensors"), {"thresholds": scan.thresholds},
+                         {"quantile": str(settings.quantile)})
+            write_csv(
+                outputs.path("explanations.csv"),
+                ["filter", "rank", "word", "count", "first", "confidence", "named"],
+                [[f.filter, r + 1, w["word"], w["count"], w["first"], "" if f.confidence is None else f.confidence,
+                  int(f.named)] for f in filters for r, w in enumerate(f.words)],
+            )
+            write_json(outputs.path("explanations.json"), explanations.to_dict(extra))
         explanations.path = run.path / "explanations.json"
     return explanations
 

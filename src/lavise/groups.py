@@ -52,7 +52,7 @@ from lavise.regions import RunningTopK, peak_activations
 from lavise.runs import Run, as_run
 from lavise.settings import TESTS, THRESHOLD_SOURCES, ComputeSettings, GroupSettings
 from lavise.stats import benjamini_hochberg, concept_evidence, fisher_exact_test, homogeneity_test, newcombe_interval
-from lavise.storage import atomic_path, cache_folder, load_tensors, write_csv, write_json
+from lavise.storage import atomic_path, cache_folder, load_tensors, output_set, write_csv, write_json
 
 
 def group_counts(qualified: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -249,6 +249,8 @@ def _comparison(run, explanations, images, counted: _Counted, thresholds, thresh
     if write:
         out_dir = Path(out) if out is not None else run.path
         extra = {
+            "run_id": run.config.get("run_id"),
+            "explanation_id": explanations.get("explanation_id"),  # whose words and thresholds these are
             "model": run.config["model"]["name"],
             "layer": run.layer,
             "target": {
@@ -384,12 +386,13 @@ def _write_outputs(out_dir: Path, comparison: GroupComparison, extra: dict, sett
          *[f.share[n] for n in names]]
         for rank, f in enumerate(comparison.filters, start=1)
     ]
-    write_csv(out_dir / "groups.csv", header, rows)
-    draw_chart(
-        out_dir / "groups.png", comparison, title=title, filters=settings.chart_filters,
-        words=settings.concept_words, confidence=settings.confidence,
-    )
-    write_json(out_dir / "groups.json", comparison.to_dict(extra))  # last: its presence marks a complete output
+    with output_set(out_dir, last="groups.json") as outputs:  # groups.json last: it marks a complete output
+        write_csv(outputs.path("groups.csv"), header, rows)
+        draw_chart(
+            outputs.path("groups.png"), comparison, title=title, filters=settings.chart_filters,
+            words=settings.concept_words, confidence=settings.confidence,
+        )
+        write_json(outputs.path("groups.json"), comparison.to_dict(extra))
 
 
 def draw_chart(

@@ -41,7 +41,7 @@ from lavise.inputs import masked_mean
 from lavise.models import TargetModel, layer_reader
 from lavise.regions import ThresholdTally, masks_to_grid, strongest_regions
 from lavise.settings import ComputeSettings, TrainSettings
-from lavise.storage import ChunkStore, cache_key, load_cached, save_tensors
+from lavise.storage import ChunkStore, cache_key, cache_write, load_cached, save_tensors
 
 ROWS_VERSION = 4  # 4: chunks, rows image by image
 CHECKPOINT_SECONDS = 30.0
@@ -172,7 +172,8 @@ def _resumable_tally(work: _ReferencePass, quantile: float, parts: dict, cache_d
             tally.add(maps)
         done += 1
         if checkpoint is not None and time.monotonic() - last >= CHECKPOINT_SECONDS:
-            save_tensors(checkpoint, tally.state(), {"key": key, "done": str(done)})
+            state = tally.state()
+            cache_write(cache_dir, lambda: save_tensors(checkpoint, state, {"key": key, "done": str(done)}))
             last = time.monotonic()
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
@@ -341,10 +342,8 @@ def _pool_chunks(work: _ReferencePass, store: ChunkStore, thresholds, k: int) ->
         tensors = {name: torch.cat([p[name] for p in parts]) if parts else _EMPTY[name](work.shape[0])
                    for name in ("vectors", "areas", "concepts", "images", "regional")}
         facts = {"skipped": skipped.to_dict(), "grid": list(work.shape[1:])}
-        if store.folder is None:
+        if not store.save(c, tensors, facts):  # no cache, or one that cannot be written
             held[c] = (tensors, facts)
-        else:
-            store.save(c, tensors, facts)
     return held
 
 
@@ -399,10 +398,8 @@ def _collected(ranks: Ranks, store: ChunkStore, work: _ReferencePass, held: dict
             ranks.send(tensors, facts, to=0)
         elif ranks.main:
             tensors, facts = ranks.receive(source=owner)
-            if store.folder is None:
+            if not store.save(c, tensors, facts):
                 held[c] = (tensors, facts)
-            else:
-                store.save(c, tensors, facts)
     return chunks
 
 
@@ -418,7 +415,7 @@ def _assemble(store: ChunkStore, chunks: list[int], held: dict, dataset, compute
         raise_no_usable("reference", dataset, skipped)
     width = int(loaded[0][0]["vectors"].shape[1])
     meta = {name: torch.cat([t[name] for t, _ in loaded]) for name in ("areas", "concepts", "images", "regional")}
-    if store.folder is None or 4 * width * sum(counts) <= compute.memory_budget * 2**30:
+    if held or store.folder is None or 4 * width * sum(counts) <= compute.memory_budget * 2**30:
         vectors = torch.cat([t["vectors"] for t, _ in loaded])
     else:
         vectors = ChunkedRows(store, chunks, counts, width)

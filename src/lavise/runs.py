@@ -19,6 +19,7 @@ Layout of a run directory::
 from __future__ import annotations
 
 import random
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from lavise.models import ModelSpec, TargetModel, load_target_model
 from lavise.retrieval import REFERENCE_OUTPUTS
 from lavise.vocabulary import normalize_concept, unnamed_concepts
 from lavise.settings import ComputeSettings, TrainSettings
-from lavise.storage import cache_folder, load_tensors, read_json, save_tensors, write_csv, write_json
+from lavise.storage import cache_folder, load_tensors, output_set, read_json, save_tensors, write_csv, write_json
 
 
 def split_concepts(names: list[str], unseen_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -109,8 +110,24 @@ class Run:
                     LaviseWarning,
                     stacklevel=3,
                 )
+            self._check_checkpoint(given)
             return model
-        return load_target_model(self.model_spec)
+        model = load_target_model(self.model_spec)
+        self._check_checkpoint(model.description)
+        return model
+
+    def _check_checkpoint(self, given: dict) -> None:
+        """Refuse a checkpoint file whose contents changed since training: the same
+        architecture with other weights has other filters, and the explainer would name
+        them with what it learnt of the old ones."""
+        trained = self.config["model"].get("checkpoint_sha256")
+        now = given.get("checkpoint_sha256")
+        if trained is not None and now != trained:
+            raise LaviseError(
+                f"The checkpoint '{given.get('checkpoint')}' is not the file run '{self.path}' was trained "
+                f"with (sha256 now {str(now)[:12]}, at training {trained[:12]}): its filters are not the ones "
+                "the explainer learnt. Put the original file back, or train the run again."
+            )
 
     @property
     def filters(self) -> int:
@@ -132,16 +149,65 @@ def as_run(run: Path | str | Run) -> Run:
 
 
 def load_run(path: Path) -> Run:
+    """The run in directory ``path``; a LaviseError naming the file when it is not a
+    complete, readable run (missing, truncated or edited files)."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LaviseError(f"'{path}' is a file, not a run directory. Create a run with 'lavise train'.")
     for name in ("config.json", "split.json", "explainer.safetensors"):
         if not (path / name).is_file():
             raise LaviseError(f"'{path}' is not a lavise run: it has no {name}. Create one with 'lavise train'.")
-    config = read_json(path / "config.json")
-    channels, word_dim = config["feature_shape"][0], config["word_dim"]
-    head = ExplainerHead(channels, word_dim, config["train"]["dropout"])
-    head.load_state_dict(load_tensors(path / "explainer.safetensors"))
+    config = _run_json(path / "config.json", _CONFIG_FIELDS)
+    split = _run_json(path / "split.json", _SPLIT_FIELDS)
+    head = ExplainerHead(config["feature_shape"][0], config["word_dim"], config["train"]["dropout"])
+    try:
+        head.load_state_dict(load_tensors(path / "explainer.safetensors"))
+    except Exception as error:  # safetensors and torch report damage in several types
+        raise LaviseError(
+            f"'{path / 'explainer.safetensors'}' is damaged or does not fit the run's config.json "
+            f"({str(error).splitlines()[0][:200]}): train the run again."
+        ) from None
     head.eval()
-    return Run(path=path, config=config, split=read_json(path / "split.json"), head=head)
+    return Run(path=path, config=config, split=split, head=head)
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _names(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+# What load_run and the commands after it rely on, with what each must be.
+_CONFIG_FIELDS = {
+    "layer": ("a layer name", lambda v: isinstance(v, str) and bool(v)),
+    "model": ("an object with the model's name", lambda v: isinstance(v, dict) and isinstance(v.get("name"), str)),
+    "preprocessing": ("an object", lambda v: isinstance(v, dict)),
+    "feature_shape": ("a list of positive integers [filters, h, w]",
+                      lambda v: isinstance(v, list) and len(v) == 3 and all(_positive_int(x) for x in v)),
+    "word_dim": ("a positive integer", _positive_int),
+    "word_vectors": ("a word-vector source", lambda v: isinstance(v, str)),
+    "train": ("an object with the training settings, dropout in [0, 1)",
+              lambda v: isinstance(v, dict) and isinstance(v.get("dropout"), (int, float))
+              and not isinstance(v.get("dropout"), bool) and 0 <= v["dropout"] < 1),
+}
+_SPLIT_FIELDS = {"seen": ("a list of concept names", _names), "unseen": ("a list of concept names", _names)}
+
+
+def _run_json(path: Path, fields: dict) -> dict:
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as error:
+        raise LaviseError(f"'{path}' is damaged ({error}): train the run again.") from None
+    if not isinstance(data, dict):
+        raise LaviseError(f"'{path}' is damaged: it holds a {type(data).__name__}, not an object. Train the run again.")
+    for name, (what, valid) in fields.items():
+        if name not in data:
+            raise LaviseError(f"'{path}' is damaged: it has no '{name}'. Train the run again.")
+        if not valid(data[name]):
+            raise LaviseError(f"'{path}' is damaged: '{name}' should be {what}, not {data[name]!r:.80}. Train the run again.")
+    return data
 
 
 def train(
@@ -169,6 +235,9 @@ def train(
     ranks = current()
     with cpu_threads(compute):
         out_dir = Path(out_dir)
+        with ranks.together("checking the run directory"):
+            if ranks.main:
+                check_run_folder(out_dir)
         cache_dir = cache_folder(cache_dir)
         with ranks.together("loading the model and the word vectors"):
             target = model if isinstance(model, TargetModel) else load_target_model(model)
@@ -234,6 +303,7 @@ def _train_on_rows(target: TargetModel, layer: str, reference: ReferenceDataset,
     channels = int(features.vectors.shape[1])
     config = {
         "lavise_version": __version__,
+        "run_id": uuid.uuid4().hex,  # this training's identity: outputs made from it record it
         "model": {**target.description},
         "preprocessing": target.preprocessing.to_dict(),
         "layer": layer,
@@ -256,21 +326,74 @@ def _train_on_rows(target: TargetModel, layer: str, reference: ReferenceDataset,
         "without_word_vectors": without_vectors,
         "without_usable_masks": without_data,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("config.json", "explanations.json", "explanations.csv", "thresholds.safetensors"):
-        (out_dir / stale).unlink(missing_ok=True)  # a half-replaced run must not look complete
-    for stale in [*out_dir.glob("hubness-*.safetensors"), *out_dir.glob("confidence-*.safetensors")]:
-        stale.unlink()  # made for the previous explainer
-    save_tensors(out_dir / "explainer.safetensors", result.head.state_dict())
-    save_tensors(out_dir / REFERENCE_OUTPUTS, outputs)
-    write_csv(
-        out_dir / "training.csv",
-        ["epoch", "train_loss", "validation_loss"],
-        [[h["epoch"], h["train_loss"], h["validation_loss"]] for h in result.history],
-    )
-    write_json(out_dir / "split.json", split)
-    write_json(out_dir / "config.json", config)  # last: its presence marks a complete run
+    # Every file of the run changes together or not at all, config.json (the run's identity) last;
+    # what the previous explainer's outputs were made from goes with them.
+    with output_set(out_dir, last="config.json", replaces=DERIVED_OUTPUTS) as run_files:
+        save_tensors(run_files.path("explainer.safetensors"), result.head.state_dict())
+        save_tensors(run_files.path(REFERENCE_OUTPUTS), outputs)
+        write_csv(
+            run_files.path("training.csv"),
+            ["epoch", "train_loss", "validation_loss"],
+            [[h["epoch"], h["train_loss"], h["validation_loss"]] for h in result.history],
+        )
+        write_json(run_files.path("split.json"), split)
+        write_json(run_files.path("config.json"), config)
     return Run(path=out_dir, config=config, split=split, head=result.head)
+
+
+# The files a run directory holds: what train writes, and what the other commands derive
+# from its explainer (removed when it is trained again: they describe the old one).
+TRAIN_OUTPUTS = ("config.json", "split.json", "explainer.safetensors", REFERENCE_OUTPUTS, "training.csv")
+DERIVED_OUTPUTS = (
+    "thresholds.safetensors", "explanations.json", "explanations.csv", "hubness-*.safetensors",
+    "confidence-*.safetensors", "evaluation.json", "evaluation.md", "evaluation.png",
+    "groups.json", "groups.csv", "groups.png", "sweep.json", "sweep.md",
+)
+
+
+def check_run_folder(out_dir: Path) -> None:
+    """Refuse to train into a folder that holds anything but an earlier lavise run.
+
+    A new or empty folder is fine, and so is an earlier run (even a half-written one):
+    its files are replaced, other files in it are kept. A folder of other files (a
+    user's own ``config.json``, say) is refused before any work is done, so nothing of
+    the user's is overwritten.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LaviseError(f"The run directory '{out_dir}' is a file, not a folder: choose a folder for the run.")
+    if not out_dir.is_dir():
+        return
+    present = [p for p in out_dir.iterdir() if not p.name.startswith(".staging-")]
+    if not present:
+        return
+    kind = _config_kind(out_dir / "config.json")
+    if kind == "lavise":
+        return
+    if kind == "other":
+        raise LaviseError(
+            f"'{out_dir / 'config.json'}' is not a lavise run's config.json: lavise will not overwrite it. "
+            "Train into a new or empty folder."
+        )
+    ours = [p for p in present if p.is_file() and any(p.match(pattern) for pattern in TRAIN_OUTPUTS + DERIVED_OUTPUTS)]
+    if len(ours) < len(present) or not ours:
+        others = sorted(p.name for p in present if p not in ours)
+        raise LaviseError(
+            f"'{out_dir}' holds files that are not a lavise run ({', '.join(others[:5])}"
+            f"{', ...' if len(others) > 5 else ''}): lavise will not write into it. Train into a new or "
+            "empty folder, or into an earlier run to replace it."
+        )
+
+
+def _config_kind(path: Path) -> str:
+    """'lavise', 'other' (JSON that is not a run's), 'unreadable' or 'missing'."""
+    if not path.is_file():
+        return "missing"
+    try:
+        config = read_json(path)
+    except (OSError, ValueError):
+        return "unreadable"  # a damaged run's config.json: the folder's other files decide
+    return "lavise" if isinstance(config, dict) and "lavise_version" in config and "feature_shape" in config else "other"
 
 
 OUTPUT_ROWS = 20_000  # reference rows whose explainer outputs a run keeps, for CSLS and the confidence

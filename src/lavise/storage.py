@@ -1,9 +1,15 @@
 """Writing outputs atomically, digests of files, and caching tensors under a key of everything that made them.
 
 No output is ever half-written: each file is written to a temporary name in the same
-folder and renamed into place. Every cached stage goes through :func:`cached`: its
-products are safetensors files (no pickle) whose metadata holds the full key; a file
-whose key differs, or that cannot be read, is recomputed, never trusted.
+folder and renamed into place, with the permissions the user's umask gives. The files
+one command writes together (a run, an explanation, an evaluation) are staged and
+renamed into place together by :func:`output_set`, so a failure (a full disk, a kill)
+leaves the previous outputs as they were, never a mix.
+
+Every cached stage goes through :func:`cached`: its products are safetensors files (no
+pickle) whose metadata holds the full key; a file whose key differs, or that cannot be
+read, is recomputed, never trusted. A cache that cannot be written (a full disk, a
+read-only folder) is warned about once and the work goes on without it.
 """
 
 from __future__ import annotations
@@ -13,13 +19,19 @@ import csv
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from lavise.errors import LaviseError, LaviseWarning
 
 CACHE_FORMAT_VERSION = 1
 
@@ -34,9 +46,104 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        if tmp.is_file():  # mkstemp makes files private (0600); outputs get the umask's permissions
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class OutputSet:
+    """The files one command writes into a folder, staged until they are all written.
+
+    Made by :func:`output_set`; write each file at ``outputs.path(name)`` (with the
+    writers of this module, or anything that writes a file there).
+    """
+
+    def __init__(self, folder: Path, staging: Path) -> None:
+        self.folder, self.staging = folder, staging
+
+    def path(self, name: str) -> Path:
+        """Where to write output ``name`` (a file name in the folder, no sub-folders)."""
+        if Path(name).name != name:
+            raise ValueError(f"an output set holds file names, not paths: {name!r}")
+        return self.staging / name
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.staging.iterdir() if not p.name.endswith(".tmp"))
+
+
+@contextlib.contextmanager
+def output_set(folder: Path, *, last: str, replaces: Iterable[str] = ()) -> Iterator[OutputSet]:
+    """Write several outputs of one command so that they change together or not at all.
+
+    Every file is written into a staging folder inside ``folder`` (same file system, so
+    the final renames need no space). When the block ends without an error, the old
+    ``last`` file (the one whose presence marks the outputs complete, such as a run's
+    ``config.json``) is moved aside first, then the files matching ``replaces`` (glob
+    patterns: outputs made from what is being replaced), then each new file is renamed
+    into place, ``last`` at the very end. If the block fails (a full disk, an error, a
+    kill), nothing in ``folder`` has changed. Other files in ``folder`` are never touched.
+
+    A failure to write the staged files (an OSError) becomes a LaviseError that says the
+    previous outputs are intact.
+
+    Example:
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> with output_set(folder, last="b.json") as outputs:
+        ...     write_json(outputs.path("a.json"), 1)
+        ...     write_json(outputs.path("b.json"), 2)
+        >>> sorted(p.name for p in folder.iterdir())
+        ['a.json', 'b.json']
+    """
+    folder = Path(folder)
+    _remove_abandoned(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=folder))
+    except OSError as error:
+        raise LaviseError(f"Cannot write into '{folder}' ({error.strerror or error}).") from None
+    try:
+        outputs = OutputSet(folder, staging)
+        try:
+            yield outputs
+        except OSError as error:
+            raise LaviseError(
+                f"Cannot write the outputs into '{folder}' ({error.strerror or error}); nothing there was "
+                "changed, the previous outputs are as they were."
+            ) from None
+        names = outputs.names()
+        if last not in names:
+            raise ValueError(f"the output set of '{folder}' has no {last!r}")
+        aside = staging / ".replaced"
+        aside.mkdir()
+        if (folder / last).exists():
+            os.replace(folder / last, aside / last)  # from here on the outputs do not look complete
+        for pattern in replaces:
+            for old in folder.glob(pattern):
+                if old.is_file() and old.name not in names:
+                    os.replace(old, aside / old.name)
+        for name in [n for n in names if n != last] + [last]:
+            os.replace(staging / name, folder / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_abandoned(folder: Path) -> None:
+    """Staging folders left by killed processes of this machine (their pid is gone)."""
+    for staging in folder.glob(".staging-*-*") if folder.is_dir() else ():
+        try:
+            os.kill(int(staging.name.split("-")[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(staging, ignore_errors=True)
+        except (ValueError, PermissionError, OSError):
+            pass  # not ours to judge
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -64,7 +171,11 @@ def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=metadata)
+        try:
+            save_file(contiguous, str(tmp), metadata=metadata)
+        except SafetensorError as error:  # its I/O errors (a full disk) are OSErrors like any other write's
+            code = re.search(r"os error (\d+)", str(error))
+            raise OSError(int(code.group(1)) if code else None, f"cannot write '{path}': {error}") from None
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -137,11 +248,39 @@ def cache_hit(cache_dir: Path | None, name: str, parts: dict, *, suffix: str = "
     return _FORMATS[suffix][0](path, key) if path.is_file() else None
 
 
-def cache_save(cache_dir: Path | None, name: str, parts: dict, product: Product, *, suffix: str = ".safetensors") -> None:
-    """Save a product where :func:`cached` finds it (nothing without a cache folder)."""
-    if cache_dir is not None:
-        key = cache_key(parts)
-        _FORMATS[suffix][1](Path(cache_dir) / f"{name}-{key[:24]}{suffix}", key, *product)
+def cache_save(cache_dir: Path | None, name: str, parts: dict, product: Product, *, suffix: str = ".safetensors") -> bool:
+    """Save a product where :func:`cached` finds it; False when nothing was saved (no
+    cache folder, or one that cannot be written: see :func:`cache_write`)."""
+    if cache_dir is None:
+        return False
+    key = cache_key(parts)
+    return cache_write(cache_dir, lambda: _FORMATS[suffix][1](Path(cache_dir) / f"{name}-{key[:24]}{suffix}", key, *product))
+
+
+# Cache folders that could not be written in this process: warned about once, then left alone.
+_UNWRITABLE_CACHES: set[str] = set()
+
+
+def cache_write(cache_dir: Path, write: Callable[[], None]) -> bool:
+    """Run ``write`` (which writes into the cache folder); on an OSError (a full disk, a
+    read-only or vanished folder) warn once per folder and return False, so the caller
+    keeps its product in memory and the work goes on uncached."""
+    folder = str(Path(cache_dir).absolute())
+    if folder in _UNWRITABLE_CACHES:
+        return False
+    try:
+        write()
+        return True
+    except OSError as error:
+        _UNWRITABLE_CACHES.add(folder)
+        warnings.warn(
+            f"Cannot write to the cache folder '{cache_dir}' ({error.strerror or error}): going on without "
+            "caching, so this work is not kept for the next run. Free some space or choose another "
+            "folder with --cache-dir or $LAVISE_CACHE.",
+            LaviseWarning,
+            stacklevel=3,
+        )
+        return False
 
 
 def load_cached(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
@@ -260,9 +399,13 @@ class ChunkStore:
         tensors, metadata = hit
         return tensors, json.loads(metadata.get("info", "{}"))
 
-    def save(self, chunk: int, tensors: dict[str, torch.Tensor], facts: dict) -> None:
-        if self.folder is not None:
-            save_tensors(self.path(chunk), tensors, {"key": self.key, "info": json.dumps(facts)})
+    def save(self, chunk: int, tensors: dict[str, torch.Tensor], facts: dict) -> bool:
+        """Keep a chunk; False when it was not kept (no folder, or one that cannot be
+        written): the caller then holds it in memory."""
+        if self.folder is None:
+            return False
+        metadata = {"key": self.key, "info": json.dumps(facts)}
+        return cache_write(self.folder.parent, lambda: save_tensors(self.path(chunk), tensors, metadata))
 
     def done(self, chunks) -> set[int]:
         """Which of ``chunks`` are made (their file exists; damaged ones are found when loaded)."""
@@ -280,14 +423,19 @@ def tensors_digest(*tensors: torch.Tensor) -> str:
 
 
 def files_digest(paths: list[Path]) -> str:
-    """One digest over the fingerprints of many files (order matters)."""
+    """One digest over the fingerprints of many files (order matters).
+
+    A name is hashed as the file system's bytes (``os.fsencode``): a name that is not
+    valid UTF-8 digests like any other, and a valid one as it always did.
+    """
     digest = hashlib.sha256()
     for path in paths:
+        name = os.fsencode(path)
         try:
             stat = Path(path).stat()
-            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            digest.update(name + f"|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
         except OSError:
-            digest.update(f"{path}|missing\n".encode())
+            digest.update(name + b"|missing\n")
     return digest.hexdigest()
 
 

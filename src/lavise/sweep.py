@@ -17,7 +17,7 @@ from lavise.evaluate import evaluate, markdown_cell
 from lavise.metrics import RECALL_KS
 from lavise.runs import Run, as_run, train
 from lavise.settings import METHODS, ComputeSettings, EvaluateSettings, ExplainSettings
-from lavise.storage import atomic_path, write_json
+from lavise.storage import atomic_path, output_set, write_json
 
 
 def annotated_fraction_sweep(
@@ -67,7 +67,6 @@ def annotated_fraction_sweep(
                 **{f"unseen_named@{k}": summary[f"unseen_named@{k}"] for k in RECALL_KS},
                 "unseen_concepts": summary["unseen_concepts"],
             })
-    write_json(run.path / "sweep.json", {"run": str(run.path), "rows": rows})
     header = ["annotated", "method", "seen concepts", "seen R@5", "unseen R@20", "unseen named@5", "unseen named@20", "unseen concepts"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -75,6 +74,8 @@ def annotated_fraction_sweep(
                                           markdown_cell(r["seen_recall@5"]), markdown_cell(r["unseen_recall@20"]),
                                           markdown_cell(r["unseen_named@5"]), markdown_cell(r["unseen_named@20"]),
                                           str(r["unseen_concepts"])]) + " |")
-    with atomic_path(run.path / "sweep.md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+    with output_set(run.path, last="sweep.json") as outputs:
+        with atomic_path(outputs.path("sweep.md")) as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
+        write_json(outputs.path("sweep.json"), {"run": str(run.path), "run_id": run.config.get("run_id"), "rows": rows})
     return rows

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lavise.errors import LaviseError
+from lavise.errors import LaviseError, LaviseWarning
 from lavise.models.efficientnet_lite import build_efficientnet_lite0
 from lavise.models.preprocessing import Preprocessing
 from lavise.models.scene_cnn import build_scene_cnn
@@ -111,8 +112,11 @@ def load_target_model(spec: ModelSpec) -> TargetModel:
     description = spec.to_dict()
     if spec.checkpoint is not None:
         _load_checkpoint(module, Path(spec.checkpoint))
+        # Recorded absolute, so a run found from another working directory finds it too.
+        description["checkpoint"] = str(Path(spec.checkpoint).resolve())
         # The path alone does not identify the weights: a file rewritten in place must
-        # not reuse features cached from its old contents.
+        # not reuse features cached from its old contents (nor be explained by a run
+        # trained on them: see Run.target_model).
         description["checkpoint_sha256"] = content_digest(Path(spec.checkpoint))
     module.eval()
     return TargetModel(module=module, preprocessing=preprocessing, description=description)
@@ -172,6 +176,7 @@ def _load_checkpoint(module: nn.Module, path: Path) -> None:
             "one under 'state_dict' or 'model')."
         )
     state = {k.removeprefix("module."): v for k, v in state.items()}  # DataParallel saves
+    _fit_resized_heads(module, state, path)
     result = module.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise LaviseError(
@@ -180,3 +185,45 @@ def _load_checkpoint(module: nn.Module, path: Path) -> None:
             f"{len(result.unexpected_keys)} unexpected keys "
             f"(e.g. {result.unexpected_keys[:3]}). Is --model the right architecture?"
         )
+
+
+def _fit_resized_heads(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Rebuild the linear and convolution layers whose shape the checkpoint changed.
+
+    The commonest checkpoint there is, a network fine-tuned on another set of classes,
+    has a classifier of another size (``fc.weight`` of (10, 512) for a resnet18 built
+    with 1000). The layers explained come before it, so lavise builds those layers with
+    the checkpoint's shapes (and warns) instead of refusing the file. A mismatch in any
+    other kind of layer means another architecture and is refused.
+    """
+    own = module.state_dict()
+    mismatched = sorted({key.rsplit(".", 1)[0] for key, value in state.items()
+                         if key in own and tuple(own[key].shape) != tuple(value.shape)})
+    if not mismatched:
+        return
+    resized, refused = [], []
+    for name in mismatched:
+        layer = module.get_submodule(name)
+        weight = state.get(f"{name}.weight")
+        if isinstance(layer, nn.Linear) and weight is not None and weight.ndim == 2:
+            replacement = nn.Linear(weight.shape[1], weight.shape[0], bias=layer.bias is not None)
+        elif isinstance(layer, nn.Conv2d) and weight is not None and weight.ndim == 4 and layer.groups == 1:
+            replacement = nn.Conv2d(weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), stride=layer.stride,
+                                    padding=layer.padding, dilation=layer.dilation, bias=layer.bias is not None)
+        else:
+            refused.append(f"{name} ({type(layer).__name__})")
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, child, replacement)
+        resized.append(f"{name} {tuple(own[f'{name}.weight'].shape)} → {tuple(weight.shape)}")
+    if refused:
+        raise LaviseError(
+            f"Checkpoint '{path}' does not fit the architecture: {', '.join(refused)} have other shapes "
+            "in it. Is --model the right architecture?"
+        )
+    warnings.warn(
+        f"Checkpoint '{path}' has layers of other shapes than the architecture's defaults (a fine-tuned "
+        f"classifier?): {'; '.join(resized)}. They are built with the checkpoint's shapes.",
+        LaviseWarning,
+        stacklevel=4,
+    )

@@ -62,7 +62,7 @@ from lavise.report.thumbnails import (
 )
 from lavise.runs import load_run
 from lavise.settings import ComputeSettings, ReportSettings
-from lavise.storage import atomic_path, cache_folder
+from lavise.storage import atomic_path, cache_folder, output_set
 
 __all__ = ["ReportSettings", "write_report"]
 
@@ -128,21 +128,47 @@ def _read_sources(run_dir: Path, evaluation: Path | None, groups: Path | None) -
         explanations_path, "a run's explanations", f"name the filters first with 'lavise explain {run_dir} --target FOLDER'"
     )
     check_explanations(explanations, explanations_path)
+    if explanations.get("run_id") != config.get("run_id"):
+        raise LaviseError(
+            f"'{explanations_path}' was made with another training of the run in '{run_dir}': name the "
+            f"filters again with 'lavise explain {run_dir} --target FOLDER'."
+        )
     sources = Sources(config=config, split=split, explanations=explanations)
 
     evaluation_path = Path(evaluation) if evaluation is not None else run_dir / "evaluation.json"
     if evaluation is not None or evaluation_path.is_file():
-        sources.evaluation = read_artifact(evaluation_path, "an evaluation", f"run 'lavise evaluate {run_dir}'")
-        check_evaluation(sources.evaluation, evaluation_path, explanations["layer"])
-        sources.evaluation_plot = _plot_source(evaluation_path.with_suffix(".png"))
+        found = read_artifact(evaluation_path, "an evaluation", f"run 'lavise evaluate {run_dir}'")
+        check_evaluation(found, evaluation_path, explanations["layer"])
+        if _made_from(found, evaluation_path, {"run_id": config.get("run_id")}, f"lavise evaluate {run_dir}"):
+            sources.evaluation = found
+            sources.evaluation_plot = _plot_source(evaluation_path.with_suffix(".png"))
     groups_path = Path(groups) if groups is not None else run_dir / "groups.json"
     if groups is not None or groups_path.is_file():
-        sources.groups = read_artifact(groups_path, "a group comparison", f"run 'lavise compare-groups {run_dir}'")
-        check_groups(sources.groups, groups_path)
-        chart = sources.groups.get("chart")
-        chart_path = groups_path.parent / chart if isinstance(chart, str) and chart else groups_path.with_suffix(".png")
-        sources.groups_plot = _plot_source(chart_path)
+        found = read_artifact(groups_path, "a group comparison", f"run 'lavise compare-groups {run_dir}'")
+        check_groups(found, groups_path)
+        made_of = {"run_id": config.get("run_id"), "explanation_id": explanations.get("explanation_id")}
+        if _made_from(found, groups_path, made_of, f"lavise compare-groups {run_dir}"):
+            sources.groups = found
+            chart = found.get("chart")
+            chart_path = groups_path.parent / chart if isinstance(chart, str) and chart else groups_path.with_suffix(".png")
+            sources.groups_plot = _plot_source(chart_path)
     return sources
+
+
+def _made_from(output: dict, path: Path, identity: dict, again: str) -> bool:
+    """Whether an output was made from this training (``run_id``) and these explanations
+    (``explanation_id``); one made from others is left out of the report, with a warning,
+    rather than shown as this explainer's."""
+    differ = [name for name, value in identity.items() if output.get(name) != value]
+    if differ:
+        what = "training of the run" if "run_id" in differ else "explanation of the filters"
+        warnings.warn(
+            f"'{path}' was made from another {what} and is left out of the report; run '{again}' again "
+            "to include it.",
+            LaviseWarning,
+            stacklevel=4,
+        )
+    return not differ
 
 
 def _plot_source(path: Path) -> str | None:
@@ -331,11 +357,9 @@ def _write_site(out: Path, data: dict) -> None:
     static = resources.files("lavise.report") / "static"
     text = json.dumps(data, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
     script = f"window.LAVISE_REPORT = JSON.parse({json.dumps(text)});\n"
-    with atomic_path(out / "data.js") as tmp:
-        tmp.write_text(script, encoding="utf-8")
-    for name in STATIC_FILES:
-        with atomic_path(out / name) as tmp:
-            tmp.write_bytes((static / name).read_bytes())
     page = (static / "index.html").read_text(encoding="utf-8").replace("{{title}}", html.escape(data["title"]))
-    with atomic_path(out / "index.html") as tmp:
-        tmp.write_text(page, encoding="utf-8")
+    with output_set(out, last="index.html") as site:  # the page never meets another report's data
+        site.path("data.js").write_text(script, encoding="utf-8")
+        for name in STATIC_FILES:
+            site.path(name).write_bytes((static / name).read_bytes())
+        site.path("index.html").write_text(page, encoding="utf-8")
