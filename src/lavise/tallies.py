@@ -12,10 +12,9 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from lavise.datasets.base import BadImage, ReferenceDataset, SkipLog
+from lavise.datasets.base import BadImage, ReferenceDataset, SkipLog, image_size
 from lavise.distributed import Ranks
 from lavise.features import MapStream, chunk_batches
 from lavise.metrics import IoUTally, masks_on_grid
@@ -44,8 +43,7 @@ class _GroundTruthMasks(Dataset):
     def __getitem__(self, index: int) -> _MaskItem:
         path = self.dataset.image_path(index)
         try:
-            with Image.open(path) as image:  # the header gives the size; no decoding
-                size = image.size
+            size = image_size(path)  # from the header, EXIF orientation applied as load_rgb does
             concepts, masks = self.dataset.masks(index, size)
         except (OSError, BadImage) as error:
             return _MaskItem(index, problem=("unreadable images", f"{path} ({error})"))

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lavise.datasets.base import IMAGE_EXTENSIONS, SkipLog, image_files_identity
+from lavise.datasets.base import (
+    IMAGE_EXTENSIONS, SkipLog, image_files, image_files_identity, printable, require_folder, resolve_inside,
+)
 from lavise.errors import LaviseError
 
 
@@ -71,8 +73,7 @@ def read_groups(target: Path, groups: Path | Mapping[str, Sequence[str | Path]] 
             an image listed in two groups, or paths outside ``target`` (those are not read).
     """
     root = Path(target)
-    if not root.is_dir():
-        raise LaviseError(f"Target folder '{root}' does not exist.")
+    require_folder(root, "Target folder")
     if groups is None:
         return _group_folders(root)
     if isinstance(groups, Mapping):
@@ -106,10 +107,9 @@ def _listed_groups(root: Path, rows: list[tuple[str, str, str]], source: str) ->
     resolved_root = root.resolve()
     outside, located = [], []
     for image, name, where in rows:
-        candidate = Path(image) if Path(image).is_absolute() else resolved_root / image
-        resolved = candidate.resolve()  # resolves the name only; the file is not opened
-        if not resolved.is_relative_to(resolved_root):
-            outside.append(f"{image} ({where})")
+        resolved = resolve_inside(root, image)  # the one path rule of every reader; no file is opened
+        if resolved is None:
+            outside.append(printable(f"{image} ({where})"))
         else:
             located.append((root / resolved.relative_to(resolved_root), name, image))
     if outside:
@@ -146,9 +146,8 @@ def _group_folders(root: Path) -> GroupImages:
     folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     group_of: dict[Path, str] = {}
     for folder in folders:
-        for path in folder.rglob("*"):
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-                group_of[path] = folder.name
+        for path in image_files(folder, skipped, root):  # broken symbolic links are counted
+            group_of[path] = folder.name
     for path in root.iterdir():
         if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
             skipped.add("images outside any group sub-folder", path.name)
