@@ -158,9 +158,10 @@ def test_reference_problems_are_skipped_and_counted(tmp_path, coco_maker, tiny_m
     assert all(f"{n:04d}.png" in zero for n in (8, 9, 10, 11))  # image ids 9..12
     assert "category_id=77" in _line(messages, r"skipped 2 annotations of unknown categories")
     assert "image_id=99" in _line(messages, r"skipped 1 annotations of unknown images")
-    _line(messages, r"skipped 3 annotations with a malformed segmentation")
+    _line(messages, r"skipped 2 annotations with a malformed segmentation")
+    _line(messages, r"skipped 1 annotations whose RLE size differs from their image's height and width")
     _line(messages, r"skipped 1 annotations without a mask or box")
-    assert len(messages) == 8  # two kinds of unreadable file share one line
+    assert len(messages) == 9  # two kinds of unreadable file share one line
 
     # the odd modes (grey, CMYK JPEG, palette with transparency, RGBA) were used
     skipped_text = json.dumps(run.config["skipped"])
@@ -176,7 +177,7 @@ def test_the_skip_report_survives_the_cache(tmp_path, coco_maker, tiny_model, co
         with pytest.warns(LaviseWarning) as record:
             runs.append(train(tiny_model, "features.3", open_reference(path), tmp_path / name, settings=ONE_EPOCH, compute=compute, cache_dir=tmp_path / "cache"))
         reports.append(sorted(str(w.message) for w in record if issubclass(w.category, LaviseWarning)))
-    assert len(reports[0]) == 8 and reports[1] == reports[0]  # the second run read the cache
+    assert len(reports[0]) == 9 and reports[1] == reports[0]  # the second run read the cache
     assert runs[0].config["skipped"] == runs[1].config["skipped"]
 
 

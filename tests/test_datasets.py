@@ -288,7 +288,8 @@ def test_coco_images_without_width_and_height_take_the_file_size(tmp_path, coco_
     data = json.loads(path.read_text())
     for image in data["images"]:
         del image["width"], image["height"]
-    data["annotations"][0]["segmentation"]["size"] = [32, 32]  # an RLE that fits no image: counted
+    # an RLE of 32x32 (its counts agree with its size) that fits no image: refused when drawn
+    data["annotations"][0]["segmentation"] = {"size": [32, 32], "counts": [1000, 24]}
     path.write_text(json.dumps(data))
     dataset = open_reference(path)
     concepts, masks = dataset.masks(1, (64, 64))

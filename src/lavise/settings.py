@@ -198,6 +198,10 @@ class ReferenceSettings(_Settings):
         None, "folder: a file mapping folder names (e.g. WordNet ids) to words, or 'imagenet' "
         "for torchvision's ImageNet class names (folders: the 1000 WordNet ids); None: folder names"
     )
+    allow_outside_root: bool = option(
+        False, "every format: read image, mask and label-map paths that lead outside the dataset's image "
+        "folder (.., absolute paths, symbolic links out); by default such a dataset is refused"
+    )
 
 
 # --- analyses and the report -----------------------------------------------------------

@@ -42,12 +42,13 @@ __all__ = [
 ]
 
 # Which settings each format reads; any other setting changed from its default is refused.
+_EVERY_FORMAT = ("allow_outside_root",)  # the one path rule (datasets.base.ImageRoot)
 _FORMAT_SETTINGS = {
-    "coco": (),
-    "visual_genome": ("min_images",),
-    "broden": ("categories", "split"),
-    "folder": ("class_names",),
-    "manifest": (),
+    "coco": _EVERY_FORMAT,
+    "visual_genome": ("min_images", *_EVERY_FORMAT),
+    "broden": ("categories", "split", *_EVERY_FORMAT),
+    "folder": ("class_names", *_EVERY_FORMAT),
+    "manifest": _EVERY_FORMAT,
 }
 
 
@@ -110,7 +111,8 @@ def open_reference(
             default: the dataset folder), manifest (default: the manifest's folder).
         format: one of ``REFERENCE_FORMATS``; guessed from ``path`` when not given.
         settings: the format-specific options (Visual Genome's image threshold, Broden's
-            categories and split, the folder format's class names).
+            categories and split, the folder format's class names), and, for every
+            format, whether image paths may lead outside the image folder.
         cache_dir: where Visual Genome's parsed index is cached (default: the lavise cache).
     """
     path = Path(path)
@@ -129,18 +131,20 @@ def open_reference(
                     f"(no 'images' folder beside the JSON)."
                 )
             images = candidate
-        return CocoDataset(path, images)
+        return CocoDataset(path, images, allow_outside_root=settings.allow_outside_root)
     if format in ("broden", "folder") and images is not None:
         raise LaviseError(
             f"--reference-images is not used by the {format} format: its images are inside '{path}'."
         )
+    outside = settings.allow_outside_root
     if format == "visual_genome":
-        return VisualGenomeDataset(path, images=images, min_images=settings.min_images, cache_dir=cache_dir)
+        return VisualGenomeDataset(path, images=images, min_images=settings.min_images, cache_dir=cache_dir,
+                                   allow_outside_root=outside)
     if format == "broden":
-        return BrodenDataset(path, categories=settings.categories, split=settings.split)
+        return BrodenDataset(path, categories=settings.categories, split=settings.split, allow_outside_root=outside)
     if format == "manifest":
-        return ManifestDataset(path, images=images)
-    return FolderDataset(path, class_names=settings.class_names)
+        return ManifestDataset(path, images=images, allow_outside_root=outside)
+    return FolderDataset(path, class_names=settings.class_names, allow_outside_root=outside)
 
 
 def _check_settings(format: str, settings: ReferenceSettings) -> None:

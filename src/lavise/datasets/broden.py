@@ -25,9 +25,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
-from lavise.datasets.base import SkipLog
+from lavise.datasets.base import IMAGE_LOADER, BadImage, ImageRoot, SkipLog, open_image, oriented_masks
 from lavise.datasets.masks import merge_by_concept, resize_nearest, same_aspect
 from lavise.errors import LaviseError
 from lavise.storage import content_digest, files_digest
@@ -48,6 +48,8 @@ class BrodenDataset:
         categories: the categories to read, e.g. ``["object", "part"]`` (default: every
             category column of ``index.csv``).
         split: only the images of this ``split`` of ``index.csv`` (default: all).
+        allow_outside_root: read image and label-map paths that lead outside ``images/``
+            instead of refusing the dataset.
 
     Example:
         >>> BrodenDataset(Path("/nonexistent"))
@@ -55,7 +57,10 @@ class BrodenDataset:
         lavise.errors.LaviseError: Broden folder '/nonexistent' has no index.csv.
     """
 
-    def __init__(self, root: Path, *, categories: Sequence[str] | str | None = None, split: str | None = None) -> None:
+    def __init__(
+        self, root: Path, *, categories: Sequence[str] | str | None = None, split: str | None = None,
+        allow_outside_root: bool = False,
+    ) -> None:
         self.root = Path(root)
         self.index_path = self.root / "index.csv"
         self.label_path = self.root / "label.csv"
@@ -65,6 +70,7 @@ class BrodenDataset:
         self.images_root = self.root / "images"
         self.split = split
         self.skipped = SkipLog()
+        self._rule = ImageRoot(self.images_root, source=f"'{self.index_path}'", allow_outside=allow_outside_root)
 
         with _csv_rows(self.index_path) as (header, rows):  # streamed: index.csv may have 10^5 rows
             columns = [c for c in header if c not in INDEX_COLUMNS]
@@ -90,6 +96,7 @@ class BrodenDataset:
             self._named = np.zeros(len(self._concept_of_label), dtype=bool)
             self._named[np.asarray(numbers, dtype=np.int64)] = True
             self._read_index(rows)
+        self._rule.check()
         if not self._images:
             raise LaviseError(
                 f"No image of '{self.index_path}' has a label of {', '.join(self.categories)}"
@@ -128,7 +135,9 @@ class BrodenDataset:
             try:
                 size = tuple(int(row[c]) for c in _SIZE_COLUMNS)
             except (TypeError, ValueError):
-                self.skipped.add("index.csv rows whose ih, iw, sh or sw is not a whole number", f"line {line}")
+                size = (0,)
+            if min(size) <= 0:
+                self.skipped.add("index.csv rows whose ih, iw, sh or sw is not a positive whole number", f"line {line}")
                 continue
             maps, labels = [], []
             for category in self.categories:
@@ -143,6 +152,8 @@ class BrodenDataset:
             concepts = self._image_level_concepts(labels, image)
             if not maps and not concepts:
                 continue  # nothing of the chosen categories in this image
+            if not all([self._rule.admits(name, f"line {line}") for name in (image, *maps)]):
+                continue  # refused once the index is read, unless allowed; never looked at
             if not (self.images_root / image).is_file():
                 self.skipped.add("images whose file is missing", image)
                 continue
@@ -182,6 +193,7 @@ class BrodenDataset:
     def image_path(self, index: int) -> Path:
         return self.images_root / self._images[index]
 
+    @oriented_masks
     def masks(self, index: int, size: tuple[int, int]) -> tuple[list[int], np.ndarray]:
         """Concept indices and (m, H, W) uint8 masks of image i at the file's (W, H).
 
@@ -218,6 +230,7 @@ class BrodenDataset:
         files += [self.images_root / name for maps in self._maps for name in maps]
         return {
             "kind": "broden",
+            "loader": IMAGE_LOADER,
             "index": content_digest(self.index_path),
             "labels": content_digest(self.label_path),
             "categories": list(self.categories),
@@ -232,9 +245,9 @@ def read_label_map(path: Path) -> np.ndarray:
     Raises ValueError (naming the file) when it cannot be read.
     """
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             rgb = np.asarray(image.convert("RGB"), dtype=np.int64)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, BadImage) as error:
         raise ValueError(f"label map {path.name} is unreadable ({error})") from None
     return rgb[..., 0] + 256 * rgb[..., 1]
 

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lavise.datasets.base import IMAGE_EXTENSIONS, SkipLog
+from lavise.datasets.base import (
+    BROKEN_LINKS, IMAGE_EXTENSIONS, IMAGE_LOADER, ImageRoot, SkipLog, oriented_masks, printable, require_folder,
+)
 from lavise.errors import LaviseError
 from lavise.storage import files_digest
 
@@ -39,6 +41,8 @@ class FolderDataset:
         class_names: ``None`` (the folder names), a mapping file (see
             :func:`read_class_names`), or ``"imagenet"`` for torchvision's ImageNet class
             names (the folders must be the 1000 WordNet ids).
+        allow_outside_root: use class folders and images that are symbolic links leading
+            outside ``root`` instead of refusing the dataset.
 
     Example:
         >>> FolderDataset(Path("/nonexistent"))
@@ -46,10 +50,9 @@ class FolderDataset:
         lavise.errors.LaviseError: Reference folder '/nonexistent' does not exist.
     """
 
-    def __init__(self, root: Path, *, class_names: str | Path | None = None) -> None:
+    def __init__(self, root: Path, *, class_names: str | Path | None = None, allow_outside_root: bool = False) -> None:
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise LaviseError(f"Reference folder '{self.root}' does not exist.")
+        require_folder(self.root, "Reference folder")
         class_dirs = sorted(d for d in self.root.iterdir() if d.is_dir())
         if not class_dirs:
             raise LaviseError(
@@ -60,7 +63,7 @@ class FolderDataset:
         self.class_names = None if class_names is None else str(class_names)
         folders = [d.name for d in class_dirs]
         if class_names is None:
-            mapping = {f: f for f in folders}
+            mapping = {f: printable(f) for f in folders}  # a name that is not UTF-8 is shown with \\x escapes
         elif str(class_names) == IMAGENET:
             mapping = imagenet_class_names(folders, self.root)
         else:
@@ -76,17 +79,19 @@ class FolderDataset:
             class_dirs = [d for d in class_dirs if d.name in mapping]
         self.concepts = distinct_names([mapping[d.name].replace("_", " ") for d in class_dirs], [d.name for d in class_dirs])
 
+        rule = ImageRoot(self.root, source=f"Reference folder '{printable(self.root)}' (through symbolic links)",
+                         allow_outside=allow_outside_root)
         files: list[str] = []
         labels: list[int] = []
         for concept, directory in enumerate(class_dirs):
-            found = sorted(p for p in directory.rglob("*") if p.is_file())
-            images = [p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS]
-            for other in [p for p in found if p.suffix.lower() not in IMAGE_EXTENSIONS]:
-                self.skipped.add("files that are not images", str(other.relative_to(self.root)))
+            if directory.is_symlink() and not rule.admits(directory.name, "a class folder"):
+                continue
+            images = class_images(directory, self.root, self.skipped, rule)
             if not images:
                 self.skipped.add("class folders without images", directory.name)
-            files.extend(p.relative_to(self.root).as_posix() for p in images)
+            files.extend(images)
             labels.extend([concept] * len(images))
+        rule.check()
         if not files:
             raise LaviseError(f"No image files under '{self.root}'.")
         self._files = files  # relative paths: far smaller than Path objects for 10^6 images
@@ -101,6 +106,7 @@ class FolderDataset:
     def image_path(self, index: int) -> Path:
         return self.root / self._files[index]
 
+    @oriented_masks
     def masks(self, index: int, size: tuple[int, int]) -> tuple[list[int], np.ndarray]:
         width, height = size
         return [int(self._labels[index])], np.ones((1, height, width), dtype=np.uint8)
@@ -108,10 +114,30 @@ class FolderDataset:
     def identity(self) -> dict:
         return {
             "kind": "folder",
+            "loader": IMAGE_LOADER,
             "root": str(self.root.resolve()),
             "files": files_digest([self.image_path(i) for i in range(len(self))]),
             "concepts": self.concepts,
         }
+
+
+def class_images(directory: Path, root: Path, skipped: SkipLog, rule: ImageRoot) -> list[str]:
+    """The image files under one class folder, relative to ``root``, sorted.
+
+    Other files, broken symbolic links (dangling or looping) and links that lead outside
+    ``root`` (recorded by ``rule``) are not images of the class; the first two are counted.
+    """
+    images = []
+    for path in sorted(directory.rglob("*")):
+        relative = path.relative_to(root).as_posix()
+        if path.is_file():
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                skipped.add("files that are not images", relative)
+            elif not path.is_symlink() or rule.admits(relative, "a symbolic link"):
+                images.append(relative)
+        elif path.is_symlink() and not path.exists():
+            skipped.add(BROKEN_LINKS, relative)
+    return images
 
 
 def read_class_names(path: Path) -> dict[str, str]:

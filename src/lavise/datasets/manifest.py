@@ -24,9 +24,9 @@ from array import array
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
-from lavise.datasets.base import SkipLog
+from lavise.datasets.base import IMAGE_LOADER, BadImage, ImageRoot, SkipLog, open_image, oriented_masks
 from lavise.datasets.masks import (
     BOX_CLIPPED,
     BOX_EMPTY,
@@ -58,6 +58,8 @@ class ManifestDataset:
     Args:
         manifest: a ``.csv`` or ``.jsonl`` file.
         images: the folder relative image paths start from (default: the manifest's).
+        allow_outside_root: read image and mask paths that lead outside ``images``
+            instead of refusing the manifest.
 
     Example:
         >>> ManifestDataset(Path("/nonexistent.csv"))
@@ -65,7 +67,7 @@ class ManifestDataset:
         lavise.errors.LaviseError: Manifest '/nonexistent.csv' does not exist.
     """
 
-    def __init__(self, manifest: Path, *, images: Path | None = None) -> None:
+    def __init__(self, manifest: Path, *, images: Path | None = None, allow_outside_root: bool = False) -> None:
         self.manifest_path = Path(manifest)
         if not self.manifest_path.is_file():
             raise LaviseError(f"Manifest '{self.manifest_path}' does not exist.")
@@ -80,6 +82,7 @@ class ManifestDataset:
             raise LaviseError(f"Manifest image folder '{self.root}' does not exist.")
         self.skipped = SkipLog()
         rows = _csv_rows(self.manifest_path) if suffix == ".csv" else _jsonl_rows(self.manifest_path, self.skipped)
+        self._rule = ImageRoot(self.root, source=f"Manifest '{self.manifest_path}'", allow_outside=allow_outside_root)
         self._index(rows)
 
     def _index(self, rows) -> None:
@@ -108,7 +111,12 @@ class ManifestDataset:
             if box is not None and parsed is None:
                 self.skipped.add("rows whose box is not four numbers x, y, w, h", where)
                 continue
+            if mask is not None and not isinstance(mask, str):
+                self.skipped.add("rows whose mask is not a file name", where)
+                continue
             mask = os.path.normpath(mask.strip()) if isinstance(mask, str) and mask.strip() else None
+            if not self._rule.admits(image, where) or (mask is not None and not self._rule.admits(mask, where)):
+                continue  # refused below, unless allowed; such a file is never looked at
             if image not in image_of:
                 if image in missing_images or not (self.root / image).is_file():
                     missing_images.add(image)
@@ -130,6 +138,7 @@ class ManifestDataset:
             row_kind.append(_WHOLE if parsed is None and mask is None else (_BOX if parsed is not None else _MASK))
             row_mask.append(mask_of[mask] if mask is not None else -1)
             row_box.extend(parsed if parsed is not None else (0.0, 0.0, 0.0, 0.0))
+        self._rule.check()
         if not row_image:
             raise LaviseError(
                 f"Manifest '{self.manifest_path}' has no usable row"
@@ -202,6 +211,7 @@ class ManifestDataset:
     def image_path(self, index: int) -> Path:
         return self.root / self._images[index]
 
+    @oriented_masks
     def masks(self, index: int, size: tuple[int, int]) -> tuple[list[int], np.ndarray]:
         """Concept indices and (m, H, W) uint8 masks of image i at the file's (W, H).
 
@@ -228,9 +238,9 @@ class ManifestDataset:
     def _mask_file(self, mask: int, size: tuple[int, int]) -> np.ndarray:
         path = self.root / self._masks[mask]
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 pixels = np.asarray(image.convert("L"))
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError, BadImage) as error:
             raise ValueError(f"mask {self._masks[mask]} is unreadable ({error})") from None
         mask_size = (pixels.shape[1], pixels.shape[0])
         if mask_size != size and not same_aspect(size, mask_size):
@@ -240,6 +250,7 @@ class ManifestDataset:
     def identity(self) -> dict:
         return {
             "kind": "manifest",
+            "loader": IMAGE_LOADER,
             "manifest": content_digest(self.manifest_path),
             "root": str(self.root.resolve()),
             "files": files_digest([self.image_path(i) for i in range(len(self))] + [self.root / m for m in self._masks]),
@@ -292,7 +303,8 @@ def _jsonl_rows(path: Path, skipped: SkipLog):
                     continue
                 box = row.get("box")
                 mask = row.get("mask")
-                yield (line, row.get("image"), row.get("concept"), box if box not in (None, "", []) else None, mask or None,
+                yield (line, row.get("image"), row.get("concept"), box if box not in (None, "", []) else None,
+                       mask if mask not in (None, "") else None,
                        _parse_size(row.get("width"), row.get("height")))
         except UnicodeDecodeError as error:
             raise LaviseError(f"Manifest '{path}' is not UTF-8 text: {error}") from None
@@ -342,7 +354,7 @@ def _parse_size(width: object, height: object) -> tuple[int, int] | None:
 def _image_size(path: Path) -> tuple[int, int]:
     """(W, H) from the file header, or (0, 0) when it cannot be read."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             return image.size
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, BadImage):
         return (0, 0)

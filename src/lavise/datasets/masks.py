@@ -161,3 +161,77 @@ def scale_corners(corners: np.ndarray, size: tuple[int, int], recorded: tuple[in
     out[:, 2:] = np.maximum(out[:, 2:], out[:, :2] + 1)  # a box never vanishes when shrunk
     out[:, 2:] = np.minimum(out[:, 2:], np.array(size))
     return out
+
+
+def decode_rle_string(text: str) -> list[int] | None:
+    """COCO's compressed RLE string -> its run lengths, or None when it is not one.
+
+    The format of pycocotools' ``rleToString``: each count is a little-endian run of 5-bit
+    groups, a character ``48 + group`` with 0x20 set while more groups follow and 0x10
+    of the last group its sign; from the fourth count on, a count is stored as its
+    difference to the count two before. pycocotools' own decoder reads past the end of a
+    string cut inside a count and accepts any character, so masks of garbage are
+    uninitialised memory; here a character outside ``'0'..'o'``, a count cut off, or a
+    negative run make the string invalid.
+
+    Example:
+        >>> decode_rle_string("42102"), decode_rle_string("5"), decode_rle_string("~~"), decode_rle_string("4a")
+        ([4, 2, 1, 2, 3], [5], None, None)
+    """
+    counts: list[int] = []
+    position, length = 0, len(text)
+    while position < length:
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= length:
+                return None  # a count cut off
+            group = ord(text[position]) - 48
+            if not 0 <= group < 64:
+                return None
+            value |= (group & 0x1F) << shift
+            more = bool(group & 0x20)
+            position += 1
+            shift += 5
+            if not more and group & 0x10:
+                value -= 1 << shift  # sign-extend
+        if len(counts) > 2:
+            value += counts[-2]
+        if value < 0:
+            return None
+        counts.append(value)
+    return counts
+
+
+def rle_problem(counts: object, height: int, width: int) -> str | None:
+    """What is wrong with an RLE's counts for an (height, width) mask, or None when nothing is.
+
+    Example:
+        >>> rle_problem([2, 2], 2, 2), rle_problem([3, -1, 2], 2, 2), rle_problem("42102", 3, 4)
+        (None, 'a negative count', None)
+    """
+    if isinstance(counts, str):
+        decoded = decode_rle_string(counts)
+        if decoded is None:
+            return "a compressed counts string that does not decode"
+        counts = decoded
+    elif not isinstance(counts, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+        return "counts that are neither a string nor a list of whole numbers"
+    if any(c < 0 for c in counts):
+        return "a negative count"
+    if sum(counts) != height * width:
+        return f"counts summing to {sum(counts)}, not {height}x{width} = {height * width}"
+    return None
+
+
+def rle_mask(counts: str | list[int], height: int, width: int) -> np.ndarray:
+    """An RLE (column-major run lengths, zeros first; checked by :func:`rle_problem`) -> (H, W) uint8 0/1.
+
+    Example:
+        >>> rle_mask([1, 2, 1], 2, 2).tolist()
+        [[0, 1], [1, 0]]
+    """
+    if isinstance(counts, str):
+        counts = decode_rle_string(counts)
+    values = np.arange(len(counts), dtype=np.int64) % 2
+    flat = np.repeat(values.astype(np.uint8), np.asarray(counts, dtype=np.int64))
+    return np.ascontiguousarray(flat.reshape(width, height).T)

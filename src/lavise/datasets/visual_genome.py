@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lavise.datasets.base import SkipLog
+from lavise.datasets.base import IMAGE_LOADER, ImageRoot, SkipLog, oriented_masks
 from lavise.datasets.masks import (
     BOX_CLIPPED,
     BOX_EMPTY,
@@ -40,7 +40,7 @@ from lavise.errors import LaviseError
 from lavise.storage import cache_folder, cached, content_digest, files_digest
 from lavise.settings import ReferenceSettings
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: boolean ids, and synsets or names that are not lists, are refused
 _CLIP_CHUNK = 1 << 18
 _SYNSET = re.compile(r"^(?P<lemma>.+)\.(?P<sense>[a-z]\.\d+)$")
 _BOX_REASONS = {
@@ -59,6 +59,8 @@ class VisualGenomeDataset:
         images: the folder holding ``VG_100K/`` and ``VG_100K_2/`` (default: ``root``).
         min_images: drop categories present in fewer images than this (paper: 100).
         cache_dir: where the parsed index is cached (default: the lavise cache).
+        allow_outside_root: read image paths (from the urls of ``image_data.json``) that
+            lead outside ``images`` instead of refusing the dataset.
 
     Example:
         >>> VisualGenomeDataset(Path("/nonexistent"))
@@ -73,6 +75,7 @@ class VisualGenomeDataset:
         images: Path | None = None,
         min_images: int = ReferenceSettings.min_images,
         cache_dir: Path | None = None,
+        allow_outside_root: bool = False,
     ) -> None:
         self.root = Path(root)
         self.objects_path = self.root / "objects.json"
@@ -86,6 +89,7 @@ class VisualGenomeDataset:
         if isinstance(min_images, bool) or not isinstance(min_images, int) or min_images < 1:
             raise LaviseError(f"min_images must be a whole number >= 1, got {min_images!r}.")
         self.min_images = min_images
+        self._rule = ImageRoot(self.images_root, source=f"'{self.image_data_path}'", allow_outside=allow_outside_root)
 
         self._digests = {"objects": content_digest(self.objects_path), "image_data": content_digest(self.image_data_path)}
         index = load_or_build_index(
@@ -132,12 +136,18 @@ class VisualGenomeDataset:
         # room for a file found in another folder: "VG_100K_2/" + the name, at most 10 more characters
         files = index["files"].astype(f"<U{index['files'].dtype.itemsize // 4 + 10}")
         for row in np.flatnonzero(annotated):
+            where = f"image_id={index['image_ids'][row]}"
+            if not self._rule.admits(str(files[row]), where):
+                continue  # refused below, unless allowed; such a file is never looked at
             found = self._find_file(str(files[row]))
+            if found is not None and found != str(files[row]) and not self._rule.admits(found, where):
+                continue
             if found is None:
                 self.skipped.add("images whose file is missing", str(files[row]))
             else:
                 present[row] = True
                 files[row] = found
+        self._rule.check()
         if not present.any():
             raise LaviseError(
                 f"None of the annotated Visual Genome images exists under '{self.images_root}' "
@@ -184,6 +194,7 @@ class VisualGenomeDataset:
         start, stop = self._offsets[index], self._offsets[index + 1]
         return np.unique(self._box_concepts[start:stop]).tolist()
 
+    @oriented_masks
     def masks(self, index: int, size: tuple[int, int]) -> tuple[list[int], np.ndarray]:
         """Concept indices and (m, H, W) uint8 masks, one per category present.
 
@@ -207,6 +218,7 @@ class VisualGenomeDataset:
     def identity(self) -> dict:
         return {
             "kind": "visual_genome",
+            "loader": IMAGE_LOADER,
             **self._digests,
             "min_images": self.min_images,
             "images": files_digest([self.image_path(i) for i in range(len(self))]),
@@ -284,7 +296,7 @@ def build_index(objects: Path, image_data: Path) -> dict:
         for entry in _stream(handle, image_data):
             image_id = entry.get("image_id", entry.get("id")) if isinstance(entry, dict) else None
             width, height = (entry.get("width"), entry.get("height")) if isinstance(entry, dict) else (None, None)
-            if not isinstance(image_id, int) or not _positive_int(width) or not _positive_int(height):
+            if not _id(image_id) or not _positive_int(width) or not _positive_int(height):
                 skipped.add("image_data.json entries without an image_id, width and height", _short(entry))
             elif image_id in info:
                 skipped.add("images listed twice in image_data.json (first kept)", f"image_id={image_id}")
@@ -302,14 +314,18 @@ def build_index(objects: Path, image_data: Path) -> dict:
     with open(objects, "rb") as handle:
         for entry in _stream(handle, objects):
             image_id = entry.get("image_id", entry.get("id")) if isinstance(entry, dict) else None
-            if image_id not in info:
+            if not _id(image_id) or image_id not in info:
                 skipped.add("objects.json entries of images not in image_data.json", f"image_id={image_id}")
                 continue
             if image_id in rows:
                 skipped.add("images listed twice in objects.json (first kept)", f"image_id={image_id}")
                 continue
             row = rows[image_id] = len(rows)
-            for obj in entry.get("objects") or []:
+            objects = entry.get("objects")
+            if objects is not None and not isinstance(objects, list):
+                skipped.add("objects.json entries whose objects is not a list", f"image_id={image_id}")
+                objects = None
+            for obj in objects or []:
                 key = _category_key(obj)
                 if key is None:
                     skipped.add("objects without a synset or name", f"image_id={image_id}")
@@ -370,10 +386,10 @@ def _category_key(obj: object) -> str | None:
     if not isinstance(obj, dict):
         return None
     synsets = obj.get("synsets") or []
-    if synsets and isinstance(synsets[0], str) and synsets[0].strip():
+    if isinstance(synsets, list) and synsets and isinstance(synsets[0], str) and synsets[0].strip():
         return synsets[0].strip()
     names = obj.get("names") or ([obj["name"]] if obj.get("name") else [])
-    if names and isinstance(names[0], str) and names[0].strip():
+    if isinstance(names, list) and names and isinstance(names[0], str) and names[0].strip():
         return " ".join(names[0].lower().split())
     return None
 
@@ -385,6 +401,10 @@ def _image_file(entry: dict, image_id: int) -> str:
         folder, name = url.rstrip("/").split("/")[-2:]
         return f"{folder}/{name}"
     return f"VG_100K/{image_id}.jpg"
+
+
+def _id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _positive_int(value: object) -> bool:
