@@ -136,7 +136,7 @@ def test_train_with_activation_regions(tmp_path, capsys):
     assert f"6 training pairs and {regional} activation-region rows" in capsys.readouterr().out
 
     assert main([*args, "--activation-regions", "-1"]) == 2
-    assert "activation_regions must be 0 or more" in _one_error_line(capsys.readouterr().err)
+    assert "--activation-regions must be at least 0, got -1" in _one_error_line(capsys.readouterr().err)
 
 
 def _one_error_line(err: str) -> str:

@@ -490,13 +490,13 @@ def test_bad_input_is_named(made_run, build, tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(LaviseError, match="Report folder '.*a-file' exists and is not a folder"):
         build(made_run, out=tmp_path / "a-file")
-    for settings, message in [
-        (ReportSettings(thumbnail_size=8), "thumbnail_size must be between 16 and 1024 pixels, got 8"),
-        (ReportSettings(jpeg_quality=100), "jpeg_quality must be between 1 and 95, got 100"),
-        (ReportSettings(examples_per_group=-1), "examples_per_group must be 0 or more, got -1"),
+    for changes, message in [  # refused when the settings are built, before any work
+        ({"thumbnail_size": 8}, "thumbnail_size must be between 16 and 1024, got 8"),
+        ({"jpeg_quality": 100}, "jpeg_quality must be between 1 and 95, got 100"),
+        ({"examples_per_group": -1}, "examples_per_group must be at least 0, got -1"),
     ]:
         with pytest.raises(LaviseError, match=message):
-            build(made_run, settings=settings)
+            build(made_run, settings=ReportSettings(**changes))
     data = json.loads((made_run / "explanations.json").read_text())
     data["filters"][2]["top_images"] = "0001.png"
     (made_run / "explanations.json").write_text(json.dumps(data))

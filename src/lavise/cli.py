@@ -16,6 +16,8 @@ import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from lavise.checks import SettingError, SettingWarning, check_value
+from lavise.compute import resolve_device
 from lavise.embeddings import BUILTIN_GLOVE
 from lavise.errors import LaviseError
 from lavise.settings import (
@@ -26,7 +28,8 @@ from lavise.settings import (
 
 
 def _add_settings(parser: argparse.ArgumentParser, settings_type, title: str, exclude: tuple[str, ...] = ()) -> None:
-    """One option per settings field; defaults and help come from the dataclass."""
+    """One option per settings field; defaults and help come from the dataclass (checked by :func:`_check_options`)."""
+    parser.set_defaults(settings_types=(*(parser.get_default("settings_types") or ()), settings_type))
     group = parser.add_argument_group(title)
     for f in fields(settings_type):
         if f.name in exclude:
@@ -52,8 +55,75 @@ def _add_compute(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace, settings_type):
-    values = {f.name: getattr(args, f.name) for f in fields(settings_type) if hasattr(args, f.name)}
-    return settings_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    """The settings of the options, built once; a bad value's message and warnings name its option."""
+    built = vars(args).setdefault("built_settings", {})
+    if settings_type not in built:
+        values = {f.name: getattr(args, f.name) for f in fields(settings_type) if hasattr(args, f.name)}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:  # argparse gives lists where the fields hold tuples
+                built[settings_type] = settings_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+            except SettingError as error:
+                raise LaviseError(error.option) from None
+        for warning in caught:
+            message = warning.message
+            warnings.warn(message.option if isinstance(message, SettingWarning) else message, warning.category, stacklevel=2)
+    return built[settings_type]
+
+
+# The numbers of a command alone, as settings fields say what they accept (lavise.checks).
+_NUMBERS = {"vocabulary_size": ("int", "[0, )"), "annotated_fractions": ("float", "(0, 1]")}
+# What each path argument must be: "in" exists, "folder" and "file" an existing one, "run"
+# not a file, "out-folder" a folder to write into or nothing yet, "out-file" not a folder.
+_PATHS = {"reference": "in", "dataset": "in", "sweep_reference": "in", "reference_images": "folder",
+          "dataset_images": "folder", "sweep_reference_images": "folder", "target": "folder", "checkpoint": "file",
+          "evaluation": "file", "groups": "file", "vocabulary_file": "file", "run": "run", "runs": "run",
+          "out": "out-folder", "cache_dir": "out-folder"}
+_COMMAND_PATHS = {"evaluate": {"out": "out-file"}}
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Every option value and path before any work: settings, numbers of the command alone, the device."""
+    for settings_type in getattr(args, "settings_types", ()):
+        _settings(args, settings_type)
+    for name, kind in {**_NUMBERS, **_PATHS, **_COMMAND_PATHS.get(args.command, {})}.items():
+        values, flag = getattr(args, name, None), "RUN_DIR" if name in ("run", "runs") else "--" + name.replace("_", "-")
+        for value in values if isinstance(values, list) else [values]:
+            problem = check_value(kind[0], value, {"bounds": kind[1]})[1] if name in _NUMBERS and value is not None else None
+            if problem:
+                raise LaviseError(problem.format(flag))
+            if value is not None and name not in _NUMBERS:
+                _check_path(Path(value), flag, kind)
+    if hasattr(args, "device"):
+        resolve_device(args.device)
+
+
+def _check_path(path: Path, flag: str, kind: str) -> None:
+    """A path argument of the right kind, or a message naming the argument."""
+    exists, folder = path.exists(), path.is_dir()
+    problems = {
+        "does not exist": kind in ("in", "folder", "file") and not exists,
+        "is a file, not a folder": kind == "folder" and exists and not folder,
+        "is a file, not a run directory": kind == "run" and exists and not folder,
+        "is a folder, not a file": kind == "file" and folder,
+        "is an existing file; give a folder to write into, or a path not taken yet": kind == "out-folder" and exists and not folder,
+        f"is a folder; give the file to write, e.g. '{path / 'table.md'}'": kind == "out-file" and folder,
+    }
+    for problem, found in problems.items():
+        if found:
+            raise LaviseError(f"{flag} '{path}' {problem}.")
+
+
+def _open_reference(args: argparse.Namespace, option: str, settings):
+    """``--OPTION`` opened in its format; messages about the image folder name ``--OPTION-images``."""
+    from lavise.datasets import open_reference
+
+    flag = "--" + option.replace("_", "-")
+    try:
+        return open_reference(getattr(args, option), images=getattr(args, f"{option}_images"),
+                              format=getattr(args, f"{option}_format", None), settings=settings, cache_dir=args.cache_dir)
+    except LaviseError as error:  # the readers' messages speak of train's --reference-images
+        raise LaviseError(str(error).replace("--reference-", f"{flag}-")) from error
 
 
 def _add_reference(parser: argparse.ArgumentParser, option: str, what: str) -> None:
@@ -84,14 +154,10 @@ def _add_train(train: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lavise.datasets import open_reference
     from lavise.models import ModelSpec
     from lavise.runs import train
 
-    reference = open_reference(
-        args.reference, images=args.reference_images, format=args.reference_format,
-        settings=_settings(args, ReferenceSettings), cache_dir=args.cache_dir,
-    )
+    reference = _open_reference(args, "reference", _settings(args, ReferenceSettings))
     run = train(
         ModelSpec(args.model, args.weights, str(args.checkpoint) if args.checkpoint else None),
         args.layer,
@@ -200,7 +266,6 @@ def _add_evaluate(evaluate: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from lavise.datasets import open_reference
     from lavise.evaluate import evaluate, markdown_table
     from lavise.storage import atomic_path
     from lavise.sweep import annotated_fraction_sweep
@@ -208,8 +273,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.annotated_fractions and args.sweep_reference is None:
         raise LaviseError("--annotated-fractions retrains the explainer: pass its reference data with --sweep-reference.")
     reference_settings = _settings(args, ReferenceSettings)
-    dataset = open_reference(args.dataset, images=args.dataset_images, format=args.dataset_format,
-                             settings=reference_settings, cache_dir=args.cache_dir)
+    dataset = _open_reference(args, "dataset", reference_settings)
     settings, explain_settings = _settings(args, EvaluateSettings), _settings(args, ExplainSettings)
     compute = _settings(args, ComputeSettings)
     evaluations = evaluate(
@@ -228,8 +292,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             tmp.write_text(table)
         print(f"Written: {args.out}")
     if args.annotated_fractions:
-        reference = open_reference(args.sweep_reference, images=args.sweep_reference_images,
-                                   settings=reference_settings, cache_dir=args.cache_dir)
+        reference = _open_reference(args, "sweep_reference", reference_settings)
         for run_dir in args.runs:
             annotated_fraction_sweep(
                 run_dir, reference, dataset, args.annotated_fractions, settings=settings,
@@ -410,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                 quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
                 quiet.enter_context(warnings.catch_warnings())
                 warnings.simplefilter("ignore")
+            _check_options(args)
             return args.handler(args)
     except distributed.OtherRankFailed as error:
         if distributed.current().main:

@@ -12,11 +12,16 @@ from collections.abc import Iterator
 
 import torch
 
+from lavise.errors import LaviseError
 from lavise.settings import ComputeSettings
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when present, else CPU.
+    """'auto' picks CUDA when present, else CPU; any other device must exist on this machine.
+
+    An unknown device name, or one this machine lacks (``cuda`` without a GPU, ``cuda:3``
+    beside one GPU, ``mps`` off a Mac), is a :class:`LaviseError` that lists the devices
+    there are; stages resolve their device before they read any image.
 
     Example:
         >>> resolve_device("cpu")
@@ -24,7 +29,46 @@ def resolve_device(device: str) -> torch.device:
     """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    here = ", ".join(available_devices())
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise LaviseError(f"Unknown device {device!r}: give auto, cpu, cuda, cuda:N or mps; this machine has {here}.") from None
+    if chosen.type == "meta":
+        raise LaviseError(f"Device {device!r} holds no data and cannot run lavise; this machine has {here}.")
+    if not _present(chosen):
+        raise LaviseError(f"Device {device!r} is not on this machine; it has {here} (--device auto picks a GPU when there is one).")
+    return chosen
+
+
+def available_devices() -> list[str]:
+    """The devices of this machine, as --device names them: cpu, cuda:0, ..., mps."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        found += [f"xpu:{i}" for i in range(xpu.device_count())]
+    return found
+
+
+def _present(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return True
+    if device.type in ("cuda", "xpu"):
+        backend = getattr(torch, device.type, None)
+        count = backend.device_count() if backend is not None and backend.is_available() else 0
+        return count > 0 and (device.index is None or device.index < count)
+    if device.type == "mps":
+        return device.index in (None, 0) and "mps" in available_devices()
+    try:  # another backend: it is there when a tensor can be made on it
+        torch.empty(1, device=device)
+    except Exception:  # noqa: BLE001 (backends fail in their own ways: a missing module, no driver)
+        return False
+    return True
 
 
 @contextlib.contextmanager

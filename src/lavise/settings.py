@@ -10,19 +10,35 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
-
+from lavise.checks import (  # noqa: F401  (GROUP_NAMES, parse_group_bias: part of this module's API)
+    GROUP_NAMES, SEED_BOUNDS, _check_fraction, _check_int, _check_range, check_fields, parse_group_bias,
+)
 from lavise.errors import LaviseError
 
 
 def option(default, help: str, **extra):
-    """A settings field with its command-line help (and extra metadata such as ``choices``)."""
+    """A settings field with its command-line help and what it accepts (:mod:`lavise.checks`):
+    ``bounds`` (an interval, e.g. ``"[1, )"``), ``choices``, ``warn`` ((predicate, why))."""
     return field(default=default, metadata={"help": help, **extra})
 
 
 class _Settings:
+    def __post_init__(self) -> None:
+        check_fields(self)  # the same message from Python and the command line, before any work
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+SEED = {"bounds": SEED_BOUNDS}
+COUNT = {"bounds": "[1, )"}  # a number of things, at least one
+ANY_COUNT = {"bounds": "[0, )"}  # 0 allowed (its help says what 0 means)
+FRACTION = {"bounds": "[0, 1]"}
+# Adam moves each weight by about the learning rate at every step, whatever the gradient's
+# scale; the explainer's weights are of order 0.1, so a rate of 1 already replaces them at
+# every step and nothing above it can train: such a value is a typo (1e3 for 1e-3).
+LEARNING_RATE = {"bounds": "[0, 1]", "warn": (lambda v: v == 0, ("Adam with learning rate 0 never moves the "
+                                              "explainer from its random initialisation: nothing will be learned"))}
 
 
 # --- choices ---------------------------------------------------------------------------
@@ -37,7 +53,6 @@ REFERENCE_FORMATS = ("coco", "visual_genome", "broden", "folder", "manifest")
 TESTS = ("z", "fisher")  # per-filter tests of a group comparison
 THRESHOLD_SOURCES = ("groups", "run")  # where a group comparison's T_u come from
 BACKGROUND_KINDS = ("plain", "texture", "photo")  # of planted-concept scenes
-GROUP_NAMES = tuple("abcdefghijklmnopqrstuvwxyz")  # of the groups of a planted bias
 
 VOCABULARY_SIZE = 20_000  # candidate words: the most frequent clean words of the word vectors
 
@@ -57,16 +72,21 @@ class TrainSettings(_Settings):
     """
 
     unseen_fraction: float = option(
-        0.0, "share of concepts held out of training as unseen (the paper used 0.3)"
+        0.0, "share of concepts held out of training as unseen (the paper used 0.3)", bounds="[0, 1)"
     )
-    seed: int = option(0, "seed for the concept split, validation split, initialisation and batches")
-    epochs: int = option(60, "passes over the pooled reference vectors")
-    train_batch_size: int = option(128, "pooled vectors per training step")
-    learning_rate: float = option(1e-3, "Adam learning rate (the authors used 1e-4)")
-    margin: float = option(1.0, "margin of the hinge rank loss")
-    dropout: float = option(0.1, "dropout before each linear layer of the explainer")
+    seed: int = option(0, "seed for the concept split, validation split, initialisation and batches", **SEED)
+    epochs: int = option(60, "passes over the pooled reference vectors", **COUNT)
+    train_batch_size: int = option(128, "pooled vectors per training step", **COUNT)
+    learning_rate: float = option(1e-3, "Adam learning rate (the authors used 1e-4)", **LEARNING_RATE)
+    margin: float = option(1.0, "margin of the hinge rank loss", warn=(
+        lambda v: v < 0, ("with a negative margin the loss is already zero while a wrong concept is nearer than the "
+                          "right one (by less than the margin): every concept can be named wrong at no cost")))
+    dropout: float = option(0.1, "dropout before each linear layer of the explainer", bounds="[0, 1]", warn=(
+        lambda v: v == 1, "dropout 1 zeroes every input of each linear layer in training: nothing will be learned"))
     validation_fraction: float = option(
-        0.1, "share of reference images held out to choose the best epoch"
+        0.1, "share of reference images held out to choose the best epoch", bounds="[0, 1]", warn=(
+            lambda v: v > 0.5, ("more reference images are held out to choose the epoch than trained on "
+                                "(at 1, all but one image)"))
     )
     pooling: str = option(
         "region",
@@ -79,10 +99,11 @@ class TrainSettings(_Settings):
         3,
         "also train on the features inside activation regions, as explain's activation masking "
         "gives them: for each (image, concept) pair, the regions {F_u > T_u} inside the mask of "
-        "the N filters most active there (0: whole masks only, as the paper)",
+        "the N filters most active there (0: whole masks only, as the paper)", **ANY_COUNT,
     )
     region_quantile: float = option(
-        0.005, "T_u of those regions: the top-quantile level over the reference images (explain's --quantile)"
+        0.005, "T_u of those regions: the top-quantile level over the reference images (explain's --quantile)",
+        bounds="(0, 1)",
     )
 
     @classmethod
@@ -101,8 +122,8 @@ class ExplainSettings(_Settings):
         "spatial filter attention), cosine-attention (the paper's scalar equation), original (no mask)",
         choices=METHODS,
     )
-    top_images: int = option(25, "p: most activated target images per filter")
-    words_per_image: int = option(5, "s: nearest words taken for each image")
+    top_images: int = option(25, "p: most activated target images per filter", **COUNT)
+    words_per_image: int = option(5, "s: nearest words taken for each image", **COUNT)
     ranking: str = option(
         "first-choice",
         "how a filter's collected words are ordered: first-choice (by how many top images have "
@@ -110,15 +131,16 @@ class ExplainSettings(_Settings):
         "image's s nearest words, the paper)",
         choices=RANKINGS,
     )
-    top_words: int = option(10, "x: words reported per filter")
-    quantile: float = option(0.005, "a filter's region is where it exceeds its top-quantile level T_u")
+    top_words: int = option(10, "x: words reported per filter", **COUNT)
+    quantile: float = option(0.005, "a filter's region is where it exceeds its top-quantile level T_u", bounds="(0, 1)")
     vocabulary: str = option(
         "visual",
         "candidate words: visual (nouns of things one can see, colours and textures, shipped with "
         "lavise) or frequent (the most frequent clean words of the word vectors, lavise 0.4)",
         choices=VOCABULARIES,
     )
-    vocabulary_size: int = option(VOCABULARY_SIZE, "keep the first N words of the vocabulary, most frequent first (0: every word)")
+    vocabulary_size: int = option(VOCABULARY_SIZE, "keep the first N words of the vocabulary, most frequent first (0: every word)",
+                                  **ANY_COUNT)
     vocabulary_file: str | None = option(None, "a file of candidate words or phrases, one per line (overrides --vocabulary and its size)")
     concept_names: bool = option(True, "the reference data's concept names are candidates too, multi-word ones as phrases")
     retrieval: str = option(
@@ -128,11 +150,14 @@ class ExplainSettings(_Settings):
         "scaling: a word near many reference outputs is penalised) or cosine (the paper)",
         choices=RETRIEVALS,
     )
-    alignment_ridge: float = option(1.0, "lambda of aligned retrieval: how strongly the map is pulled towards the identity")
-    hub_neighbours: int = option(10, "k of csls: a word's hubness is its mean similarity to its k nearest reference outputs")
+    alignment_ridge: float = option(1.0, "lambda of aligned retrieval: how strongly the map is pulled towards the identity",
+                                    bounds="(0, )")
+    hub_neighbours: int = option(10, "k of csls: a word's hubness is its mean similarity to its k nearest reference outputs",
+                                 **COUNT)
     abstain_precision: float = option(0.9, "report a filter as having no confident name when its confidence is below the level at which "
-                                      "named filters were right this often on the reference data's validation images (0: name every filter)")
-    calibration_seed: int = option(0, "seed of the simulated filters the confidence is calibrated on")
+                                      "named filters were right this often on the reference data's validation images (0: name every filter)",
+                                      bounds="[0, 1)")
+    calibration_seed: int = option(0, "seed of the simulated filters the confidence is calibrated on", **SEED)
 
     @classmethod
     def as_in_0_4(cls, **changes) -> ExplainSettings:
@@ -145,16 +170,16 @@ class ComputeSettings(_Settings):
     """Where and how fast; these never change results."""
 
     device: str = option("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
-    batch_size: int = option(32, "images per forward pass")
-    num_workers: int = option(2, "processes decoding images")
+    batch_size: int = option(32, "images per forward pass", **COUNT)
+    num_workers: int = option(2, "processes decoding images (0: decode in this process)", **ANY_COUNT)
     threads: int = option(
         0, "torch CPU threads; 0: the cores left after the decoding workers, at least 1 "
-        "(oversubscribed cores made a 2-core machine 2-600x slower, see README)"
+        "(oversubscribed cores made a 2-core machine 2-600x slower, see README)", **ANY_COUNT
     )
     progress: bool = option(True, "show progress bars")
     memory_budget: float = option(
         2.0, "GiB that a stage may hold of what grows with the data: the feature maps of the images "
-        "it names from, the pooled reference rows it trains on; beyond it they are read again from disk"
+        "it names from, the pooled reference rows it trains on; beyond it they are read again from disk", **ANY_COUNT
     )
     cache_maps: bool = option(
         True, "keep the target images' feature maps in the cache, in chunks (4·d·h·w bytes per image); "
@@ -172,14 +197,15 @@ class EvaluateSettings(_Settings):
         "to the filter's region and run again) and netdissect (highest-IoU concepts)",
         choices=EVALUATION_METHODS,
     )
-    iou_threshold: float = option(0.04, "a concept is a filter's ground truth when their IoU exceeds this")
+    iou_threshold: float = option(0.04, "a concept is a filter's ground truth when their IoU exceeds this", bounds="[0, 1)")
     iou_size: int = option(
-        112, "side of the grid where activation regions meet masks (Broden's 112 for 224-pixel images)"
+        112, "side of the grid where activation regions meet masks (Broden's 112 for 224-pixel images)", **COUNT
     )
     labelling_fraction: float = option(
-        0.5, "share of images on which NetDissect picks labels; ground truth comes from the rest (0: no NetDissect)"
+        0.5, "share of images on which NetDissect picks labels; ground truth comes from the rest (0: no NetDissect)",
+        bounds="[0, 1)",
     )
-    split_seed: int = option(0, "seed of the labelling/scoring split of the evaluation images")
+    split_seed: int = option(0, "seed of the labelling/scoring split of the evaluation images", **SEED)
     lenient: bool = option(True, "also report lenient recall (WordNet plurals and synonyms count)")
 
 
@@ -217,39 +243,40 @@ class GroupSettings(_Settings):
         "groups) or fisher (Fisher's exact test, two groups)",
         choices=TESTS,
     )
-    fdr: float = option(0.05, "false discovery rate: filters with a Benjamini-Hochberg q-value below it are significant")
-    confidence: float = option(0.95, "level of the confidence interval on each difference")
+    fdr: float = option(0.05, "false discovery rate: filters with a Benjamini-Hochberg q-value below it are significant",
+                        bounds="(0, 1)")
+    confidence: float = option(0.95, "level of the confidence interval on each difference", bounds="(0, 1)")
     thresholds: str = option(
         "groups",
         "T_u: groups (recomputed on the group images at the quantile the run was explained "
         "with) or run (the thresholds.safetensors of the run's last explain)",
         choices=THRESHOLD_SOURCES,
     )
-    min_group_images: int = option(20, "refuse a group with fewer usable images than this")
-    concept_words: int = option(3, "first words of each filter's explanation that count as its concepts")
-    examples: int = option(4, "qualified example images listed per group and filter (most activated first)")
-    chart_filters: int = option(20, "filters shown in groups.png")
+    min_group_images: int = option(20, "refuse a group with fewer usable images than this", **COUNT)
+    concept_words: int = option(3, "first words of each filter's explanation that count as its concepts", **COUNT)
+    examples: int = option(4, "qualified example images listed per group and filter (most activated first)", **ANY_COUNT)
+    chart_filters: int = option(20, "filters shown in groups.png", **ANY_COUNT)
 
 
 @dataclass(frozen=True)
 class ModelComparisonSettings(_Settings):
     """How two explained runs are compared (``lavise compare-models``)."""
 
-    words_per_filter: int = option(1, "first words of each filter's explanation counted as the concepts it learned")
-    matches: int = option(20, "best-matching filter pairs reported")
+    words_per_filter: int = option(1, "first words of each filter's explanation counted as the concepts it learned", **COUNT)
+    matches: int = option(20, "best-matching filter pairs reported", **COUNT)
 
 
 @dataclass(frozen=True)
 class ReportSettings(_Settings):
     """What the report shows and how its images are made."""
 
-    thumbnail_size: int = option(128, "side of the square image thumbnails, in pixels")
-    jpeg_quality: int = option(80, "JPEG quality of the thumbnails, 1-95")
+    thumbnail_size: int = option(128, "side of the square image thumbnails, in pixels, 16-1024", bounds="[16, 1024]")
+    jpeg_quality: int = option(80, "JPEG quality of the thumbnails, 1-95", bounds="[1, 95]")
     overlays: bool = option(
         True, "draw each filter's region (above its threshold T_u) over its top images; needs the "
         "run's model and its target features (cached by 'explain')"
     )
-    examples_per_group: int = option(6, "example images shown per group on a filter's page")
+    examples_per_group: int = option(6, "example images shown per group on a filter's page", **ANY_COUNT)
     absolute_paths: bool = option(False, "show data folders by their absolute paths (default: their names only)")
 
 
@@ -351,26 +378,28 @@ class SceneSettings(_Settings):
 class DemoSettings(_Settings):
     """The built-in demo (``lavise demo``): scenes, two targets, their explainers."""
 
-    reference_images: int = option(800, "reference scenes the explainers learn from")
-    evaluation_images: int = option(300, "held-out scenes among the target images")
-    concepts: int = option(60, "emoji concepts planted in the scenes")
-    unseen_fraction: float = option(0.3, "share of concepts kept out of the reference scenes")
-    seed: int = option(0, "seed for scenes, split, scene CNN and explainers")
-    scene_cnn_epochs: int = option(10, "training epochs of the small scene CNN")
-    explainer_epochs: int = option(60, "training epochs of each explainer")
+    reference_images: int = option(800, "reference scenes the explainers learn from", **COUNT)
+    evaluation_images: int = option(300, "held-out scenes among the target images", **COUNT)
+    concepts: int = option(60, "emoji concepts planted in the scenes", **COUNT)
+    unseen_fraction: float = option(0.3, "share of concepts kept out of the reference scenes", bounds="[0, 1)")
+    seed: int = option(0, "seed for scenes, split, scene CNN and explainers", **SEED)
+    scene_cnn_epochs: int = option(10, "training epochs of the small scene CNN", **COUNT)
+    explainer_epochs: int = option(60, "training epochs of each explainer", **COUNT)
     explainer_pooling: str = option(
         TrainSettings.pooling, "pooling of the explainers' inputs (mean: the authors')", choices=POOLINGS
     )
-    explainer_learning_rate: float = option(TrainSettings.learning_rate, "Adam learning rate of the explainers (1e-4: the authors')")
+    explainer_learning_rate: float = option(TrainSettings.learning_rate, "Adam learning rate of the explainers (1e-4: the authors')",
+                                            **LEARNING_RATE)
     explainer_activation_regions: int = option(
-        TrainSettings.activation_regions, "activation regions per (image, concept) pair the explainers also train on (0: the authors')"
+        TrainSettings.activation_regions, "activation regions per (image, concept) pair the explainers also train on (0: the authors')",
+        **ANY_COUNT,
     )
     vocabulary: str = option(
         "visual", "candidate words, and the words the scenes' concepts may have: visual, or frequent "
         "(lavise 0.4's naming: the most frequent words, cosine, no concept names added)",
         choices=VOCABULARIES,
     )
-    vocabulary_size: int = option(VOCABULARY_SIZE, "keep the first N words of the vocabulary (0: every word)")
+    vocabulary_size: int = option(VOCABULARY_SIZE, "keep the first N words of the vocabulary (0: every word)", **ANY_COUNT)
     background_concepts: bool = option(True, "plain backgrounds are concepts named by their colour, as in Broden (False: lavise 0.4's scenes)")
 
     @classmethod
@@ -390,114 +419,23 @@ class BiasDemoSettings(_Settings):
     """The planted-bias demo (``lavise demo-bias``): scenes, the group classifier, the explainer and the comparison."""
 
     planted: str = option("dog=0.6:0.1,car=0.1:0.6", "planted bias: per concept its probability in each group's scenes")
-    reference_images: int = option(300, "reference scenes (with masks) the explainer learns from")
-    target_images: int = option(400, "target scenes, alternately in group a and group b")
-    concepts: int = option(12, "emoji concepts in the scenes, the planted ones included")
-    image_size: int = option(112, "side of the scenes in pixels (the scene CNN reads 112)")
-    backgrounds: tuple[str, ...] = option(BACKGROUND_KINDS, "background kinds of the scenes")
-    concepts_per_image: tuple[int, int] = option((1, 3), "(min, max) emoji per scene besides the planted ones")
-    seed: int = option(0, "seed of the scenes, the classifier and the explainer")
+    reference_images: int = option(300, "reference scenes (with masks) the explainer learns from", **COUNT)
+    target_images: int = option(400, "target scenes, alternately in group a and group b", bounds="[2, )")
+    concepts: int = option(12, "emoji concepts in the scenes, the planted ones included", **COUNT)
+    image_size: int = option(112, "side of the scenes in pixels (the scene CNN reads 112)", bounds="[32, )")
+    backgrounds: tuple[str, ...] = option(BACKGROUND_KINDS, "background kinds of the scenes", choices=BACKGROUND_KINDS)
+    concepts_per_image: tuple[int, int] = option((1, 3), "(min, max) emoji per scene besides the planted ones", **COUNT)
+    seed: int = option(0, "seed of the scenes, the classifier and the explainer", **SEED)
     pretrain_epochs: int = option(
-        10, "epochs of concept recognition on the reference scenes before the group task (0: from random weights)"
+        10, "epochs of concept recognition on the reference scenes before the group task (0: from random weights)", **ANY_COUNT
     )
-    classifier_epochs: int = option(5, "training epochs of the group classifier (longer fine-tuning blurs the concepts)")
-    classifier_batch_size: int = option(16, "images per training step of the group classifier")
-    explainer_epochs: int = option(100, "training epochs of the explainer")
-    explainer_learning_rate: float = option(1e-3, "Adam learning rate of the explainer (converges in fewer epochs than 1e-4)")
-    vocabulary_size: int = option(VOCABULARY_SIZE, "candidate words: the N most frequent clean GloVe words")
+    classifier_epochs: int = option(5, "training epochs of the group classifier (longer fine-tuning blurs the concepts)", **COUNT)
+    classifier_batch_size: int = option(16, "images per training step of the group classifier (BatchNorm needs 2)", bounds="[2, )")
+    explainer_epochs: int = option(100, "training epochs of the explainer", **COUNT)
+    explainer_learning_rate: float = option(1e-3, "Adam learning rate of the explainer (converges in fewer epochs than 1e-4)",
+                                            **LEARNING_RATE)
+    vocabulary_size: int = option(VOCABULARY_SIZE, "candidate words: the N most frequent clean GloVe words", **ANY_COUNT)
     vocabulary_file: str | None = option(None, "a file of candidate words, one per line (overrides the size)")
-    words_per_image: int = option(0, "nearest words taken per image when naming filters (0: explain's default)")
-    top_filters: int = option(5, "a planted concept is found when it is among the first 3 words of one of this many top filters")
-
-
-# --- checks of scene settings ----------------------------------------------------------
-
-
-def parse_group_bias(value: object) -> tuple[tuple[str, tuple[float, ...]], ...] | None:
-    """The canonical form of ``SceneSettings.group_bias``: ((word, (p_a, p_b, ...)), ...).
-
-    Example:
-        >>> parse_group_bias("dog=0.6:0.1, car=0.1:0.6")
-        (('dog', (0.6, 0.1)), ('car', (0.1, 0.6)))
-    """
-    if value is None or value == "":
-        return None
-    fix = "give it as 'dog=0.6:0.1,car=0.1:0.6' or as ((word, (probability per group, ...)), ...)"
-    if isinstance(value, str):
-        pairs = []
-        for item in value.split(","):
-            word, sep, probabilities = item.partition("=")
-            if not sep:
-                raise LaviseError(f"group_bias item {item.strip()!r} has no '='; {fix}.")
-            try:
-                numbers = tuple(float(p) for p in probabilities.split(":"))
-            except ValueError:
-                raise LaviseError(
-                    f"group_bias item {item.strip()!r} has a probability that is not a number; {fix}."
-                ) from None
-            pairs.append((word.strip(), numbers))
-    elif isinstance(value, dict):
-        pairs = list(value.items())
-    elif isinstance(value, (list, tuple)):
-        pairs = list(value)
-    else:
-        raise LaviseError(f"group_bias must be a string, a mapping or pairs, not {value!r}; {fix}.")
-    canonical = []
-    for pair in pairs:
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str)):
-            raise LaviseError(f"group_bias entry {pair!r} is not a (word, probabilities) pair; {fix}.")
-        word, probabilities = pair
-        numeric = isinstance(probabilities, (list, tuple)) and all(
-            isinstance(p, (int, float, np.integer, np.floating)) and not isinstance(p, bool) for p in probabilities
-        )
-        if not numeric:
-            raise LaviseError(f"group_bias probabilities of {word!r} must be numbers, not {probabilities!r}; {fix}.")
-        probabilities = tuple(float(p) for p in probabilities)
-        if not all(0.0 <= p <= 1.0 for p in probabilities):
-            raise LaviseError(f"group_bias probabilities of {word!r} must lie in [0, 1], not {probabilities}.")
-        canonical.append((word, probabilities))
-    if not canonical:
-        raise LaviseError(f"group_bias names no concept; {fix}.")
-    words = [w for w, _ in canonical]
-    if len(set(words)) != len(words) or not all(words):
-        raise LaviseError(f"group_bias must name distinct, non-empty words, not {words}.")
-    sizes = {len(p) for _, p in canonical}
-    if len(sizes) != 1 or not 2 <= min(sizes) <= len(GROUP_NAMES):
-        raise LaviseError(
-            f"group_bias must give every concept one probability per group, for 2 to "
-            f"{len(GROUP_NAMES)} groups; got {dict(canonical)}."
-        )
-    return tuple(canonical)
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise LaviseError(f"{name} must be an integer of at least {minimum}, not {value!r}.")
-
-
-def _check_fraction(name: str, value: object, *, below_one: bool = False) -> None:
-    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    ok = number and 0.0 <= value <= 1.0
-    if not ok or (below_one and value >= 1.0):
-        bound = "[0, 1)" if below_one else "[0, 1]"
-        raise LaviseError(f"{name} must be a number in {bound}, not {value!r}.")
-
-
-def _check_range(
-    name: str, value: object, low: float, high: float | None, *, integer: bool = False
-) -> None:
-    """(min, max) with low < min <= max <= high for floats, low <= min <= max for ints."""
-    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
-    ok = (
-        isinstance(value, tuple)
-        and len(value) == 2
-        and all(isinstance(v, kinds) and not isinstance(v, bool) for v in value)
-    )
-    if ok:
-        first, second = value
-        ok = (first >= low if integer else first > low) and first <= second
-        ok = ok and (high is None or second <= high)
-    if not ok:
-        lower = f"{low} <= min" if integer else f"{low} < min"
-        upper = "" if high is None else f" <= {high}"
-        raise LaviseError(f"{name} must be a pair (min, max) with {lower} <= max{upper}, not {value!r}.")
+    words_per_image: int = option(0, "nearest words taken per image when naming filters (0: explain's default)", **ANY_COUNT)
+    top_filters: int = option(5, "a planted concept is found when it is among the first 3 words of one of this many top filters",
+                              **COUNT)
