@@ -8,6 +8,7 @@ cached next to the other lavise caches.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lavise.errors import LaviseError
+from lavise.errors import LaviseError, LaviseWarning
 from lavise.settings import VOCABULARY_SIZE
 from lavise.storage import cached
 
@@ -44,6 +45,7 @@ STOP_WORDS = frozenset(
 )
 
 _CLEAN_WORD = re.compile(r"^[a-z]{2,}$")
+NAMED = 20  # words or lines named in a warning; the count covers them all
 _TOKEN_SPLIT = re.compile(r"[\s_\-/]+")
 
 
@@ -75,7 +77,8 @@ class WordVectors:
         return f"WordVectors(source={self.source!r}, words={len(self.words)}, dim={self.dim})"
 
     def phrase_vector(self, phrase: str) -> torch.Tensor | None:
-        """Mean of the known words' vectors of a (possibly multi-word) name, or None.
+        """Mean of the known words' vectors of a (possibly multi-word) name, or None when
+        none is known or the mean is zero or not finite (it could name nothing).
 
         Example:
             >>> wv = WordVectors(["red", "car"], torch.eye(2), "toy")
@@ -85,7 +88,19 @@ class WordVectors:
         rows = [self._index[t] for t in tokenize(phrase) if t in self._index]
         if not rows:
             return None
-        return self.vectors[rows].mean(dim=0)
+        vector = self.vectors[rows].mean(dim=0)
+        if not bool(torch.isfinite(vector).all()) or float(vector.norm()) < 1e-6:
+            return None
+        return vector
+
+    def unknown_words(self, phrase: str) -> list[str]:
+        """The words of a name without a vector: 'teddy xqzbear' -> ['xqzbear'].
+
+        Example:
+            >>> WordVectors(["teddy"], torch.ones(1, 2), "toy").unknown_words("teddy xqzbear")
+            ['xqzbear']
+        """
+        return [t for t in tokenize(phrase) if t not in self._index]
 
     def vocabulary(
         self, *, size: int = VOCABULARY_SIZE, word_list: str | Path | None = None, clean: bool = True
@@ -100,9 +115,7 @@ class WordVectors:
         """
         if word_list is not None:
             path = Path(word_list)
-            if not path.is_file():
-                raise LaviseError(f"Word list '{path}' does not exist.")
-            wanted = [w.strip().lower() for w in path.read_text().splitlines() if w.strip()]
+            wanted = [w.strip().lower() for w in read_text_file(path, "Word list").splitlines() if w.strip()]
             missing = [w for w in wanted if w not in self._index]
             if len(missing) == len(wanted):
                 raise LaviseError(
@@ -137,6 +150,33 @@ class Vocabulary:
 def is_clean_word(word: str) -> bool:
     """Alphabetic, at least two letters, not a stop-word."""
     return bool(_CLEAN_WORD.match(word)) and word not in STOP_WORDS
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """The UTF-8 text of a user's file, or a LaviseError naming it (``what``: 'Vocabulary file', ...)."""
+    if path.is_dir():
+        raise LaviseError(f"{what} '{path}' is a folder, not a file of words.")
+    if not path.is_file():
+        raise LaviseError(f"{what} '{path}' does not exist.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise LaviseError(f"{what} '{path}' is not UTF-8 text ({error.reason} at byte {error.start}): "
+                          "give one word or phrase per line.") from None
+    if "\x00" in text:
+        raise LaviseError(f"{what} '{path}' is not text (it holds NUL bytes): give one word or phrase per line.")
+    return text
+
+
+def named(items: list, total: int | None = None) -> str:
+    """The first :data:`NAMED` items, joined, and how many more.
+
+    Example:
+        >>> named(["a", "b"]), named(list("abcdefghijklmnopqrstuvwxyz"))[-10:]
+        ('a, b', 'and 6 more')
+    """
+    more = (len(items) if total is None else total) - min(len(items), NAMED)
+    return ", ".join(str(i) for i in items[:NAMED]) + (f" and {more} more" if more > 0 else "")
 
 
 def tokenize(phrase: str) -> list[str]:
@@ -179,65 +219,131 @@ def _builtin_glove() -> WordVectors:
 
 
 def _text_vectors(path: Path, cache_dir: Path | None) -> WordVectors:
-    """A GloVe or word2vec text file, parsed once per file contents (name, size, time) and cached."""
+    """A GloVe or word2vec text file, parsed once per file contents (name, size, time) and cached;
+    what was left out of it is told at every load."""
     stat = path.stat()
-    parts = {"product": "word-vectors", "version": 1, "file": str(path.resolve()), "size": stat.st_size,
+    parts = {"product": "word-vectors", "version": 2, "file": str(path.resolve()), "size": stat.st_size,
              "mtime_ns": stat.st_mtime_ns}
 
     def build():
-        words, vectors = _parse_text_vectors(path)
+        words, vectors, left_out = _parse_text_vectors(path)
         text = np.frombuffer("\n".join(words).encode("utf-8"), dtype=np.uint8)
-        return {"vectors": vectors, "words": text}, {"count": len(words)}
+        return {"vectors": vectors, "words": text}, {"count": len(words), **left_out}
 
-    arrays, _ = cached(cache_dir, "words", parts, build, suffix=".npz")
+    arrays, facts = cached(cache_dir, "words", parts, build, suffix=".npz")
+    for message in left_out_messages(path, facts):
+        warnings.warn(message, LaviseWarning, stacklevel=3)
     words = arrays["words"].tobytes().decode("utf-8").split("\n")
     return WordVectors(words, torch.from_numpy(arrays["vectors"]), str(path))
 
 
-def _parse_text_vectors(path: Path) -> tuple[list[str], np.ndarray]:
-    """Words and (V, D) float32 vectors of a GloVe or word2vec text file."""
-    words, rows = [], []
+def left_out_messages(path: Path, facts: dict) -> list[str]:
+    """The warnings about what :func:`_parse_text_vectors` left out of ``path``."""
+    messages = []
+    if facts.get("malformed"):
+        messages.append(f"{facts['malformed']} lines of '{path}' are not a word and {facts['dim']} numbers and are "
+                        f"left out: lines {named(facts['malformed_lines'], facts['malformed'])}")
+    for key, what in (("non_finite", "have NaN or infinite entries"), ("zero", "have all-zero vectors")):
+        if facts.get(key):
+            messages.append(f"{facts[key]} words of '{path}' {what} and are left out (they would be nearest to "
+                            f"everything or to nothing): {named(facts[key + '_words'], facts[key])}")
+    if facts.get("duplicates"):
+        messages.append(f"{facts['duplicates']} words of '{path}' appear more than once; the first vector of each is "
+                        f"kept (files list the most frequent sense first): {named(facts['duplicate_words'], facts['duplicates'])}")
+    return messages
+
+
+def _parse_text_vectors(path: Path) -> tuple[list[str], np.ndarray, dict]:
+    """Words, (V, D) float32 vectors and what was left out (counts, the first words or lines) of a
+    GloVe or word2vec text file.
+
+    Left out: lines that are not a word and as many numbers as the first such line (refused
+    when they are not fewer than the good ones), words whose vector has a NaN or infinite
+    entry or is all zero, and later occurrences of a word.
+    """
+    words, rows, malformed, first_problem = [], [], [], None
     dim = None
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            parts = line.rstrip().split(" ")
-            if line_number == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
-                continue  # word2vec header: "<count> <dim>"
-            if len(parts) < 2:
-                continue
-            if dim is None:
-                dim = len(parts) - 1
-            if len(parts) - 1 != dim:
-                raise LaviseError(
-                    f"{path}, line {line_number}: {len(parts) - 1} numbers where the first "
-                    f"line had {dim}. Is this a GloVe or word2vec text file?"
-                )
-            try:
-                rows.append(np.asarray(parts[1:], dtype=np.float32))
-            except ValueError:
-                raise LaviseError(f"{path}, line {line_number}: not a word followed by numbers.") from None
-            words.append(parts[0])
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if "\x00" in line:
+                    raise LaviseError(f"Word-vector file '{path}' is not text (line {line_number} holds NUL bytes); "
+                                      "give a GloVe or word2vec text file (binary word2vec files must be converted).")
+                parts = line.rstrip().split(" ")
+                if line_number == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
+                    continue  # word2vec header: "<count> <dim>"
+                if len(parts) < 2:
+                    continue
+                dim = dim or len(parts) - 1
+                problem = None
+                if len(parts) - 1 != dim:
+                    problem = f"{len(parts) - 1} numbers where the first line had {dim}"
+                else:
+                    try:
+                        rows.append(np.asarray(parts[1:], dtype=np.float32))
+                        words.append(parts[0])
+                    except ValueError:
+                        problem = "not a word followed by numbers"
+                if problem:
+                    malformed.append(line_number)
+                    first_problem = first_problem or f"{path}, line {line_number}: {problem}"
+    except UnicodeDecodeError as error:
+        raise LaviseError(f"Word-vector file '{path}' is not UTF-8 text ({error.reason}); give a GloVe or word2vec "
+                          "text file (binary word2vec files must be converted to text).") from None
+    if malformed and len(malformed) >= len(words):
+        raise LaviseError(f"{first_problem} ({len(malformed)} such lines, {len(words)} good ones). "
+                          "Is this a GloVe or word2vec text file?")
     if not words:
         raise LaviseError(f"Word-vector file '{path}' holds no vectors.")
-    return words, np.stack(rows)
+    vectors = np.stack(rows)
+    finite, nonzero = np.isfinite(vectors).all(axis=1), vectors.any(axis=1)
+    first, seen = np.zeros(len(words), dtype=bool), set()
+    for i in np.flatnonzero(finite & nonzero):  # the first usable vector of each word
+        first[i] = words[i] not in seen
+        seen.add(words[i])
+    keep = finite & nonzero & first
+    if not keep.any():
+        raise LaviseError(f"Word-vector file '{path}' holds no usable vector: every one is NaN, infinite or zero.")
+
+    def some(mask: np.ndarray) -> list[str]:
+        return [words[i] for i in np.flatnonzero(mask)[:NAMED]]
+
+    left_out = {"dim": dim, "malformed": len(malformed), "malformed_lines": malformed[:NAMED],
+                "non_finite": int((~finite).sum()), "non_finite_words": some(~finite),
+                "zero": int((finite & ~nonzero).sum()), "zero_words": some(finite & ~nonzero),
+                "duplicates": int((finite & nonzero & ~first).sum()), "duplicate_words": some(finite & nonzero & ~first)}
+    return [words[i] for i in np.flatnonzero(keep)], vectors[keep], left_out
 
 
 def concept_vectors(
     names: list[str], word_vectors: WordVectors, spell: Callable[[str], str] | None = None
 ) -> tuple[list[str], torch.Tensor, list[str]]:
-    """Vectors of concept names: (kept names, (C, D) vectors, names with no known word).
+    """Vectors of concept names: (kept names, (C, D) vectors, names with no usable vector).
 
     ``spell`` gives the words a name means (:func:`lavise.vocabulary.normalize_concept`);
-    the vector is that of its words, the names are kept as given.
+    the vector is the mean of its known words', the names are kept as given. A name with
+    some words unknown keeps the others' mean, and a warning names it and the words; a
+    name whose mean is zero (its words' vectors cancel) is left out with a warning.
     """
-    kept, rows, unknown = [], [], []
+    kept, rows, unknown, partial, zero = [], [], [], [], []
     for name in names:
-        vector = word_vectors.phrase_vector(spell(name) if spell else name)
+        spelled = spell(name) if spell else name
+        vector, missing = word_vectors.phrase_vector(spelled), word_vectors.unknown_words(spelled)
         if vector is None:
             unknown.append(name)
+            if len(missing) < len(tokenize(spelled)):
+                zero.append(name)
         else:
             kept.append(name)
             rows.append(vector)
+            if missing:
+                partial.append(f"'{name}' (without {', '.join(missing)})")
+    if partial:
+        warnings.warn(f"{len(partial)} concept names have words without a vector in {word_vectors.source}; each is "
+                      f"the mean of its other words: {named(partial)}", LaviseWarning, stacklevel=2)
+    if zero:
+        warnings.warn(f"{len(zero)} concept names have a zero or non-finite vector in {word_vectors.source} (their "
+                      f"words' vectors cancel or are broken) and are left out: {named(zero)}", LaviseWarning, stacklevel=2)
     if not rows:
         raise LaviseError(
             f"None of the {len(names)} concept names has a word vector in "

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from lavise.embeddings import Vocabulary, WordVectors, is_clean_word
+from lavise.embeddings import Vocabulary, WordVectors, is_clean_word, named, read_text_file
 from lavise.errors import LaviseError, LaviseWarning
 from lavise.settings import VOCABULARIES, ExplainSettings
 
@@ -212,6 +212,10 @@ def candidate_vocabulary(word_vectors: WordVectors, *, kind: str = "visual", siz
     added = [n for n in dict.fromkeys(normalize_concept(c) for c in concepts)
              if n and n not in known and word_vectors.phrase_vector(n) is not None]
     words = words + added
+    partial = [f"'{w}' (without {', '.join(word_vectors.unknown_words(w))})" for w in words if word_vectors.unknown_words(w)]
+    if partial:
+        warnings.warn(f"{len(partial)} candidate phrases have words without a vector in {word_vectors.source}; each is "
+                      f"named by the mean of its other words: {named(partial)}", LaviseWarning, stacklevel=2)
     description["concept_names_added"] = len(added)
     vectors = torch.stack([word_vectors.phrase_vector(w) for w in words])
     return Vocabulary(words, torch.nn.functional.normalize(vectors.float(), dim=1), description)
@@ -220,12 +224,7 @@ def candidate_vocabulary(word_vectors: WordVectors, *, kind: str = "visual", siz
 def _listed_words(path: Path, word_vectors: WordVectors) -> tuple[list[str], list[str]]:
     """The words and phrases of a vocabulary file that have a vector, and those that have none;
     refused when none has."""
-    if not path.is_file():
-        raise LaviseError(f"Vocabulary file '{path}' does not exist.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise LaviseError(f"Vocabulary file '{path}' is not UTF-8 text ({error.reason} at byte {error.start}).") from None
+    text = read_text_file(path, "Vocabulary file")
     wanted = list(dict.fromkeys(" ".join(line.split("#", 1)[0].lower().split()) for line in text.splitlines()))
     wanted = [w for w in wanted if w]
     if not wanted:
