@@ -24,6 +24,7 @@ from lavise.storage import content_digest, files_digest
 
 _POLYGON, _RLE, _BOX = 0, 1, 2
 _POLYGON_LIMIT = 2.0**24
+_NUMBER_TYPES = frozenset({int, float})
 
 
 class CocoDataset:
@@ -324,7 +325,8 @@ def _valid_polygons(segmentation: list) -> bool:
     (pycocotools turns them into C ints: larger ones would overflow)."""
     return all(
         isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0
-        and all(_number(v) and abs(v) < _POLYGON_LIMIT for v in polygon)
+        # inline, as COCO has tens of millions of coordinates: NaN fails the comparison, bool its type
+        and all(type(v) in _NUMBER_TYPES and -_POLYGON_LIMIT < v < _POLYGON_LIMIT for v in polygon)
         for polygon in segmentation
     )
 
