@@ -41,9 +41,9 @@ class SettingError(LaviseError):
     """
 
     def __init__(self, owner: str, name: str, problem: str) -> None:
-        super().__init__(f"{owner}: {problem.format(name)}")
+        super().__init__(f"{owner}: {problem.replace('{}', name, 1)}")
         self.name = name
-        self.option = problem.format(_option(name))
+        self.option = problem.replace("{}", _option(name), 1)
 
 
 class SettingWarning(LaviseWarning):
@@ -186,7 +186,7 @@ def check_fields(settings) -> None:
         warn = field.metadata.get("warn")
         if warn is not None and warn[0](checked):
             warnings.warn(SettingWarning(owner, field.name, checked, warn[1]), stacklevel=4)
-# --- checks of scene settings (SceneSettings checks its pairs and lists itself) -----------
+# --- checks of scene settings (SceneSettings checks its fields itself, with these) -------
 
 
 def parse_group_bias(value: object) -> tuple[tuple[str, tuple[float, ...]], ...] | None:
@@ -248,7 +248,7 @@ def parse_group_bias(value: object) -> tuple[tuple[str, tuple[float, ...]], ...]
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise LaviseError(f"{name} must be an integer of at least {minimum}, not {value!r}.")
+        raise SettingError("SceneSettings", name, f"{{}} must be an integer of at least {minimum}, not {value!r}.")
 
 
 def _check_fraction(name: str, value: object, *, below_one: bool = False) -> None:
@@ -256,7 +256,7 @@ def _check_fraction(name: str, value: object, *, below_one: bool = False) -> Non
     ok = number and 0.0 <= value <= 1.0
     if not ok or (below_one and value >= 1.0):
         bound = "[0, 1)" if below_one else "[0, 1]"
-        raise LaviseError(f"{name} must be a number in {bound}, not {value!r}.")
+        raise SettingError("SceneSettings", name, f"{{}} must be a number in {bound}, not {value!r}.")
 
 
 def _check_range(
@@ -276,4 +276,4 @@ def _check_range(
     if not ok:
         lower = f"{low} <= min" if integer else f"{low} < min"
         upper = "" if high is None else f" <= {high}"
-        raise LaviseError(f"{name} must be a pair (min, max) with {lower} <= max{upper}, not {value!r}.")
+        raise SettingError("SceneSettings", name, f"{{}} must be a pair (min, max) with {lower} <= max{upper}, not {value!r}.")

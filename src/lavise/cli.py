@@ -19,7 +19,7 @@ from pathlib import Path
 from lavise.checks import SettingError, SettingWarning, check_value
 from lavise.compute import resolve_device
 from lavise.embeddings import BUILTIN_GLOVE
-from lavise.errors import LaviseError
+from lavise.errors import LaviseError, LaviseWarning
 from lavise.settings import (
     REFERENCE_FORMATS, VOCABULARY_SIZE, BiasDemoSettings, ComputeSettings, DemoSettings, EvaluateSettings,
     ExplainSettings, GroupSettings, ModelComparisonSettings, ReferenceSettings, ReportSettings, SceneSettings,
@@ -65,16 +65,14 @@ def _settings(args: argparse.Namespace, settings_type):
                 built[settings_type] = settings_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
             except SettingError as error:
                 raise LaviseError(error.option) from None
-        for warning in caught:
+        for warning in caught:  # a settings warning names the option
             message = warning.message
-            warnings.warn(message.option if isinstance(message, SettingWarning) else message, warning.category, stacklevel=2)
+            warnings.warn(LaviseWarning(message.option) if isinstance(message, SettingWarning) else message, stacklevel=2)
     return built[settings_type]
 
 
-# The numbers of a command alone, as settings fields say what they accept (lavise.checks).
-_NUMBERS = {"vocabulary_size": ("int", "[0, )"), "annotated_fractions": ("float", "(0, 1]")}
-# What each path argument must be: "in" exists, "folder" and "file" an existing one, "run"
-# not a file, "out-folder" a folder to write into or nothing yet, "out-file" not a folder.
+_NUMBERS = {"vocabulary_size": ("int", "[0, )"), "annotated_fractions": ("float", "(0, 1]")}  # of one command
+# Path arguments: "in" exists, "folder"/"file" an existing one, "run" no file, "out-folder" no file, "out-file" no folder.
 _PATHS = {"reference": "in", "dataset": "in", "sweep_reference": "in", "reference_images": "folder",
           "dataset_images": "folder", "sweep_reference_images": "folder", "target": "folder", "checkpoint": "file",
           "evaluation": "file", "groups": "file", "vocabulary_file": "file", "run": "run", "runs": "run",
@@ -91,8 +89,8 @@ def _check_options(args: argparse.Namespace) -> None:
         for value in values if isinstance(values, list) else [values]:
             problem = check_value(kind[0], value, {"bounds": kind[1]})[1] if name in _NUMBERS and value is not None else None
             if problem:
-                raise LaviseError(problem.format(flag))
-            if value is not None and name not in _NUMBERS:
+                raise LaviseError(problem.replace("{}", flag, 1))
+            if isinstance(value, (str, Path)) and name not in _NUMBERS:  # the demos' reference_images are counts
                 _check_path(Path(value), flag, kind)
     if hasattr(args, "device"):
         resolve_device(args.device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from lavise.checks import (  # noqa: F401  (GROUP_NAMES, parse_group_bias: part of this module's API)
-    GROUP_NAMES, SEED_BOUNDS, _check_fraction, _check_int, _check_range, check_fields, parse_group_bias,
+    GROUP_NAMES, SEED_BOUNDS, SettingError, _check_fraction, _check_int, _check_range, check_fields, parse_group_bias,
 )
 from lavise.errors import LaviseError
 
@@ -320,7 +320,10 @@ class SceneSettings(_Settings):
     )
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "group_bias", parse_group_bias(self.group_bias))
+        try:
+            object.__setattr__(self, "group_bias", parse_group_bias(self.group_bias))
+        except LaviseError as error:
+            raise SettingError("SceneSettings", "group_bias", f"{{}}: {error}") from None
         for name in ("concepts_per_image", "scale", "texture_area", "backgrounds"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
@@ -338,7 +341,7 @@ class SceneSettings(_Settings):
         _check_fraction("min_visible_fraction", self.min_visible_fraction)
         for name in ("texture_concepts", "background_concepts"):
             if not isinstance(getattr(self, name), bool):
-                raise LaviseError(f"{name} must be True or False, not {getattr(self, name)!r}.")
+                raise SettingError("SceneSettings", name, f"{{}} must be True or False, not {getattr(self, name)!r}.")
         kinds = self.backgrounds
         if (
             not isinstance(kinds, tuple)
@@ -346,10 +349,8 @@ class SceneSettings(_Settings):
             or len(set(kinds)) != len(kinds)
             or not set(kinds) <= set(BACKGROUND_KINDS)
         ):
-            raise LaviseError(
-                f"backgrounds must be a non-empty list of distinct kinds among "
-                f"{', '.join(BACKGROUND_KINDS)}; got {kinds!r}."
-            )
+            raise SettingError("SceneSettings", "backgrounds", f"{{}} must be a non-empty list of distinct kinds "
+                               f"among {', '.join(BACKGROUND_KINDS)}; got {kinds!r}.")
         # plain Python numbers, so that settings compare and serialise the same way
         for name in ("image_size", "num_images", "seed", "min_visible_area"):
             object.__setattr__(self, name, int(getattr(self, name)))
@@ -439,3 +440,10 @@ class BiasDemoSettings(_Settings):
     words_per_image: int = option(0, "nearest words taken per image when naming filters (0: explain's default)", **ANY_COUNT)
     top_filters: int = option(5, "a planted concept is found when it is among the first 3 words of one of this many top filters",
                               **COUNT)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            parse_group_bias(self.planted)
+        except LaviseError as error:
+            raise SettingError(type(self).__name__, "planted", f"{{}}: {error}") from None
