@@ -288,3 +288,24 @@ def test_group_lists_follow_the_same_rule(tmp_path):
     (root / "x" / "2.png").symlink_to(secret)
     with pytest.raises(LaviseError, match=r"lists 2 images outside the target folder .*Nothing was read"):
         read_groups(root, {"x": ["x/1.png", "x/2.png"], "y": ["y/1.png", "../outside/secret.png"]})
+
+
+@pytest.mark.parametrize(("width", "height"), [("abc", "24"), ("0", "24"), ("32", "-24"), ("32", ""), ("32.5", "24"), ("nan", "24")])
+def test_a_manifest_size_that_is_not_whole_and_positive_is_counted(tmp_path, width, height):
+    root = tmp_path / "data"
+    _image(root / "a.png")
+    path = root / "list.csv"
+    path.write_text(f"image,concept,box,width,height\na.png,cat,1 1 8 8,{width},{height}\na.png,dog,2 2 8 8,,\n")
+    dataset = ManifestDataset(path)
+    assert dataset.skipped.counts == {"declared sizes that are not a positive whole width and height (the file's was used)": 1}
+    concepts, masks = dataset.masks(0, (32, 24))  # the file's size was used
+    assert concepts == [0, 1] and masks.shape == (2, 24, 32)
+
+
+def test_a_manifest_size_given_right_is_used(tmp_path):
+    root = tmp_path / "data"
+    _image(root / "a.png")
+    path = root / "list.jsonl"
+    path.write_text(json.dumps({"image": "a.png", "concept": "cat", "box": [1, 1, 8, 8], "width": 32.0, "height": 24}) + "\n")
+    dataset = ManifestDataset(path)
+    assert not dataset.skipped and dataset.masks(0, (32, 24))[1].sum() == 64

@@ -42,6 +42,7 @@ from lavise.errors import LaviseError
 from lavise.storage import content_digest, files_digest
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson")
+BAD_SIZE = (0, 0)  # a width and height given, but not both positive whole numbers
 _NUMBERS = re.compile(r"[\s,;]+")
 _BOX_REASONS = {
     BOX_CLIPPED: "box parts outside their image (the boxes were clipped)",
@@ -104,6 +105,9 @@ class ManifestDataset:
             if not image or not concept:
                 self.skipped.add("rows without an image or a concept", where)
                 continue
+            if size == BAD_SIZE:  # the row is kept: its image's size is read from the file
+                self.skipped.add("declared sizes that are not a positive whole width and height (the file's was used)", where)
+                size = None
             if box is not None and mask is not None:
                 self.skipped.add("rows with both a box and a mask", where)
                 continue
@@ -343,12 +347,26 @@ def _parse_box(box: object) -> tuple[float, float, float, float] | None:
 
 
 def _parse_size(width: object, height: object) -> tuple[int, int] | None:
-    """A declared (W, H) of whole positive numbers, else None (the file's header is read)."""
-    try:
-        size = (int(str(width).strip()), int(str(height).strip()))
-    except (TypeError, ValueError):
+    """A declared (W, H) of whole positive numbers; None when neither is given (the file's
+    header is read), ``BAD_SIZE`` when they are given but are not both such numbers.
+
+    Example:
+        >>> _parse_size("64", 48.0), _parse_size("", None), _parse_size(64, None), _parse_size("64", "-1")
+        ((64, 48), None, (0, 0), (0, 0))
+    """
+    given = [v for v in (width, height) if v is not None and str(v).strip()]
+    if not given:
         return None
-    return size if min(size) > 0 else None
+    size = []
+    for value in (width, height):
+        try:
+            number = float(str(value).strip()) if not isinstance(value, bool) else math.nan
+        except ValueError:
+            return BAD_SIZE
+        if not (math.isfinite(number) and number.is_integer() and number > 0):
+            return BAD_SIZE
+        size.append(int(number))
+    return size[0], size[1]
 
 
 def _image_size(path: Path) -> tuple[int, int]:
