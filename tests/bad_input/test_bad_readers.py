@@ -309,3 +309,12 @@ def test_a_manifest_size_given_right_is_used(tmp_path):
     path.write_text(json.dumps({"image": "a.png", "concept": "cat", "box": [1, 1, 8, 8], "width": 32.0, "height": 24}) + "\n")
     dataset = ManifestDataset(path)
     assert not dataset.skipped and dataset.masks(0, (32, 24))[1].sum() == 64
+
+
+@pytest.mark.parametrize("value", [True, "12", None, [1]])
+def test_visual_genome_coordinates_that_are_not_numbers_are_counted(tmp_path, value):
+    objects = [{"image_id": 1, "objects": [{"x": value, "y": 1, "w": 8, "h": 8, "synsets": ["dog.n.01"]},
+                                           {"x": 1, "y": 1, "w": 8, "h": 8, "synsets": ["cat.n.01"]}]}]
+    root = _genome(tmp_path / "vg", {1: "https://x/VG_100K/1.jpg"}, objects)
+    dataset = VisualGenomeDataset(root, min_images=1, cache_dir=tmp_path / "cache")
+    assert dataset.skipped.counts["objects without a numeric x, y, w, h"] == 1 and dataset.concepts == ["cat"]

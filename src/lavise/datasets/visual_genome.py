@@ -40,7 +40,8 @@ from lavise.errors import LaviseError
 from lavise.storage import cache_folder, cached, content_digest, files_digest
 from lavise.settings import ReferenceSettings
 
-INDEX_VERSION = 2  # 2: boolean ids, and synsets or names that are not lists, are refused
+INDEX_VERSION = 2  # 2: boolean ids and coordinates, and synsets or names that are not lists, are refused
+_NUMBER_TYPES = frozenset({int, float})
 _CLIP_CHUNK = 1 << 18
 _SYNSET = re.compile(r"^(?P<lemma>.+)\.(?P<sense>[a-z]\.\d+)$")
 _BOX_REASONS = {
@@ -330,9 +331,8 @@ def build_index(objects: Path, image_data: Path) -> dict:
                 if key is None:
                     skipped.add("objects without a synset or name", f"image_id={image_id}")
                     continue
-                try:
-                    box = [float(obj["x"]), float(obj["y"]), float(obj["w"]), float(obj["h"])]
-                except (KeyError, TypeError, ValueError):
+                box = [obj.get("x"), obj.get("y"), obj.get("w"), obj.get("h")]
+                if not all(type(v) in _NUMBER_TYPES for v in box):  # not true, "12" or null
                     skipped.add("objects without a numeric x, y, w, h", f"image_id={image_id}")
                     continue
                 box_image.append(row)
