@@ -346,7 +346,7 @@ def _method_words(run, target_model, stream, scan, label_iou, names, scored, nam
         for method in explained:
             with contextlib.ExitStack() as stack:
                 if method == "image":
-                    read = stack.enter_context(layer_reader(target_model.module.to(device), run.layer))
+                    read = stack.enter_context(layer_reader(target_model.module.to(device), run.layer, target_model.layout))
                     stack.enter_context(torch.inference_mode())
                     loader = _ImageLoader(stream.images, target_model.preprocessing)
 

@@ -29,6 +29,7 @@ from lavise.datasets.base import BadImage, ImageFiles, SkipLog, load_rgb
 from lavise.distributed import Ranks, current
 from lavise.errors import LaviseError
 from lavise.models import Preprocessing, TargetModel, layer_reader, preprocess_image, preprocess_masks
+from lavise.models.layouts import Layout
 from lavise.regions import QuantileRefiner
 from lavise.settings import ComputeSettings
 from lavise.storage import ChunkStore
@@ -136,10 +137,16 @@ def count_problems(items: list[Item], dataset, skipped: SkipLog) -> list[Item]:
 
 
 def layer_shape(model: TargetModel, layer: str, device: torch.device) -> tuple[int, ...]:
-    """The shape of one image's output of ``layer``: (d, h, w), from one blank image."""
+    """The shape of one image's map of ``layer``: (d, h, w), from one blank image."""
+    return layer_probe(model, layer, device)[0]
+
+
+def layer_probe(model: TargetModel, layer: str, device: torch.device) -> tuple[tuple[int, ...], Layout]:
+    """One image's map shape (d, h, w) of ``layer`` and the layout its output was read in."""
     size = model.preprocessing.crop_size
-    with layer_reader(model.module.to(device), layer) as read, torch.inference_mode():
-        return tuple(read(torch.zeros(1, 3, size, size, device=device)).shape[1:])
+    with layer_reader(model.module.to(device), layer, model.layout) as read, torch.inference_mode():
+        shape = tuple(read(torch.zeros(1, 3, size, size, device=device)).shape[1:])
+    return shape, read.layout
 
 
 @dataclass
@@ -231,7 +238,7 @@ class MapStream:
         loaded = load_batches(self.images, self.model.preprocessing, batches, self.compute,
                               description=description, progress=self.ranks.main)
         module = self.model.module.to(self.device)
-        with layer_reader(module, self.layer) as read:
+        with layer_reader(module, self.layer, self.model.layout) as read:
             for c in chunks:
                 start, stop = self.bounds[c]
                 skipped, rows, maps = SkipLog(), [], []
@@ -282,7 +289,7 @@ class MapStream:
                    for c, b in sorted(wanted)]
         loaded = load_batches(self.images, self.model.preprocessing, batches, self.compute, progress=False)
         module = self.model.module.to(self.device)
-        with layer_reader(module, self.layer) as read:
+        with layer_reader(module, self.layer, self.model.layout) as read:
             for (c, _), items in zip(sorted(wanted), loaded):
                 good = count_problems(items, self.images, SkipLog())
                 maps = torch.zeros(0, *self.shape)

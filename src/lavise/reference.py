@@ -69,7 +69,7 @@ class _ReferencePass:
         loaded = load_batches(self.dataset, self.model.preprocessing, batches, self.compute, with_masks=True,
                               description=description, progress=self.ranks.main)
         size = self.compute.batch_size
-        with layer_reader(self.model.module.to(self.device), self.layer) as read:
+        with layer_reader(self.model.module.to(self.device), self.layer, self.model.layout) as read:
             for c in chunks:
                 start, stop = self.bounds[c]
                 skipped, out = SkipLog(), []

@@ -18,6 +18,7 @@ Layout of a run directory::
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import uuid
 import warnings
@@ -32,6 +33,7 @@ from lavise.datasets.base import ReferenceDataset
 from lavise.distributed import Ranks, current
 from lavise.embeddings import BUILTIN_GLOVE, concept_vectors, load_word_vectors
 from lavise.errors import LaviseError, LaviseWarning
+from lavise.features import layer_probe
 from lavise.explainer import ExplainerHead, TrainingResult, head_outputs, train_explainer
 from lavise.reference import ReferenceRows, reference_rows
 from lavise.models import ModelSpec, TargetModel, load_target_model
@@ -95,7 +97,7 @@ class Run:
                 f"Run '{self.path}' was trained on a custom module ({spec['name']}); pass the "
                 "same module again as model=TargetModel(...)."
             )
-        return ModelSpec(spec["name"], spec.get("weights"), spec.get("checkpoint"))
+        return ModelSpec(spec["name"], spec.get("weights"), spec.get("checkpoint"), spec.get("layout", "auto"))
 
     def target_model(self, model: TargetModel | None = None) -> TargetModel:
         """The run's model, rebuilt from its spec (a custom module must be passed again)."""
@@ -111,6 +113,9 @@ class Run:
                     stacklevel=3,
                 )
             self._check_checkpoint(given)
+            trained_layout = self.config.get("layout_requested", "auto")
+            if model.layout == "auto" and trained_layout != "auto":  # the layout the run was trained with
+                model = dataclasses.replace(model, layout=trained_layout)
             return model
         model = load_target_model(self.model_spec)
         self._check_checkpoint(model.description)
@@ -301,12 +306,15 @@ def _train_on_rows(target: TargetModel, layer: str, reference: ReferenceDataset,
     outputs = _reference_outputs(result, vectors, targets, features.regional[rows], settings.seed, device)
 
     channels = int(features.vectors.shape[1])
+    _, layout = layer_probe(target, layer, device)
     config = {
         "lavise_version": __version__,
         "run_id": uuid.uuid4().hex,  # this training's identity: outputs made from it record it
         "model": {**target.description},
         "preprocessing": target.preprocessing.to_dict(),
         "layer": layer,
+        "layout": layout.to_dict(),  # how the layer's output was read as maps (tokens, channels last, ...)
+        "layout_requested": target.layout,
         "reference": {"description": repr(reference), "identity": reference.identity()},
         "word_vectors": vectors_source.source,
         "word_dim": vectors_source.dim,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from lavise.errors import LaviseError
+from lavise.models.layouts import LAYOUTS, Layout, ModelHints, as_feature_map, parse_layout, resolve_layout
 
 
 def layer_names(module: nn.Module) -> list[str]:
@@ -35,12 +36,49 @@ class _StopForward(Exception):
     """Raised by the hook once the layer has produced its output."""
 
 
-@contextlib.contextmanager
-def layer_reader(module: nn.Module, path: str) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
-    """Yield a function images -> the layer's output; nothing after the layer runs.
+class LayerReader:
+    """images -> the layer's output as a map (N, C, h, w); made by :func:`layer_reader`.
 
-    The hook is removed and the module's training flag restored on exit, also when the
-    forward pass fails.
+    ``layout`` is the layout the output was read in (resolved at the first call).
+    """
+
+    def __init__(self, module: nn.Module, path: str, requested: str) -> None:
+        self.module, self.path, self.requested = module, path, requested
+        self.captured: list[object] = []
+        self.layout: Layout | None = None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self.captured.clear()
+        try:
+            self.module(images)
+        except _StopForward:
+            pass
+        if not self.captured:
+            raise LaviseError(f"Layer '{self.path}' was not called in the model's forward pass.")
+        output = self.captured[0]
+        if not torch.is_tensor(output):
+            raise LaviseError(
+                f"Layer '{self.path}' outputs a {type(output).__name__}, not a tensor; lavise reads maps "
+                f"(N, C, h, w), (N, h, w, C) or token sequences (N, P + h*w, C) (--layout values: "
+                f"{', '.join(LAYOUTS)}, tokens:P). Choose another layer."
+            )
+        if output.dim() > 0 and output.shape[0] != images.shape[0]:
+            raise LaviseError(
+                f"Layer '{self.path}' outputs {tuple(output.shape)} for a batch of {images.shape[0]} images: its first "
+                "dimension is not the images (attention windows or heads, say). Choose the block that holds it."
+            )
+        if self.layout is None:
+            self.layout = resolve_layout(self.requested, tuple(output.shape), ModelHints.of(self.module), layer=self.path)
+        return as_feature_map(output, self.layout)
+
+
+@contextlib.contextmanager
+def layer_reader(module: nn.Module, path: str, layout: str = "auto") -> Iterator[LayerReader]:
+    """Yield a function images -> the layer's output as (N, C, h, w); nothing after the layer runs.
+
+    ``layout`` is how the output is a map (see :mod:`lavise.models.layouts`): ``auto``
+    detects it. The hook is removed and the module's training flag restored on exit,
+    also when the forward pass fails.
 
     Example:
         >>> import torchvision
@@ -50,52 +88,35 @@ def layer_reader(module: nn.Module, path: str) -> Iterator[Callable[[torch.Tenso
         torch.Size([1, 512, 2, 2])
     """
     layer = resolve_layer(module, path)
-    captured: list[torch.Tensor] = []
+    parse_layout(layout)  # a bad --layout is refused before any image is read
+    reader = LayerReader(module, path, layout)
 
     def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-        captured.append(output)
+        reader.captured.append(output)
         raise _StopForward
 
     was_training = module.training
     handle = layer.register_forward_hook(hook)
     module.eval()
-
-    def read(images: torch.Tensor) -> torch.Tensor:
-        captured.clear()
-        try:
-            module(images)
-        except _StopForward:
-            pass
-        if not captured:
-            raise LaviseError(f"Layer '{path}' was not called in the model's forward pass.")
-        output = captured[0]
-        if not torch.is_tensor(output) or output.dim() != 4:
-            shape = tuple(output.shape) if torch.is_tensor(output) else type(output).__name__
-            raise LaviseError(
-                f"Layer '{path}' outputs {shape}; LaViSE explains convolutional feature "
-                "maps of shape (batch, filters, height, width). Choose a convolutional "
-                "block or activation instead."
-            )
-        return output
-
     try:
-        yield read
+        yield reader
     finally:
         handle.remove()
         module.train(was_training)
 
 
-def layer_shapes(module: nn.Module, crop_size: int) -> list[tuple[str, tuple[int, ...]]]:
-    """Each 4-D layer output's shape (filters, height, width) for one image."""
-    shapes: dict[str, tuple[int, ...]] = {}
+def layer_shapes(module: nn.Module, crop_size: int) -> list[tuple[str, tuple[int, ...], str]]:
+    """Every layer whose output lavise can read as a map: (name, (filters, h, w), layout
+    description), for one image, layouts detected as :func:`layer_reader` would."""
+    outputs: dict[str, tuple[int, ...]] = {}
     handles = []
     for name, sub in module.named_modules():
         if not name:
             continue
 
         def hook(_m: nn.Module, _i: object, out: object, name: str = name) -> None:
-            if torch.is_tensor(out) and out.dim() == 4 and name not in shapes:
-                shapes[name] = tuple(out.shape[1:])
+            if torch.is_tensor(out) and out.dim() in (3, 4) and out.shape[0] == 1 and name not in outputs:
+                outputs[name] = tuple(out.shape)
 
         handles.append(sub.register_forward_hook(hook))
     was_training = module.training
@@ -107,4 +128,13 @@ def layer_shapes(module: nn.Module, crop_size: int) -> list[tuple[str, tuple[int
         for handle in handles:
             handle.remove()
         module.train(was_training)
-    return [(name, shapes[name]) for name in layer_names(module) if name in shapes]
+    hints, listed = ModelHints.of(module), []
+    for name in layer_names(module):
+        if name in outputs:
+            try:
+                layout = resolve_layout("auto", outputs[name], hints, layer=name)
+            except LaviseError:
+                continue  # a sequence that is no grid (a text encoder's, say)
+            shape = tuple(as_feature_map(torch.empty(outputs[name], device="meta"), layout).shape[1:])
+            listed.append((name, shape, layout.describe()))
+    return listed

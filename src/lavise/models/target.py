@@ -21,8 +21,10 @@ from torch import nn
 
 from lavise.errors import LaviseError, LaviseWarning
 from lavise.models.efficientnet_lite import build_efficientnet_lite0
+from lavise.models.layouts import parse_layout
 from lavise.models.preprocessing import Preprocessing
 from lavise.models.scene_cnn import build_scene_cnn
+from lavise.models.timm_models import TIMM_PREFIX, check_timm_name, timm_model
 from lavise.storage import content_digest
 
 
@@ -39,9 +41,13 @@ class ModelSpec:
     name: str
     weights: str | None = None
     checkpoint: str | None = None
+    layout: str = "auto"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        spec = asdict(self)
+        if spec["layout"] == "auto":  # the default is left out, so runs and caches of 0.4 keep their keys
+            del spec["layout"]
+        return spec
 
 
 @dataclass
@@ -51,16 +57,25 @@ class TargetModel:
     module: nn.Module
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     description: dict = field(default_factory=dict)
+    layout: str = "auto"  # how its layers' outputs are maps: see lavise.models.layouts
+
+    def __post_init__(self) -> None:
+        parse_layout(self.layout)
 
     def identity(self) -> dict:
         """Everything that determines the model's features, for cache keys and runs."""
-        return {"model": self.description, "preprocessing": self.preprocessing.to_dict()}
+        identity = {"model": self.description, "preprocessing": self.preprocessing.to_dict()}
+        return identity if self.layout == "auto" else {**identity, "layout": self.layout}
 
     @classmethod
     def from_module(
-        cls, module: nn.Module, preprocessing: Preprocessing = Preprocessing(), *, name: str | None = None
+        cls, module: nn.Module, preprocessing: Preprocessing = Preprocessing(), *, name: str | None = None,
+        layout: str = "auto",
     ) -> TargetModel:
         """Wrap any module the user built. Its weights' digest identifies it in caches.
+
+        ``layout`` says how its layers' outputs are maps (``auto``, ``nchw``, ``nhwc``,
+        ``tokens``, ``tokens:P``, ``tokens:P:HxW``; see :mod:`lavise.models.layouts`).
 
         Example:
             >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
@@ -72,7 +87,7 @@ class TargetModel:
             digest.update(key.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         description = {"name": name or type(module).__name__, "custom": True, "weights_sha256": digest.hexdigest()}
-        return cls(module=module.eval(), preprocessing=preprocessing, description=description)
+        return cls(module=module.eval(), preprocessing=preprocessing, description=description, layout=layout)
 
 
 # Builders for models that torchvision does not name. Each returns (module, preprocessing).
@@ -92,7 +107,10 @@ def load_target_model(spec: ModelSpec) -> TargetModel:
     """
     import torchvision
 
-    if spec.name not in EXTRA_MODELS:
+    parse_layout(spec.layout)
+    if spec.name.startswith(TIMM_PREFIX):
+        check_timm_name(spec.name.removeprefix(TIMM_PREFIX))
+    elif spec.name not in EXTRA_MODELS:
         available = torchvision.models.list_models(module=torchvision.models)
         if spec.name not in available:
             close = difflib.get_close_matches(spec.name, available + list(EXTRA_MODELS), n=5)
@@ -105,7 +123,10 @@ def load_target_model(spec: ModelSpec) -> TargetModel:
     # so rebuilding the spec (explain after train, the feature cache) gives the same model.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        if spec.name in EXTRA_MODELS:
+        if spec.name.startswith(TIMM_PREFIX):
+            module, preprocessing = timm_model(spec.name.removeprefix(TIMM_PREFIX), spec.weights,
+                                               local=spec.checkpoint is not None)
+        elif spec.name in EXTRA_MODELS:
             module, preprocessing = EXTRA_MODELS[spec.name](spec.weights)
         else:
             module, preprocessing = _torchvision_model(spec.name, spec.weights)
@@ -119,7 +140,7 @@ def load_target_model(spec: ModelSpec) -> TargetModel:
         # trained on them: see Run.target_model).
         description["checkpoint_sha256"] = content_digest(Path(spec.checkpoint))
     module.eval()
-    return TargetModel(module=module, preprocessing=preprocessing, description=description)
+    return TargetModel(module=module, preprocessing=preprocessing, description=description, layout=spec.layout)
 
 
 def _torchvision_model(name: str, weights: str | None) -> tuple[nn.Module, Preprocessing]:
