@@ -112,21 +112,25 @@ class WordVectors:
             word_list: a text file with one word per line; if given, exactly those words
                 (those without a vector are reported and left out).
             clean: drop words that are not purely alphabetic, one-letter, or stop-words.
+
+        Words whose vector is zero or not finite are never candidates (they would be
+        nearest to nothing, or to everything).
         """
+        usable = (torch.isfinite(self.vectors).all(dim=1) & (self.vectors.abs().sum(dim=1) > 0)).tolist()
         if word_list is not None:
             path = Path(word_list)
             wanted = [w.strip().lower() for w in read_text_file(path, "Word list").splitlines() if w.strip()]
-            missing = [w for w in wanted if w not in self._index]
+            missing = [w for w in wanted if w not in self._index or not usable[self._index[w]]]
             if len(missing) == len(wanted):
                 raise LaviseError(
                     f"None of the {len(wanted)} words in '{path}' has a vector in {self.source}."
                 )
-            rows = list(dict.fromkeys(self._index[w] for w in wanted if w in self._index))
+            rows = list(dict.fromkeys(self._index[w] for w in wanted if w not in missing))
             description = {"word_list": str(path), "missing": missing}
         else:
             if size < 0:
                 raise LaviseError(f"Vocabulary size must be >= 0 (0 = all words), got {size}.")
-            rows = [i for i, w in enumerate(self.words) if not clean or is_clean_word(w)]
+            rows = [i for i, w in enumerate(self.words) if usable[i] and (not clean or is_clean_word(w))]
             if size:
                 rows = rows[:size]
             description = {"size": size, "clean": clean}
@@ -291,7 +295,7 @@ def _parse_text_vectors(path: Path) -> tuple[list[str], np.ndarray, dict]:
         raise LaviseError(f"Word-vector file '{path}' is not UTF-8 text ({error.reason}); give a GloVe or word2vec "
                           "text file (binary word2vec files must be converted to text).") from None
     if malformed and len(malformed) >= len(words):
-        raise LaviseError(f"{first_problem} ({len(malformed)} such lines, {len(words)} good ones). "
+        raise LaviseError(f"{first_problem} ({len(malformed)} such lines, {len(words)} well-formed). "
                           "Is this a GloVe or word2vec text file?")
     if not words:
         raise LaviseError(f"Word-vector file '{path}' holds no vectors.")
