@@ -318,3 +318,37 @@ def test_visual_genome_coordinates_that_are_not_numbers_are_counted(tmp_path, va
     root = _genome(tmp_path / "vg", {1: "https://x/VG_100K/1.jpg"}, objects)
     dataset = VisualGenomeDataset(root, min_images=1, cache_dir=tmp_path / "cache")
     assert dataset.skipped.counts["objects without a numeric x, y, w, h"] == 1 and dataset.concepts == ["cat"]
+
+
+def test_broden_label_numbers_a_map_cannot_hold_are_refused(tmp_path):
+    root = _broden(tmp_path / "broden", [["a.jpg", "train", 24, 32, 24, 32, "", "2"]])
+    with open(root / "label.csv", "a", newline="") as handle:
+        csv.writer(handle).writerow([10**12, "huge", "object(1)"])
+    with pytest.raises(LaviseError, match=r"label\.csv' line 4: label number 1000000000000 is over 65535"):
+        BrodenDataset(root)
+
+
+def test_broden_sizes_too_large_to_hold_are_counted(tmp_path):
+    _image(tmp_path / "broden" / "images" / "b.jpg")
+    root = _broden(tmp_path / "broden", [["a.jpg", "train", 24, 32, 24, 32, "", "2"],
+                                         ["b.jpg", "train", 10**30, 32, 24, 32, "", "2"]])
+    assert BrodenDataset(root).skipped.counts == {"index.csv rows whose ih, iw, sh or sw is not a positive whole number": 1}
+
+
+@pytest.mark.parametrize("huge", [2**31, 10**30, 1e308])
+def test_sizes_too_large_to_hold_are_not_a_crash(tmp_path, huge):
+    root = _genome(tmp_path / "vg", {1: "https://x/VG_100K/1.jpg", 2: "https://x/VG_100K/2.jpg"})
+    data = json.loads((root / "image_data.json").read_text())
+    data[0]["width"] = huge
+    (root / "image_data.json").write_text(json.dumps(data))
+    try:
+        dataset = VisualGenomeDataset(root, min_images=1, cache_dir=tmp_path / "cache")
+    except LaviseError as error:  # ijson's C parser stops at an integer over 64 bits, naming the file
+        assert huge == 10**30 and "image_data.json' is not a valid JSON list of entries" in str(error)
+    else:
+        assert dataset.skipped.counts["image_data.json entries without an image_id, width and height"] == 1
+    path = tmp_path / "data" / "list.jsonl"
+    _image(path.parent / "a.png")
+    path.write_text(json.dumps({"image": "a.png", "concept": "cat", "box": [1, 1, 4, 4], "width": huge, "height": 24}) + "\n")
+    assert ManifestDataset(path).skipped.counts == {
+        "declared sizes that are not a positive whole width and height (the file's was used)": 1}

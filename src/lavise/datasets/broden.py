@@ -34,6 +34,7 @@ from lavise.storage import content_digest, files_digest
 
 INDEX_COLUMNS = ("image", "split", "ih", "iw", "sh", "sw")
 _SIZE_COLUMNS = ("ih", "iw", "sh", "sw")
+_MAX_LABEL = 256 * 256 - 1
 # NetDissect marks scene, colour and texture names with a suffix ("street-s", "red-c").
 _SUFFIX_CATEGORY = {"s": "scene", "c": "color", "t": "texture"}
 _SUFFIX = re.compile(r"^(?P<name>.+)-(?P<mark>[sct])$")
@@ -136,7 +137,7 @@ class BrodenDataset:
                 size = tuple(int(row[c]) for c in _SIZE_COLUMNS)
             except (TypeError, ValueError):
                 size = (0,)
-            if min(size) <= 0:
+            if min(size) <= 0 or max(size) >= 2**31:
                 self.skipped.add("index.csv rows whose ih, iw, sh or sw is not a positive whole number", f"line {line}")
                 continue
             maps, labels = [], []
@@ -345,6 +346,11 @@ def _read_labels(path: Path) -> tuple[list[int], list[str], list[set[str]]]:
         name = (row.get("name") or "").strip()
         if number <= 0 or name in ("", "-"):
             continue  # 0 and '-' are NetDissect's "unlabelled"
+        if number > _MAX_LABEL:
+            raise LaviseError(
+                f"'{path}' line {line}: label number {number} is over {_MAX_LABEL}, the most a label map "
+                "(R + 256 * G) can hold."
+            )
         if number in seen:
             raise LaviseError(f"'{path}' lists label number {number} twice (lines {seen[number]} and {line}).")
         seen[number] = line

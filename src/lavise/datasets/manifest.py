@@ -363,7 +363,7 @@ def _parse_size(width: object, height: object) -> tuple[int, int] | None:
             number = float(str(value).strip()) if not isinstance(value, bool) else math.nan
         except ValueError:
             return BAD_SIZE
-        if not (math.isfinite(number) and number.is_integer() and number > 0):
+        if not (math.isfinite(number) and number.is_integer() and 0 < number < 2**31):  # sizes are int64 below
             return BAD_SIZE
         size.append(int(number))
     return size[0], size[1]

@@ -408,7 +408,11 @@ def _id(value: object) -> bool:
 
 
 def _positive_int(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1 and float(value).is_integer()
+    """A whole number from 1 to 2^31 - 1 (sizes are kept as int32)."""
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and 1 <= value < 2**31
+        and float(value).is_integer()
+    )
 
 
 def _short(entry: object) -> str:
