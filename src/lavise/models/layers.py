@@ -56,6 +56,8 @@ class LayerReader:
         if not self.captured:
             raise LaviseError(f"Layer '{self.path}' was not called in the model's forward pass.")
         output = self.captured[0]
+        if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
+            output = output[0]  # (hidden states, attention weights, ...), as Hugging Face layers of 4.x return
         if not torch.is_tensor(output):
             raise LaviseError(
                 f"Layer '{self.path}' outputs a {type(output).__name__}, not a tensor; lavise reads maps "
