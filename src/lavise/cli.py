@@ -76,7 +76,7 @@ _NUMBERS = {"vocabulary_size": ("int", "[0, )"), "annotated_fractions": ("float"
 _PATHS = {"reference": "in", "dataset": "in", "sweep_reference": "in", "reference_images": "folder",
           "dataset_images": "folder", "sweep_reference_images": "folder", "target": "folder", "checkpoint": "file",
           "evaluation": "file", "groups": "file", "vocabulary_file": "file", "run": "run", "runs": "run",
-          "out": "out-folder", "cache_dir": "out-folder"}
+          "word_vectors": "file", "out": "out-folder", "cache_dir": "out-folder"}
 _COMMAND_PATHS = {"evaluate": {"out": "out-file"}}
 
 
@@ -90,7 +90,7 @@ def _check_options(args: argparse.Namespace) -> None:
             problem = check_value(kind[0], value, {"bounds": kind[1]})[1] if name in _NUMBERS and value is not None else None
             if problem:
                 raise LaviseError(problem.replace("{}", flag, 1))
-            if isinstance(value, (str, Path)) and name not in _NUMBERS:  # the demos' reference_images are counts
+            if isinstance(value, (str, Path)) and name not in _NUMBERS and value != BUILTIN_GLOVE:  # demos' counts are no paths
                 _check_path(Path(value), flag, kind)
     if hasattr(args, "device"):
         resolve_device(args.device)

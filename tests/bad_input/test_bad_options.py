@@ -435,6 +435,8 @@ def test_an_output_file_that_is_a_folder_is_refused(places, tmp_path, capsys):
         ("train", "--reference-images", "missing", "--reference-images '{}' does not exist"),
         ("train", "--checkpoint", "missing", "--checkpoint '{}' does not exist"),
         ("train", "--checkpoint", "folder", "--checkpoint '{}' is a folder, not a file"),
+        ("train", "--word-vectors", "missing", "--word-vectors '{}' does not exist"),
+        ("train", "--word-vectors", "folder", "--word-vectors '{}' is a folder, not a file"),
         ("report", "--evaluation", "folder", "--evaluation '{}' is a folder, not a file"),
         ("report", "--groups", "missing", "--groups '{}' does not exist"),
         ("report", "--target", "file", "--target '{}' is a file, not a folder"),
