@@ -352,3 +352,31 @@ def test_sizes_too_large_to_hold_are_not_a_crash(tmp_path, huge):
     path.write_text(json.dumps({"image": "a.png", "concept": "cat", "box": [1, 1, 4, 4], "width": huge, "height": 24}) + "\n")
     assert ManifestDataset(path).skipped.counts == {
         "declared sizes that are not a positive whole width and height (the file's was used)": 1}
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        ({"image": 5, "concept": "dog"}, "rows without an image or a concept"),
+        ({"image": ["b.png"], "concept": "dog"}, "rows without an image or a concept"),
+        ({"image": "b.png", "concept": 7}, "rows without an image or a concept"),
+        ({"image": "b.png", "concept": None}, "rows without an image or a concept"),
+        ({"image": "b.png", "concept": "   "}, "rows without an image or a concept"),
+        ({"concept": "dog"}, "rows without an image or a concept"),
+        ({"image": "b.png", "concept": "dog", "box": [1, 2, None, 4]}, "rows whose box is not four numbers x, y, w, h"),
+        ({"image": "b.png", "concept": "dog", "box": [1, 2, True, 4]}, "rows whose box is not four numbers x, y, w, h"),
+        ({"image": "b.png", "concept": "dog", "box": {"x": 1}}, "rows whose box is not four numbers x, y, w, h"),
+        ({"image": "b.png", "concept": "dog", "box": "1 2 3"}, "rows whose box is not four numbers x, y, w, h"),
+        ({"image": "b.png", "concept": "dog", "box": [1, 2, 3, 4], "mask": "m.png"}, "rows with both a box and a mask"),
+        ({"image": "c.png", "concept": "dog"}, "rows whose image file is missing"),
+        ({"image": "b.png", "concept": "dog", "mask": "absent.png"}, "rows whose mask file is missing"),
+        ([1, 2], "lines that are not a JSON object"),
+        ("{not json", "lines that are not valid JSON"),
+    ],
+)
+def test_every_manifest_field_of_the_wrong_type_is_counted(tmp_path, row, reason):
+    path = _manifest(tmp_path / "data", [{"image": "a.png", "concept": "cat"}], "jsonl")
+    with open(path, "a") as handle:
+        handle.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    dataset = ManifestDataset(path)
+    assert dataset.skipped.counts == {reason: 1} and dataset.concepts == ["cat"]
