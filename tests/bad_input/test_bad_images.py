@@ -267,3 +267,24 @@ def test_a_file_given_for_a_folder_says_so(tmp_path, open_folder, what):
         open_folder(tmp_path / "link")
     with pytest.raises(LaviseError, match=rf"{what} '.*absent' does not exist\."):
         open_folder(tmp_path / "absent")
+
+
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])
+def test_masks_annotated_on_the_upright_photo_are_not_turned_again(tmp_path, orientation):
+    """A tool that showed the photo upright records its upright size (and boxes on it):
+    the sizes tell, so the box is drawn as it is."""
+    root = tmp_path / "c"
+    stored = np.full((30, 50, 3), 90, np.uint8)
+    _oriented_jpeg(root / "images" / "1.jpg", stored, orientation)
+    upright = load_rgb(root / "images" / "1.jpg")
+    assert upright.size == (30, 50)
+    data = {
+        "images": [{"id": 1, "file_name": "1.jpg", "width": 30, "height": 50}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": [], "bbox": [2, 30, 10, 12]}],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    (root / "annotations.json").write_text(json.dumps(data))
+    concepts, masks = CocoDataset(root / "annotations.json", root / "images").masks(0, upright.size)
+    expected = np.zeros((50, 30), np.uint8)
+    expected[30:42, 2:12] = 1
+    assert concepts == [0] and np.array_equal(masks[0], expected)

@@ -117,7 +117,10 @@ def oriented_masks(masks):
     in the stored pixels' coordinates, as pycocotools and every annotation tool of the
     datasets read the file: the reader draws them at the stored size, then they are
     turned like the image, so a photo with an Orientation tag is seen upright with its
-    masks in place.
+    masks in place. Tools that show the photo upright while annotating record its upright
+    size: a reader with ``recorded_size(index)`` (COCO's width and height) whose size is
+    the upright one, for a quarter turn that swaps width and height, gets its masks drawn
+    upright as they are.
     """
 
     @functools.wraps(masks)
@@ -125,6 +128,9 @@ def oriented_masks(masks):
         orientation = image_orientation(self.image_path(index))
         if orientation == 1:
             return masks(self, index, size)
+        recorded = getattr(self, "recorded_size", None)
+        if orientation >= 5 and size[0] != size[1] and recorded is not None and recorded(index) == tuple(size):
+            return masks(self, index, size)  # annotated on the upright image, as its size says
         stored = (int(size[1]), int(size[0])) if orientation >= 5 else (int(size[0]), int(size[1]))
         concepts, drawn = masks(self, index, stored)
         return concepts, orient_masks(drawn, orientation)

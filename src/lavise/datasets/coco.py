@@ -94,6 +94,11 @@ class CocoDataset:
         """The concepts annotated in image i, without decoding any mask."""
         return sorted({concept for concept, _, _ in self._annotations[self._image_ids[index]]})
 
+    def recorded_size(self, index: int) -> tuple[int, int] | None:
+        """The (W, H) the JSON gives image i, or None when it gives none."""
+        info = self._images[self._image_ids[index]]
+        return None if info["width"] is None else (info["width"], info["height"])
+
     @oriented_masks
     def masks(self, index: int, size: tuple[int, int]) -> tuple[list[int], np.ndarray]:
         """Concept indices and (m, H, W) uint8 0/1 masks, one per category present.
