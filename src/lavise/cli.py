@@ -143,6 +143,8 @@ def _add_train(train: argparse.ArgumentParser) -> None:
     train.add_argument("--weights", default=None, help="weight name, e.g. IMAGENET1K_V1 (default: random initialisation)")
     train.add_argument("--checkpoint", default=None, help="local state_dict file to load into the model")
     train.add_argument("--layer", required=True, help="dotted path of the layer, e.g. layer4 or features.28")
+    train.add_argument("--layout", default="auto", help="how the layer's output is a map: auto, nchw, nhwc, tokens, tokens:P "
+                       "or tokens:P:HxW (P prefix tokens, an H by W patch grid; see docs/models.md; default: auto)")
     _add_reference(train, "reference", "reference data with concept masks")
     _add_settings(train, ReferenceSettings, "reference data")
     train.add_argument("--word-vectors", default=BUILTIN_GLOVE, help=f"{BUILTIN_GLOVE} (built in) or a GloVe/word2vec text file")
@@ -157,7 +159,7 @@ def _train(args: argparse.Namespace) -> int:
 
     reference = _open_reference(args, "reference", _settings(args, ReferenceSettings))
     run = train(
-        ModelSpec(args.model, args.weights, str(args.checkpoint) if args.checkpoint else None),
+        ModelSpec(args.model, args.weights, str(args.checkpoint) if args.checkpoint else None, args.layout),
         args.layer,
         reference,
         args.out,
@@ -241,8 +243,8 @@ def _layers(args: argparse.Namespace) -> int:
     from lavise.models import ModelSpec, layer_shapes, load_target_model
 
     model = load_target_model(ModelSpec(args.model))  # shapes do not depend on weights
-    for name, shape in layer_shapes(model.module, model.preprocessing.crop_size):
-        print(f"{name:40s} {' x '.join(str(s) for s in shape)}")
+    for name, shape, layout in layer_shapes(model.module, model.preprocessing.crop_size):  # a layout only if not NCHW
+        print(f"{name:40s} {' x '.join(str(s) for s in shape)}" + ("" if layout.startswith("channels first") else f"  {layout}"))
     return 0
 
 
