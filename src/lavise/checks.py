@@ -9,7 +9,8 @@ message twice: naming the field (``ComputeSettings: batch_size must be at least 
 0.``) for Python users, and naming the option (``--batch-size must be at least 1, got
 0.``) for the command line. Booleans are not numbers here, floats must be finite, and
 integers must be whole numbers; numpy numbers become Python's, lists tuples and paths
-strings, so that settings compare and serialise the same way.
+strings, so that settings compare and serialise the same way. :func:`check_path` is the
+command line's check of a path argument's kind.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 import os
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -186,6 +188,28 @@ def check_fields(settings) -> None:
         warn = field.metadata.get("warn")
         if warn is not None and warn[0](checked):
             warnings.warn(SettingWarning(owner, field.name, checked, warn[1]), stacklevel=4)
+
+
+def check_path(path: Path, flag: str, kind: str) -> None:
+    """A path argument of the right kind, or a LaviseError naming the argument (``flag``).
+
+    ``kind``: "in" exists, "folder" and "file" an existing one, "run" not a file,
+    "out-folder" a folder to write into or nothing yet, "out-file" not a folder.
+    """
+    exists, folder = path.exists(), path.is_dir()
+    problems = {
+        "does not exist": kind in ("in", "folder", "file") and not exists,
+        "is a file, not a folder": kind == "folder" and exists and not folder,
+        "is a file, not a run directory": kind == "run" and exists and not folder,
+        "is a folder, not a file": kind == "file" and folder,
+        "is an existing file; give a folder to write into, or a path not taken yet": kind == "out-folder" and exists and not folder,
+        f"is a folder; give the file to write, e.g. '{path / 'table.md'}'": kind == "out-file" and folder,
+    }
+    for problem, found in problems.items():
+        if found:
+            raise LaviseError(f"{flag} '{path}' {problem}.")
+
+
 # --- checks of scene settings (SceneSettings checks its fields itself, with these) -------
 
 

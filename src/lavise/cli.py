@@ -16,7 +16,7 @@ import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from lavise.checks import SettingError, SettingWarning, check_value
+from lavise.checks import SettingError, SettingWarning, check_path, check_value
 from lavise.compute import resolve_device
 from lavise.embeddings import BUILTIN_GLOVE
 from lavise.errors import LaviseError, LaviseWarning
@@ -72,7 +72,7 @@ def _settings(args: argparse.Namespace, settings_type):
 
 
 _NUMBERS = {"vocabulary_size": ("int", "[0, )"), "annotated_fractions": ("float", "(0, 1]")}  # of one command
-# Path arguments: "in" exists, "folder"/"file" an existing one, "run" no file, "out-folder" no file, "out-file" no folder.
+# Path arguments and what each must be (lavise.checks.check_path).
 _PATHS = {"reference": "in", "dataset": "in", "sweep_reference": "in", "reference_images": "folder",
           "dataset_images": "folder", "sweep_reference_images": "folder", "target": "folder", "checkpoint": "file",
           "evaluation": "file", "groups": "file", "vocabulary_file": "file", "run": "run", "runs": "run",
@@ -91,25 +91,9 @@ def _check_options(args: argparse.Namespace) -> None:
             if problem:
                 raise LaviseError(problem.replace("{}", flag, 1))
             if isinstance(value, (str, Path)) and name not in _NUMBERS and value != BUILTIN_GLOVE:  # demos' counts are no paths
-                _check_path(Path(value), flag, kind)
+                check_path(Path(value), flag, kind)
     if hasattr(args, "device"):
         resolve_device(args.device)
-
-
-def _check_path(path: Path, flag: str, kind: str) -> None:
-    """A path argument of the right kind, or a message naming the argument."""
-    exists, folder = path.exists(), path.is_dir()
-    problems = {
-        "does not exist": kind in ("in", "folder", "file") and not exists,
-        "is a file, not a folder": kind == "folder" and exists and not folder,
-        "is a file, not a run directory": kind == "run" and exists and not folder,
-        "is a folder, not a file": kind == "file" and folder,
-        "is an existing file; give a folder to write into, or a path not taken yet": kind == "out-folder" and exists and not folder,
-        f"is a folder; give the file to write, e.g. '{path / 'table.md'}'": kind == "out-file" and folder,
-    }
-    for problem, found in problems.items():
-        if found:
-            raise LaviseError(f"{flag} '{path}' {problem}.")
 
 
 def _open_reference(args: argparse.Namespace, option: str, settings):
