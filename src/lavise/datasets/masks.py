@@ -224,14 +224,20 @@ def rle_problem(counts: object, height: int, width: int) -> str | None:
 
 
 def rle_mask(counts: str | list[int], height: int, width: int) -> np.ndarray:
-    """An RLE (column-major run lengths, zeros first; checked by :func:`rle_problem`) -> (H, W) uint8 0/1.
+    """An RLE (column-major run lengths, zeros first) -> (H, W) uint8 0/1, decoded by pycocotools.
+
+    Only counts that :func:`rle_problem` passed may come here: pycocotools' decoder
+    trusts its input (a garbage string reads uninitialised memory), so lavise checks
+    the counts first and lets the library do the decoding.
 
     Example:
         >>> rle_mask([1, 2, 1], 2, 2).tolist()
         [[0, 1], [1, 0]]
     """
+    from pycocotools import mask as mask_utils
+
     if isinstance(counts, str):
-        counts = decode_rle_string(counts)
-    values = np.arange(len(counts), dtype=np.int64) % 2
-    flat = np.repeat(values.astype(np.uint8), np.asarray(counts, dtype=np.int64))
-    return np.ascontiguousarray(flat.reshape(width, height).T)
+        rle = {"size": [height, width], "counts": counts.encode("ascii")}
+    else:
+        rle = mask_utils.frPyObjects({"size": [height, width], "counts": [int(c) for c in counts]}, height, width)
+    return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
