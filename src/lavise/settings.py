@@ -1,8 +1,9 @@
 """Every product setting and choice, each default defined once; the command line derives its options from these.
 
 One frozen dataclass per stage or command. A field's metadata holds its command-line
-help (and ``choices``); ``lavise.cli`` turns every field into an option, so a default
-changes here and nowhere else. Settings are recorded with every run and output
+help and what it accepts (``bounds``, ``choices``, ``warn``), checked when the settings
+are built (:mod:`lavise.checks`, docs/options.md); ``lavise.cli`` turns every field into
+an option, so a default changes here and nowhere else. Settings are recorded with every run and output
 (``to_dict``), so results can be traced to them.
 """
 
@@ -33,7 +34,6 @@ class _Settings:
 SEED = {"bounds": SEED_BOUNDS}
 COUNT = {"bounds": "[1, )"}  # a number of things, at least one
 ANY_COUNT = {"bounds": "[0, )"}  # 0 allowed (its help says what 0 means)
-FRACTION = {"bounds": "[0, 1]"}
 # Adam moves each weight by about the learning rate at every step, whatever the gradient's
 # scale; the explainer's weights are of order 0.1, so a rate of 1 already replaces them at
 # every step and nothing above it can train: such a value is a typo (1e3 for 1e-3).
