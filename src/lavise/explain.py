@@ -357,7 +357,8 @@ def _explanations(run, images, scan: FilterScan, named, naming: Naming, compute:
         "vocabulary": {"word_vectors": run.config["word_vectors"], "words": len(naming.vocabulary),
                        **naming.vocabulary.description},
         "naming": naming.describe(),
-        "target": {"root": str(Path(root).resolve()), "images": scan.images, "skipped": scan.skipped.to_dict()},
+        "target": {"root": str(Path(root).resolve()), "images": scan.images,
+                   "skipped": {**images.skipped.to_dict(), **scan.skipped.to_dict()}},  # broken links too
         "compute": {"processes": ranks.world, "memory_budget": compute.memory_budget, "naming_maps": scan.naming_maps},
     }
     explanations = Explanations(run.config["model"]["name"], run.layer, settings.method, filters, extra=extra)

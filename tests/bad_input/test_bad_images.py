@@ -288,3 +288,15 @@ def test_masks_annotated_on_the_upright_photo_are_not_turned_again(tmp_path, ori
     expected = np.zeros((50, 30), np.uint8)
     expected[30:42, 2:12] = 1
     assert concepts == [0] and np.array_equal(masks[0], expected)
+
+
+def test_explain_records_the_broken_links_of_its_target(tmp_path, tiny_run, tiny_model, targets, compute):
+    from lavise.explain import explain
+    from lavise.settings import ExplainSettings
+
+    (targets / "gone.png").symlink_to(targets / "nowhere.png")
+    with pytest.warns(LaviseWarning, match="skipped 1 broken symbolic links"):
+        explain(tiny_run, targets, settings=ExplainSettings(top_images=3, vocabulary_size=300), compute=compute,
+                model=tiny_model, cache_dir=tmp_path / "cache")
+    recorded = json.loads((tiny_run.path / "explanations.json").read_text())["target"]["skipped"]
+    assert recorded[BROKEN_LINKS] == {"count": 1, "examples": ["gone.png"]}
