@@ -165,6 +165,12 @@ def load_run(path: Path) -> Run:
     config = _run_json(path / "config.json", _CONFIG_FIELDS)
     split = _run_json(path / "split.json", _SPLIT_FIELDS)
     head = ExplainerHead(config["feature_shape"][0], config["word_dim"], config["train"]["dropout"])
+    run = Run(path=path, config=config, split=split, head=head)
+    try:
+        run.train_settings  # every later stage reads them: a wrong one is said now, naming the file
+    except (LaviseError, TypeError) as error:
+        raise LaviseError(f"'{path / 'config.json'}' is damaged: its training settings are wrong ({error}). "
+                          "Train the run again.") from None
     try:
         head.load_state_dict(load_tensors(path / "explainer.safetensors"))
     except Exception as error:  # safetensors and torch report damage in several types
@@ -173,7 +179,7 @@ def load_run(path: Path) -> Run:
             f"({str(error).splitlines()[0][:200]}): train the run again."
         ) from None
     head.eval()
-    return Run(path=path, config=config, split=split, head=head)
+    return run
 
 
 def _positive_int(value: object) -> bool:
@@ -273,7 +279,7 @@ def _train_on_rows(target: TargetModel, layer: str, reference: ReferenceDataset,
             LaviseWarning,
             stacklevel=3,
         )
-    names_with_vectors, _, without_vectors = concept_vectors(
+    names_with_vectors, name_vectors, without_vectors = concept_vectors(
         [n for n in features.concept_names if n not in without_words], vectors_source, normalize_concept)
     if without_vectors:
         warnings.warn(
@@ -298,7 +304,8 @@ def _train_on_rows(target: TargetModel, layer: str, reference: ReferenceDataset,
     row_targets = seen_of_concept[features.concepts]  # one lookup for every row, not a Python loop over them
     rows = row_targets >= 0
     targets = row_targets[rows]
-    _, seen_vectors, _ = concept_vectors(seen, vectors_source, normalize_concept)
+    row_of = {name: i for i, name in enumerate(names_with_vectors)}
+    seen_vectors = name_vectors[[row_of[name] for name in seen]]  # computed once: its warnings are said once
     vectors = features.pooled(settings.pooling, rows)
     device = resolve_device(compute.device)
     result = train_explainer(vectors, targets, features.images[rows], seen_vectors, settings, device=device,

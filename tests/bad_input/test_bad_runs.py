@@ -156,6 +156,8 @@ def _edit_config(run_path: Path, edit) -> None:
         (lambda p: _edit_config(p, lambda c: c["train"].pop("dropout")), r"'train' should be an object"),
         (lambda p: _edit_config(p, lambda c: c["train"].update(dropout=2)), r"'train' should be"),
         (lambda p: _edit_config(p, lambda c: c.update(word_dim=300)), r"explainer.safetensors' is damaged or does not fit"),
+        (lambda p: _edit_config(p, lambda c: c["train"].update(epochs="many")), r"config.json' is damaged: its training settings are wrong \(.*epochs"),
+        (lambda p: _edit_config(p, lambda c: c["train"].update(unknown_setting=1)), r"config.json' is damaged: its training settings are wrong"),
         (lambda p: p.joinpath("split.json").write_text('{"seen": ["a"'), r"split.json' is damaged"),
         (lambda p: p.joinpath("split.json").write_text('{"seen": "cat", "unseen": []}'), r"'seen' should be a list of concept names"),
         (lambda p: p.joinpath("explainer.safetensors").write_bytes(p.joinpath("explainer.safetensors").read_bytes()[:100]),
