@@ -258,3 +258,42 @@ def test_a_layout_that_does_not_fit_is_refused_before_any_image_is_read(tmp_path
         train(model, "blocks.1", open_reference(coco), tmp_path / "run", settings=TrainSettings(epochs=1),
               compute=compute, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("reference-*"))
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def test_cli_layers_lists_a_timm_vit_with_its_layouts(capsys):
+    from lavise.cli import main
+
+    assert main(["layers", "timm/vit_tiny_patch16_224"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(re_line.split() == ["blocks.11", "192", "x", "14", "x", "14", "tokens", "(14x14", "patch", "grid,", "1",
+                                   "prefix", "token", "dropped)"] for re_line in lines)
+    assert any(line.split() == ["patch_embed.proj", "192", "x", "14", "x", "14"] for line in lines)
+
+
+def test_cli_trains_a_timm_vit_and_says_what_it_dropped(tmp_path, coco, capsys):
+    from lavise.cli import main
+
+    code = main(["train", "--model", "timm/vit_tiny_patch16_224", "--layer", "blocks.2", "--layout", "tokens:1",
+                 "--reference", str(coco), "--out", str(tmp_path / "run"), "--epochs", "1", "--no-progress",
+                 "--device", "cpu", "--cache-dir", str(tmp_path / "cache")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "layer read as tokens (14x14 patch grid, 1 prefix token dropped); a filter is one channel" in out
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"]["layout"] == "tokens:1" and config["preprocessing"]["interpolation"] == "bicubic"
+
+
+@pytest.mark.parametrize(("layout", "message"), [("gpu", "--layout 'gpu' is not a layout"),
+                                                 ("nhwc", "a token sequence, not a nhwc map")])
+def test_cli_refuses_a_bad_layout_in_one_line(tmp_path, coco, capsys, layout, message):
+    from lavise.cli import main
+
+    code = main(["train", "--model", "timm/vit_tiny_patch16_224", "--layer", "blocks.2", "--layout", layout,
+                 "--reference", str(coco), "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu",
+                 "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

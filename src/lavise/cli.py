@@ -20,6 +20,7 @@ from lavise.checks import SettingError, SettingWarning, check_path, check_value
 from lavise.compute import resolve_device
 from lavise.embeddings import BUILTIN_GLOVE
 from lavise.errors import LaviseError, LaviseWarning
+from lavise.models.layouts import Layout
 from lavise.settings import (
     REFERENCE_FORMATS, VOCABULARY_SIZE, BiasDemoSettings, ComputeSettings, DemoSettings, EvaluateSettings,
     ExplainSettings, GroupSettings, ModelComparisonSettings, ReferenceSettings, ReportSettings, SceneSettings,
@@ -119,12 +120,15 @@ def _add_reference(parser: argparse.ArgumentParser, option: str, what: str) -> N
     parser.add_argument(f"--{option}-format", choices=REFERENCE_FORMATS, default=None, help=f"default: guessed from --{option}")
 
 
+MODEL_HELP = "a torchvision model name (resnet50), timm/NAME (timm/convnext_tiny), efficientnet_lite0 or scene_cnn"
+
 # --- train, explain, layers -----------------------------------------------------------
 
 
 def _add_train(train: argparse.ArgumentParser) -> None:
-    train.add_argument("--model", default="resnet18", help="torchvision model name, or efficientnet_lite0 (default: resnet18)")
-    train.add_argument("--weights", default=None, help="weight name, e.g. IMAGENET1K_V1 (default: random initialisation)")
+    train.add_argument("--model", default="resnet18", help=f"{MODEL_HELP} (default: resnet18)")
+    train.add_argument("--weights", default=None, help="torchvision weight name (IMAGENET1K_V1) or timm pretrained tag "
+                       "(default: seeded random initialisation)")
     train.add_argument("--checkpoint", default=None, help="local state_dict file to load into the model")
     train.add_argument("--layer", required=True, help="dotted path of the layer, e.g. layer4 or features.28")
     train.add_argument("--layout", default="auto", help="how the layer's output is a map: auto, nchw, nhwc, tokens, tokens:P "
@@ -155,6 +159,8 @@ def _train(args: argparse.Namespace) -> int:
     config = run.config
     print(f"\nTrained an explainer for {config['model']['name']} {config['layer']} "
           f"({config['feature_shape'][0]} filters, grid {config['feature_shape'][1]}x{config['feature_shape'][2]})")
+    if config["layout"]["kind"] != "nchw":
+        print(f"  layer read as {Layout.from_dict(config['layout']).describe()}; a filter is one channel")
     print(f"  reference: {repr(reference)}")
     regional = config["training_rows"] - config["training_pairs"]
     rows = f" and {regional} activation-region rows" if regional else ""
@@ -220,7 +226,7 @@ def print_summary(explanations, examples: int = 8) -> None:
 
 
 def _add_layers(layers: argparse.ArgumentParser) -> None:
-    layers.add_argument("model", help="torchvision model name, or efficientnet_lite0")
+    layers.add_argument("model", help=MODEL_HELP)
 
 
 def _layers(args: argparse.Namespace) -> int:
