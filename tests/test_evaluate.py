@@ -200,7 +200,7 @@ def test_bad_settings_are_refused_with_clear_messages(named_run, coco, compute):
     dataset = open_reference(coco)
     with pytest.raises(LaviseError, match="labelling split"):
         evaluate([tiny_run], dataset, settings=EvaluateSettings(labelling_fraction=0.0), compute=compute)
-    with pytest.raises(LaviseError, match="Unknown evaluation method"):
+    with pytest.raises(LaviseError, match="methods must be distinct names among original, image"):
         evaluate([tiny_run], dataset, settings=EvaluateSettings(methods=("magic",)), compute=compute)
     with pytest.raises(LaviseError, match="not a lavise run"):
         evaluate([Path(coco).parent], dataset, compute=compute)
