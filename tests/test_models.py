@@ -280,7 +280,7 @@ def test_layer_shapes_at_224_px(name, expected):
         with layer_reader(model.module, layer) as read:
             assert tuple(read(torch.zeros(1, 3, crop, crop)).shape[1:]) == shape, layer
     if name == "resnet18":
-        shapes = dict(layer_shapes(model.module, crop))
+        shapes = {name: shape for name, shape, _ in layer_shapes(model.module, crop)}
         assert all(shapes[layer] == shape for layer, shape in expected.items())
         assert "fc" not in shapes  # 2-D outputs are not explainable layers
         assert shapes["avgpool"] == (512, 1, 1)
@@ -289,10 +289,11 @@ def test_layer_shapes_at_224_px(name, expected):
 def test_layer_shapes_removes_its_hooks_and_keeps_the_mode(tiny_net_type):
     net = tiny_net_type().train()
     shapes = layer_shapes(net, 64)
-    assert shapes == [
+    assert [(name, shape) for name, shape, _ in shapes] == [
         ("features", (8, 8, 8)), ("features.0", (6, 32, 32)), ("features.1", (6, 32, 32)),
         ("features.2", (8, 8, 8)), ("features.3", (8, 8, 8)), ("head.0", (8, 1, 1)),
     ]
+    assert {layout for _, _, layout in shapes} == {"channels first (N, C, h, w)"}
     assert all(not m._forward_hooks for m in net.modules())
     assert net.training
 

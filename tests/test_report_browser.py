@@ -88,8 +88,9 @@ def report(tmp_path, tiny_run, tiny_model, targets, compute) -> Path:
     (run / "explanations.json").write_text(json.dumps(explanations))
 
     names = sorted(p.name for p in targets.iterdir())
+    made_from = {"run_id": tiny_run.config["run_id"]}  # what lavise evaluate and compare-groups record
     (run / "evaluation.json").write_text(json.dumps({
-        "model": "tiny", "layer": "features.3", "dataset": {}, "settings": {},
+        "model": "tiny", "layer": "features.3", "dataset": {}, "settings": {}, **made_from,
         "methods": {"attention": {"recall@5": 0.4, "recall@10": 0.5, "recall@20": 0.6, "precision@1": 0.2,
                                   "filters": 8, "seen": None, "unseen": None, "lenient": {"recall@5": 0.5}}},
         "filters": [
@@ -102,7 +103,7 @@ def report(tmp_path, tiny_run, tiny_model, targets, compute) -> Path:
         ],
     }))
     (run / "groups.json").write_text(json.dumps({
-        "run": "run", "target": {}, "settings": {},
+        "run": "run", "target": {}, "settings": {}, **made_from, "explanation_id": explanations["explanation_id"],
         "groups": [{"name": "indoor", "images": 6}, {"name": GROUP, "images": 6}],
         "filters": [
             {"filter": u, "words": ["circle"], "qualified": {"indoor": 3, GROUP: 1}, "share": {"indoor": 0.5, GROUP: 0.17},
