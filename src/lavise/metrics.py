@@ -251,3 +251,102 @@ def labelling_split(count: int, fraction: float, seed: int) -> torch.Tensor:
     chosen = torch.zeros(count, dtype=torch.bool)
     chosen[order[: round(fraction * count)]] = True
     return chosen
+
+
+# --------------------------------------------------------------------------------------
+# Unseen concepts the paper's way (Figure 7): scores, chance and distance bands.
+
+DISTANCE_BANDS = ("1-2", "3-4", "farther")
+
+
+def distance_band(hops: int | None) -> str:
+    """The band of an unseen concept's WordNet hops to its nearest seen concept:
+    ``"1-2"`` (0, a synonym or another form of a seen concept, counts here), ``"3-4"``,
+    ``"farther"`` (5 or more, or unknown to WordNet)."""
+    if hops is None or hops > 4:
+        return "farther"
+    return "1-2" if hops <= 2 else "3-4"
+
+
+def chance_at_k(k: int, candidates: int) -> float:
+    """recall@k of a uniformly random ranking of ``candidates`` words, k / candidates (at most 1)."""
+    if candidates < 1:
+        raise ValueError("chance needs at least one candidate")
+    return min(1.0, k / candidates)
+
+
+def named_chance_at_k(k: int, candidates: int, filters_per_concept: Sequence[int]) -> float | None:
+    """named@k of random rankings: the expected share of concepts some filter names in its top
+    k, each concept with its number of filters m, 1 − (1 − k/N)^m; k/N when every m is 1.
+
+    Example:
+        >>> named_chance_at_k(5, 20, [1, 2])  # (0.25 + 0.4375) / 2
+        0.34375
+    """
+    if not filters_per_concept:
+        return None
+    p = chance_at_k(k, candidates)
+    return float(np.mean([1 - (1 - p) ** m for m in filters_per_concept]))
+
+
+def times_chance(value: float | None, chance: float | None) -> float | None:
+    """How many times chance a score is (None when either is unknown or chance is 0)."""
+    return None if value is None or not chance else value / chance
+
+
+def unseen_scores(
+    words: Sequence[Sequence[str]], truth: Sequence[Sequence[str]], concepts: set[str], match: Match = exact_match
+) -> dict:
+    """recall@k and named@k of the ground-truth concepts in ``concepts`` (the unseen ones, or a band of them).
+
+    recall@k: per filter with such a concept in its ground truth, the share of those
+    concepts in its top k words, averaged over those filters; named@k: of those concepts,
+    the share that one of their filters names in its top k (the paper's Figure 7).
+    ``filters_per_concept``: how many filters have each as ground truth.
+    """
+    recalls: list[dict] = []
+    named: dict[int, set[str]] = {k: set() for k in RECALL_KS}
+    owners: dict[str, int] = {}
+    for filter_words, filter_truth in zip(words, truth):
+        subset = [c for c in filter_truth if c in concepts]
+        if not subset:
+            continue
+        recalls.append({k: recall_at_k(filter_words, subset, k, match) for k in RECALL_KS})
+        for concept in subset:
+            owners[concept] = owners.get(concept, 0) + 1
+            for k in RECALL_KS:
+                if any(match(w, concept) for w in filter_words[:k]):
+                    named[k].add(concept)
+    scores: dict = {f"recall@{k}": float(np.mean([r[k] for r in recalls])) if recalls else None for k in RECALL_KS}
+    scores |= {f"named@{k}": len(named[k]) / len(owners) if owners else None for k in RECALL_KS}
+    return {**scores, "filters": len(recalls), "concepts": len(owners), "filters_per_concept": owners}
+
+
+def unseen_protocol(
+    words: Sequence[Sequence[str]], truth: Sequence[Sequence[str]], seen: set[str], candidates: int,
+    bands: dict[str, str], match: Match = exact_match,
+) -> dict:
+    """Unseen recall@k and named@k among ``candidates`` words, each beside its chance and
+    multiple of chance, overall and per distance band (``bands``: concept -> band, a
+    concept not in it is ``"farther"``).
+
+    Returns ``{"candidates", "recall@k", "named@k", "chance@k", "recall@k_x_chance",
+    "named_chance@k", "named@k_x_chance", "filters", "concepts", "bands": {band: the
+    same without "bands"}}``.
+    """
+    unseen = {c for t in truth for c in t if c not in seen}
+
+    def scored(concepts: set[str]) -> dict:
+        scores = unseen_scores(words, truth, concepts, match)
+        per_concept = list(scores.pop("filters_per_concept").values())
+        for k in RECALL_KS:
+            chance = chance_at_k(k, candidates)
+            named_chance = named_chance_at_k(k, candidates, per_concept)
+            scores |= {f"chance@{k}": chance, f"recall@{k}_x_chance": times_chance(scores[f"recall@{k}"], chance),
+                       f"named_chance@{k}": named_chance,
+                       f"named@{k}_x_chance": times_chance(scores[f"named@{k}"], named_chance)}
+        return scores
+
+    summary = {"candidates": candidates, **scored(unseen)}
+    summary["bands"] = {band: scored({c for c in unseen if bands.get(c, "farther") == band}) for band in DISTANCE_BANDS}
+    return summary
