@@ -44,7 +44,8 @@ class _Tally:
 def _area(path: Path) -> str:
     """The first line of a test file's docstring, without its 'Bad input:' prefix."""
     doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or path.stem
-    return doc.splitlines()[0].removeprefix("Bad input:").strip().rstrip(".")
+    summary = " ".join(doc.split("\n\n")[0].split()).removeprefix("Bad input:").strip().rstrip(".")
+    return summary if len(summary) <= 80 else summary[:79].rsplit(" ", 1)[0] + " …"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,14 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     pytest.main(options, plugins=[tally])
 
     total = held = 0
-    print(f"\n{'file':32} {'cases':>5} {'hold':>5}  what it covers")
+    print(f"\n{'file':22} {'cases':>5} {'hold':>5}  what it covers")
     failing = []
     for path in sorted(tally.outcomes):
         cases = tally.outcomes[path]
         good = sum(outcome == "passed" for outcome in cases.values())
         failing += [f"{path}::{case} ({outcome})" for case, outcome in cases.items() if outcome != "passed"]
         total, held = total + len(cases), held + good
-        print(f"{Path(path).name:32} {len(cases):5} {good:5}  {_area(ROOT / path)[:90]}")
+        print(f"{Path(path).name:22} {len(cases):5} {good:5}  {_area(ROOT / path)}")
     print(f"\n{held} of {total} bad-input cases hold")
     for case in failing:
         print(f"  does not hold: {case}")
