@@ -13,7 +13,7 @@ import contextlib
 import io
 import sys
 import warnings
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
 from lavise.checks import SettingError, SettingWarning, check_path, check_value
@@ -406,6 +406,8 @@ def _add_synth(synth: argparse.ArgumentParser) -> None:
                        help="reference: seen concepts only (for training); evaluation: all concepts")
     synth.add_argument("--vocabulary-size", type=int, default=VOCABULARY_SIZE,
                        help=f"only concepts among the N most frequent clean GloVe words (0: any; default: {VOCABULARY_SIZE})")
+    synth.add_argument("--all-concepts", action="store_true",
+                       help="every concept of the pool instead of --num-concepts (with --pool wordnet: hundreds)")
     _add_settings(synth, SceneSettings, "scenes")
 
 
@@ -414,7 +416,10 @@ def _synth(args: argparse.Namespace) -> int:
     from lavise.synthetic import generate_scenes
 
     allowed = load_word_vectors().vocabulary(size=args.vocabulary_size).words if args.vocabulary_size else None
-    out = generate_scenes(args.out, _settings(args, SceneSettings), part=args.part, allowed_words=allowed)
+    settings = _settings(args, SceneSettings)
+    if args.all_concepts:
+        settings = replace(settings, num_concepts=None)
+    out = generate_scenes(args.out, settings, part=args.part, allowed_words=allowed)
     print(f"Scenes written to {out} (annotations.json, images/, split.json)")
     return 0
 

@@ -53,6 +53,7 @@ REFERENCE_FORMATS = ("coco", "visual_genome", "broden", "folder", "manifest")
 TESTS = ("z", "fisher")  # per-filter tests of a group comparison
 THRESHOLD_SOURCES = ("groups", "run")  # where a group comparison's T_u come from
 BACKGROUND_KINDS = ("plain", "texture", "photo")  # of planted-concept scenes
+SCENE_POOLS = ("unicode", "wordnet")  # which emoji are concepts, lavise.synthetic.world
 
 VOCABULARY_SIZE = 20_000  # candidate words: the most frequent clean words of the word vectors
 
@@ -297,6 +298,11 @@ class SceneSettings(_Settings):
         (2, 5), "(min, max) emoji per scene, both inclusive; a texture concept comes on top of these"
     )
     num_concepts: int | None = option(50, "emoji concepts drawn (from the seed) from the pool; None: the whole pool")
+    pool: str = option(
+        "unicode", "which emoji are concepts: unicode (the rule on their Unicode names) or wordnet (also: WordNet reads "
+        "the word as a visible thing; each concept gets its family, e.g. animal, vehicle, food, in split.json)",
+        choices=SCENE_POOLS,
+    )
     unseen_fraction: float = option(0.2, "share of all concepts (emoji and textures) held out as unseen")
     seed: int = option(0, "the seed of every random choice")
     scale: tuple[float, float] = option((0.2, 0.6), "(min, max) of an emoji's longer side, as a share of the image")
@@ -339,6 +345,8 @@ class SceneSettings(_Settings):
         _check_range("texture_area", self.texture_area, 0.0, 1.0)
         _check_int("min_visible_area", self.min_visible_area, minimum=1)
         _check_fraction("min_visible_fraction", self.min_visible_fraction)
+        if self.pool not in SCENE_POOLS:
+            raise SettingError("SceneSettings", "pool", f"Unknown {{}} {self.pool!r}; valid: {', '.join(SCENE_POOLS)}.")
         for name in ("texture_concepts", "background_concepts"):
             if not isinstance(getattr(self, name), bool):
                 raise SettingError("SceneSettings", name, f"{{}} must be True or False, not {getattr(self, name)!r}.")
@@ -368,6 +376,8 @@ class SceneSettings(_Settings):
             del data["group_bias"]
         if not data["background_concepts"]:  # and those made before background concepts theirs
             del data["background_concepts"]
+        if data["pool"] == "unicode":  # and those made before the WordNet pool theirs
+            del data["pool"]
         return data
 
     @classmethod

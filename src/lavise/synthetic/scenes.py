@@ -63,6 +63,7 @@ from lavise.synthetic.backgrounds import (
 )
 from lavise.synthetic.compose import Layer, SceneConcept, blend, compose
 from lavise.synthetic.concepts import OPENMOJI_ATTRIBUTION, Concept, concept_pool, render_concept
+from lavise.synthetic.world import concept_families, family_summary, visible_pool
 
 FORMAT_VERSION = 1
 PARTS = ("reference", "evaluation")
@@ -186,6 +187,8 @@ def generate_scenes(
         "unseen": sorted(unseen),
         "concepts": [{"id": category_ids[c.word], **c.to_dict()} for c in concepts],
     }
+    if settings.pool == "wordnet":
+        split["families"] = concept_families([c.word for c in concepts])
     write_bytes(out / "split.json", _json_bytes(split))
     word_of_id = {category_id: word for word, category_id in category_ids.items()}
     per_word = Counter(word_of_id[a["category_id"]] for a in annotations)
@@ -195,6 +198,8 @@ def generate_scenes(
         "dropped_hidden_instances": dropped,
         "instances_per_concept": dict(sorted(per_word.items())),
     }
+    if settings.pool == "wordnet":
+        summary["families"] = family_summary(split["families"], unseen)
     if settings.group_bias is not None:
         write_bytes(
             out / "groups.csv",
@@ -248,7 +253,7 @@ def choose_concepts(
     """The concepts of a scene set and the words held out as unseen, from the seed alone.
 
     Args:
-        settings: the scene settings (``num_concepts``, ``unseen_fraction``, ``seed``,
+        settings: the scene settings (``num_concepts``, ``pool``, ``unseen_fraction``, ``seed``,
             ``backgrounds``, ``texture_concepts``).
         allowed_words: keep only concepts with these words; None keeps all.
 
@@ -274,6 +279,8 @@ def choose_concepts(
                    if allowed is None or name in allowed]
     texture_words = {t.word for t in textures} | {c.word for c in colours}
     pool: list[Concept] = [c for c in concept_pool(allowed) if c.word not in texture_words]
+    if settings.pool == "wordnet":
+        pool = visible_pool(pool)
     forced = [word for word, _ in settings.group_bias or ()]
     missing = sorted(set(forced) - {c.word for c in pool})
     if missing:
