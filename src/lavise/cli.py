@@ -76,7 +76,7 @@ _NUMBERS = {"vocabulary_size": ("int", "[0, )"), "annotated_fractions": ("float"
 # Path arguments and what each must be (lavise.checks.check_path).
 _PATHS = {"reference": "in", "dataset": "in", "sweep_reference": "in", "reference_images": "folder",
           "dataset_images": "folder", "sweep_reference_images": "folder", "target": "folder", "checkpoint": "file",
-          "evaluation": "file", "groups": "file", "vocabulary_file": "file", "run": "run", "runs": "run",
+          "evaluation": "file", "groups": "file", "vocabulary_file": "file", "entity_file": "file", "run": "run", "runs": "run",
           "word_vectors": "file", "out": "out-folder", "cache_dir": "out-folder"}
 _COMMAND_PATHS = {"evaluate": {"out": "out-file"}}
 

@@ -45,6 +45,7 @@ from lavise.regions import upsampled_regions
 from lavise.runs import Run, as_run
 from lavise.settings import EVALUATION_METHODS, ComputeSettings, EvaluateSettings, ExplainSettings
 from lavise.storage import atomic_path, cache_folder, output_set, write_json
+from lavise.unseen import entity_naming, method_protocol, protocol_info, ranked_words, unseen_hops
 from lavise.vocabulary import normalize_concept
 
 _TALLY_VERSION = 2  # 2: T_u of saturated filters lies just below their maximum
@@ -187,6 +188,7 @@ def _evaluate_run(
         stream = MapStream(target_model, run.layer, dataset, cache_dir=cache_dir, compute=compute, ranks=ranks)
         run.check_filters(stream.filters, "the evaluation images")
         naming = naming_of(run, explain_settings, cache_dir, ranks)
+        entities = entity_naming(run, naming, dataset, settings, cache_dir, ranks) if settings.unseen_protocol else None
     ranks.agree({"run": run.config, "model": target_model.identity(), "data": dataset.identity(),
                  "settings": [settings.to_dict(), explain_settings.to_dict()]}, "evaluate jobs")
     scan = scan_filters(stream, quantile=explain_settings.quantile, top=explain_settings.top_images, compute=compute,
@@ -206,16 +208,16 @@ def _evaluate_run(
     scored = torch.tensor([u for u, t in enumerate(truth_ids) if t], dtype=torch.long)
     label_iou = label_tally.iou() if label_tally.images else None
     with cpu_threads(compute, workers=0):
-        words, confidences = _method_words(run, target_model, stream, scan, label_iou, names, scored, naming, settings,
-                                           compute, ranks)
+        words, confidences, entity_words = _method_words(run, target_model, stream, scan, label_iou, names, scored, naming,
+                                                         settings, compute, ranks, entities)
     if not ranks.main:
         return None
     return _scored(run, dataset, scan, words, confidences, truth_ids, score_iou, label_iou, label_tally, score_tally,
-                   skipped, naming, settings, explain_settings, matcher)
+                   skipped, naming, settings, explain_settings, matcher, entities, entity_words)
 
 
 def _scored(run, dataset, scan, words, confidences, truth_ids, score_iou, label_iou, label_tally, score_tally, skipped,
-            naming, settings, explain_settings, matcher) -> Evaluation:
+            naming, settings, explain_settings, matcher, entities=None, entity_words=None) -> Evaluation:
     """Every method's scores against the ground truth, per filter and in summary (rank 0).
 
     Concept names are matched as the vocabulary spells them (:func:`normalize_concept`:
@@ -225,6 +227,7 @@ def _scored(run, dataset, scan, words, confidences, truth_ids, score_iou, label_
     spelled = [normalize_concept(n) for n in names]
     truth = [[spelled[c] for c in ids] for ids in truth_ids]
     seen = {normalize_concept(c) for c in run.split["seen"]}
+    hops = unseen_hops(truth, seen) if entities is not None else {}
     methods, per_method = {}, {}
     for method, method_words in words.items():
         summary, per_filter = score_filters(method_words, truth, seen)
@@ -236,6 +239,9 @@ def _scored(run, dataset, scan, words, confidences, truth_ids, score_iou, label_
         # How many different top words the scored filters get: 1 means every filter is
         # named the same way (the input does not depend on the filter).
         summary["distinct_top_words"] = len({w[0] for w, t in zip(method_words, truth) if t and w})
+        if entities is not None and method in entity_words:  # NetDissect names annotated concepts only
+            summary["unseen_protocol"] = method_protocol(method_words, entity_words[method], truth, seen,
+                                                         len(naming.vocabulary), len(entities.vocabulary), hops)
         methods[method] = summary
         per_method[method] = per_filter
 
@@ -272,6 +278,8 @@ def _scored(run, dataset, scan, words, confidences, truth_ids, score_iou, label_
         "filters_total": len(truth_ids),
         "skipped": {"images": scan.skipped.to_dict(), "masks": skipped.to_dict()},
     }
+    if entities is not None:
+        info["unseen_protocol"] = protocol_info(entities, hops)
     if outside:
         warnings.warn(
             f"{len(outside)} ground-truth concepts are not in the vocabulary and can never be "
@@ -328,9 +336,11 @@ def _cached_tallies(run, target_model, stream, dataset, thresholds, labelling, s
     return tallies[0], tallies[1], SkipLog.from_dict(info["skipped"])
 
 
-def _method_words(run, target_model, stream, scan, label_iou, names, scored, naming, settings, compute, ranks):
-    """Per method, each filter's ranked words (NetDissect: concepts by labelling IoU), and per
-    explainer method each filter's confidence (when the run has a calibration); on rank 0.
+def _method_words(run, target_model, stream, scan, label_iou, names, scored, naming, settings, compute, ranks,
+                  entities=None):
+    """Per method, each filter's ranked words (NetDissect: concepts by labelling IoU), per
+    explainer method each filter's confidence (when the run has a calibration) and, with an
+    ``entities`` naming, its words ranked within the entity list; on rank 0.
 
     Only the ``scored`` filters (those with ground truth) are named by the explainer
     methods: the others cannot be scored, and image masking re-runs the network for
@@ -340,6 +350,7 @@ def _method_words(run, target_model, stream, scan, label_iou, names, scored, nam
     explain_settings = naming.settings
     words: dict[str, list[list[str]]] = {}
     confidences: dict[str, list[float | None]] = {}
+    entity_words: dict[str, list[list[str]]] = {}
     explained = [m for m in settings.methods if m != "netdissect"]
     if explained and len(scored):
         device = stream.device
@@ -363,8 +374,14 @@ def _method_words(run, target_model, stream, scan, label_iou, names, scored, nam
                 named = name_pairs(stream, scan, scored, inputs_for, run.head, naming.vectors,
                                    explain_settings.words_per_image, compute=compute, ranks=ranks,
                                    penalty=naming.penalty, chunk=chunk)
+                if entities is not None:
+                    entity_named = name_pairs(stream, scan, scored, inputs_for, run.head, entities.vectors,
+                                              entities.settings.words_per_image, compute=compute, ranks=ranks,
+                                              penalty=entities.penalty, chunk=chunk)
             if not ranks.main:
                 continue
+            if entities is not None:
+                entity_words[method] = ranked_words(entities, entity_named, scored, d)
             ids, sims = named
             ranked = naming.ranked(ids, sims)
             words[method] = [[] for _ in range(d)]
@@ -376,13 +393,15 @@ def _method_words(run, target_model, stream, scan, label_iou, names, scored, nam
                     confidences[method][u] = confidence
     for method in explained:
         words.setdefault(method, [[] for _ in range(d)])
+        if entities is not None:
+            entity_words.setdefault(method, [[] for _ in range(d)])
     if "netdissect" in settings.methods:
         top = torch.topk(label_iou, min(max(RECALL_KS), label_iou.shape[1]), dim=1)
         words["netdissect"] = [
             [names[c] for c, value in zip(ids, values) if value > 0]
             for ids, values in zip(top.indices.tolist(), top.values.tolist())
         ]
-    return {m: words[m] for m in settings.methods}, confidences
+    return {m: words[m] for m in settings.methods}, confidences, entity_words
 
 
 # --------------------------------------------------------------------------------------
@@ -398,18 +417,21 @@ def markdown_cell(value: float | None) -> str:
 def markdown_table(evaluations: Sequence[Evaluation]) -> str:
     """One row per (run, method): exact precision@1, recall@k, F1@5, seen/unseen, lenient, and
     how well the confidence separates right first words from wrong (AUROC), the share of
-    scored filters it names and their precision@1."""
+    scored filters it names and their precision@1; with the unseen protocol, unseen named@20 among
+    the entities and as a multiple of chance."""
     header = ["model", "layer", "method", "filters", *[c for _, c in _COLUMNS], "seen R@5", "unseen R@20",
-              "unseen named@20", "lenient R@5", "AUROC", "named", "P@1 named"]
+              "unseen named@20", "lenient R@5", "AUROC", "named", "P@1 named", "entity named@20", "× chance"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for evaluation in evaluations:
         for method, summary in evaluation.methods.items():
             seen, unseen, lenient = summary.get("seen"), summary.get("unseen"), summary.get("lenient")
+            entity = (summary.get("unseen_protocol") or {}).get("entities") or {}
             cells = [evaluation.model, evaluation.layer, method, str(summary["filters"]),
                      *[markdown_cell(summary[k]) for k, _ in _COLUMNS],
                      markdown_cell(seen["recall@5"] if seen else None), markdown_cell(unseen["recall@20"] if unseen else None),
                      markdown_cell(summary.get("unseen_named@20")), markdown_cell(lenient["recall@5"] if lenient else None),
-                     *[markdown_cell((summary.get("confidence") or {}).get(k)) for k in ("auroc", "named", "precision@1_named")]]
+                     *[markdown_cell((summary.get("confidence") or {}).get(k)) for k in ("auroc", "named", "precision@1_named")],
+                     *[markdown_cell(entity.get(k)) for k in ("named@20", "named@20_x_chance")]]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -208,6 +208,14 @@ class EvaluateSettings(_Settings):
     )
     split_seed: int = option(0, "seed of the labelling/scoring split of the evaluation images", **SEED)
     lenient: bool = option(True, "also report lenient recall (WordNet plurals and synonyms count)")
+    unseen_protocol: bool = option(
+        True, "also score unseen concepts the paper's way: each filter's words ranked within an entity list too (the "
+        "authors' code ranks within 1,203 Visual Genome names), unseen recall@k and named@k in both lists as multiples "
+        "of chance, split by WordNet hops to the nearest seen concept (docs/unseen.md)",
+    )
+    entity_file: str | None = option(
+        None, "the entity list: a file of names, one per line (default: every concept name of the reference and evaluation data)"
+    )
 
 
 @dataclass(frozen=True)
