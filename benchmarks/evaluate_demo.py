@@ -8,6 +8,11 @@ evaluation scenes and the IoU tallies).
 
     python benchmarks/evaluate_demo.py --seeds 0 1 2 --work /tmp/lavise-eval --authors
 
+``--vit`` also trains the small scene ViT (:mod:`lavise.models.scene_vit`) on the demo's
+reference scenes, the way the scene CNN is trained, and evaluates explainers of two of
+its blocks (``blocks.2``, ``blocks.3``: 192 channels on the scene CNN's 14×14 grid)
+beside the two demo targets.
+
 ``--authors`` trains the demo's explainers the authors' way (pooling over the whole
 grid, Adam at 1e-4), as the demo did before lavise's defaults changed; without it the
 demo's own defaults are used. ``--as-in-0.4`` builds lavise 0.4's demo world and names
@@ -23,8 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from lavise.compute import cpu_threads
 from lavise.datasets.coco import CocoDataset
-from lavise.demos.demo import run_demo
+from lavise.demos.common import DemoTarget, trained_once, trained_run
+from lavise.demos.demo import explainer_settings, run_demo
+from lavise.demos.scene_training import train_scene_vit
+from lavise.models import ModelSpec
 from lavise.evaluate import evaluate
 from lavise.settings import ComputeSettings, DemoSettings, EvaluateSettings
 
@@ -55,6 +64,25 @@ def print_mean_sd_rows(table: dict[str, dict[str, list[tuple[float, ...]]]]) -> 
             print(f"| {layer} | {name} | " + " | ".join(mean_sd(list(c)) for c in np.array(values).T) + " |")
 
 
+def vit_runs(out: Path, demo: DemoSettings, compute: ComputeSettings, epochs: int) -> list[Path]:
+    """The scene ViT, trained once on the demo's reference scenes, and explainers of two of its blocks."""
+    reference_dir = out / "data" / "reference"
+    reference = CocoDataset(reference_dir / "annotations.json", reference_dir / "images")
+    path = out / "models" / "scene_vit.pt"
+    key = {"reference": reference.identity(), "epochs": epochs, "seed": demo.seed}
+    started = time.perf_counter()
+    with cpu_threads(compute, workers=0):
+        facts = trained_once(path, key, lambda: train_scene_vit(reference, path, epochs=epochs, seed=demo.seed,
+                                                                   progress=compute.progress))
+    print(f"scene ViT: {facts} ({time.perf_counter() - started:.0f} s)", flush=True)
+    runs = []
+    for layer in ("blocks.2", "blocks.3"):
+        target = DemoTarget(f"scene_vit_{layer}", ModelSpec("scene_vit", None, str(path)), layer, "small ViT trained on the scenes")
+        runs.append(trained_run(out / "runs" / target.key, target, reference, explainer_settings(demo), compute,
+                                out / "cache").path)
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -63,6 +91,8 @@ def main() -> None:
     parser.add_argument("--authors", action="store_true",
                         help="train the explainers the authors' way (mean pooling, lr 1e-4)")
     parser.add_argument("--json", type=Path, default=None, help="also save every seed's summaries here")
+    parser.add_argument("--vit", action="store_true", help="also train and evaluate the scene ViT on two of its blocks")
+    parser.add_argument("--vit-epochs", type=int, default=30, help="training epochs of the scene ViT")
     parser.add_argument("--as-in-0.4", dest="as_in_0_4", action="store_true",
                         help="lavise 0.4's demo world and naming (the tables of docs/evaluation.md before 0.5)")
     args = parser.parse_args()
@@ -80,6 +110,8 @@ def main() -> None:
         evaluation_data = out / "data" / "evaluation"
         dataset = CocoDataset(evaluation_data / "annotations.json", evaluation_data / "images")
         runs = [Path(summary["runs"][key]) for key in sorted(summary["runs"])]
+        if args.vit:
+            runs += vit_runs(out, demo, compute, args.vit_epochs)
         started = time.perf_counter()
         evaluations = evaluate(runs, dataset, settings=EvaluateSettings(methods=tuple(args.methods)),
                                explain_settings=demo.explain_settings(), compute=compute, cache_dir=out / "cache")

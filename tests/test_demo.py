@@ -79,6 +79,23 @@ def test_scene_cnn_learns_and_loads_as_a_target(tmp_path):
     assert maps.shape == (2, 256, 14, 14) and maps.min() >= 0  # post-ReLU
 
 
+def test_scene_vit_learns_and_loads_as_a_token_target(tmp_path):
+    from lavise.demos.scene_training import train_scene_vit
+
+    scenes = generate_scenes(tmp_path / "scenes", SceneSettings(num_images=24, num_concepts=4, unseen_fraction=0.0),
+                             part="reference", progress=False)
+    dataset = CocoDataset(scenes / "annotations.json", scenes / "images")
+    facts = train_scene_vit(dataset, tmp_path / "vit.pt", epochs=1, progress=False)
+    assert facts["epochs"] == 1 and facts["final_loss"] == facts["final_loss"]  # trained, and not NaN
+    saved = torch.load(tmp_path / "vit.pt", weights_only=True)
+    assert not any(k.startswith("head.") for k in saved)  # the classifier is not part of the target
+    model = load_target_model(ModelSpec("scene_vit", None, str(tmp_path / "vit.pt")))
+    assert torch.equal(model.module.state_dict()["blocks.3.mlp.fc2.weight"], saved["blocks.3.mlp.fc2.weight"])
+    with layer_reader(model.module, "blocks.3") as read, torch.inference_mode():
+        maps = read(torch.zeros(2, 3, 112, 112))
+    assert maps.shape == (2, 192, 14, 14) and read.layout.prefix_tokens == 1  # the scene CNN's 14x14 grid
+
+
 def test_the_scene_cnn_checkpoint_depends_on_its_weights_alone(tmp_path):
     """Two trainings with one seed write the same bytes (the run records the file's digest)."""
     import hashlib

@@ -71,11 +71,7 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), compute: Comput
         DemoTarget("scene_cnn", ModelSpec("scene_cnn", None, str(scene_cnn)), "features.11",
                    "small CNN trained on the scenes"),
     ]
-    train_settings = TrainSettings(
-        seed=settings.seed, epochs=settings.explainer_epochs,
-        pooling=settings.explainer_pooling, learning_rate=settings.explainer_learning_rate,
-        activation_regions=settings.explainer_activation_regions,
-    )
+    train_settings = explainer_settings(settings)
     results = {}
     for target in targets:
         run = trained_run(out / "runs" / target.key, target, reference, train_settings, compute, cache_dir)
@@ -98,6 +94,15 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), compute: Comput
     print(f"      lavise report {out / 'runs' / targets[0].key}")
     print(OPENMOJI_ATTRIBUTION)
     return summary
+
+
+def explainer_settings(settings: DemoSettings) -> TrainSettings:
+    """How the demo trains each target's explainer."""
+    return TrainSettings(
+        seed=settings.seed, epochs=settings.explainer_epochs,
+        pooling=settings.explainer_pooling, learning_rate=settings.explainer_learning_rate,
+        activation_regions=settings.explainer_activation_regions,
+    )
 
 
 def _target_images(folder: Path, evaluation_dir: Path) -> Path:

@@ -22,6 +22,7 @@ from lavise.datasets.base import BadImage, load_rgb
 from lavise.datasets.coco import CocoDataset
 from lavise.errors import LaviseError
 from lavise.models.scene_cnn import PREPROCESSING, SceneCNN, backbone
+from lavise.models.scene_vit import scene_vit
 from lavise.storage import write_bytes
 
 
@@ -72,6 +73,41 @@ def train_scene_cnn(
     accuracy = float(((predicted > 0) == labels.bool()).float().mean())
     _save_backbone(model, out_path)
     return {"epochs": epochs, "final_loss": loss_value, "train_label_accuracy": accuracy, "seed": seed}
+
+
+def train_scene_vit(
+    dataset: CocoDataset,
+    out_path: Path,
+    *,
+    epochs: int = 30,
+    seed: int = 0,
+    batch_size: int = 64,
+    learning_rate: float = 1e-3,
+    device: torch.device = torch.device("cpu"),
+    progress: bool = True,
+) -> dict:
+    """Train the small scene ViT on the scenes' concepts, as :func:`train_scene_cnn` trains
+    the CNN (multi-label, the same data, flips and schedule); save all but its classifier.
+
+    A transformer learns from 800 scenes more slowly than a CNN, so it gets more epochs
+    and a lower peak learning rate (chosen on development seed 0; see docs/evaluation.md).
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    images, labels = _load_scenes(dataset, progress)
+    model = scene_vit(labels.shape[1]).to(device)
+    loss_value, predicted = _fit(
+        model, images, labels, F.binary_cross_entropy_with_logits, epochs=epochs, generator=generator,
+        batch_size=batch_size, device=device, description="training scene ViT", progress=progress,
+        learning_rate=learning_rate,
+    )
+    accuracy = float(((predicted > 0) == labels.bool()).float().mean())
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(Path(out_path), buffer.getvalue())
+    return {"epochs": epochs, "final_loss": loss_value, "train_label_accuracy": accuracy, "seed": seed,
+            "learning_rate": learning_rate}
 
 
 def train_group_classifier(
@@ -145,7 +181,7 @@ def train_group_classifier(
 
 
 def _fit(
-    model: SceneCNN,
+    model: torch.nn.Module,
     images: torch.Tensor,
     targets: torch.Tensor,
     loss_function,
@@ -156,14 +192,15 @@ def _fit(
     device: torch.device,
     description: str,
     progress: bool,
+    learning_rate: float = 3e-3,
 ) -> tuple[float, torch.Tensor]:
-    """AdamW with a one-cycle schedule, random horizontal flips.
+    """AdamW with a one-cycle schedule (peak ``learning_rate``), random horizontal flips.
 
     (N, 3, 112, 112) uint8 images, (N, ...) targets -> (last loss, (N, outputs) logits)
     """
-    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
     steps = epochs * ((len(images) + batch_size - 1) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=steps)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=learning_rate, total_steps=steps)
     mean = torch.tensor(PREPROCESSING.mean).view(1, 3, 1, 1)
     std = torch.tensor(PREPROCESSING.std).view(1, 3, 1, 1)
 

@@ -24,6 +24,7 @@ from lavise.models.efficientnet_lite import build_efficientnet_lite0
 from lavise.models.layouts import parse_layout
 from lavise.models.preprocessing import Preprocessing
 from lavise.models.scene_cnn import build_scene_cnn
+from lavise.models.scene_vit import build_scene_vit
 from lavise.models.timm_models import TIMM_PREFIX, check_timm_name, timm_model
 from lavise.storage import content_digest
 
@@ -94,6 +95,7 @@ class TargetModel:
 EXTRA_MODELS: dict[str, Callable[[str | None], tuple[nn.Module, Preprocessing]]] = {
     "efficientnet_lite0": build_efficientnet_lite0,
     "scene_cnn": build_scene_cnn,
+    "scene_vit": build_scene_vit,
 }
 
 
