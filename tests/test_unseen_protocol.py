@@ -163,6 +163,19 @@ def test_evaluate_scores_unseen_concepts_in_both_lists(held_out):
         {k: v for k, v in summary.items() if k != "unseen_protocol"}
 
 
+def test_sweep_rows_carry_the_entity_scores(held_out):
+    from lavise.sweep import _entity_columns
+
+    run, model, dataset, compute, root = held_out
+    (evaluation,) = evaluate([run], dataset, settings=EvaluateSettings(methods=("activation",), lenient=False),
+                             explain_settings=REGIONS, compute=compute, model=model, cache_dir=root / "cache", write=False)
+    columns = _entity_columns(evaluation.methods["activation"])
+    entities = evaluation.methods["activation"]["unseen_protocol"]["entities"]
+    assert columns["entity_unseen_named@20"] == entities["named@20"] == 1.0
+    assert columns["unseen_concepts_1-2"] == entities["bands"]["1-2"]["concepts"]
+    assert set(_entity_columns({}).values()) == {None}  # an evaluation without the protocol
+
+
 def test_an_entity_file_sets_the_candidates(held_out, tmp_path):
     run, model, dataset, compute, root = held_out
     entities = tmp_path / "entities.txt"

@@ -2,7 +2,9 @@
 
 For each annotated fraction f, the run's explainer is trained again with 1 − f of the
 reference concepts held out, then evaluated with the feature-space methods; the rows go
-to ``RUN/sweep.json`` and ``RUN/sweep.md``, each retrained run to ``RUN/sweep/``.
+to ``RUN/sweep.json`` and ``RUN/sweep.md``, each retrained run to ``RUN/sweep/``. With the
+unseen protocol (``EvaluateSettings.unseen_protocol``) each row also has the entity
+list's unseen named@k, its multiple of chance and its 1–2-hop band (docs/unseen.md).
 """
 
 from __future__ import annotations
@@ -66,16 +68,29 @@ def annotated_fraction_sweep(
                 **{f"unseen_recall@{k}": unseen.get(f"recall@{k}") for k in RECALL_KS},
                 **{f"unseen_named@{k}": summary[f"unseen_named@{k}"] for k in RECALL_KS},
                 "unseen_concepts": summary["unseen_concepts"],
+                **_entity_columns(summary),
             })
-    header = ["annotated", "method", "seen concepts", "seen R@5", "unseen R@20", "unseen named@5", "unseen named@20", "unseen concepts"]
+    header = ["annotated", "method", "seen concepts", "seen R@5", "unseen R@20", "unseen named@5", "unseen named@20", "unseen concepts",
+              "entity named@20", "× chance", "entity named@20 1-2 hops", "concepts 1-2 hops"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         lines.append("| " + " | ".join([f"{r['annotated_fraction']:.2f}", r["method"], str(r["seen_concepts"]),
                                           markdown_cell(r["seen_recall@5"]), markdown_cell(r["unseen_recall@20"]),
                                           markdown_cell(r["unseen_named@5"]), markdown_cell(r["unseen_named@20"]),
-                                          str(r["unseen_concepts"])]) + " |")
+                                          str(r["unseen_concepts"]), markdown_cell(r["entity_unseen_named@20"]),
+                                          markdown_cell(r["entity_unseen_named@20_x_chance"]),
+                                          markdown_cell(r["entity_unseen_named@20_1-2"]), "–" if r["unseen_concepts_1-2"] is None else str(r["unseen_concepts_1-2"])]) + " |")
     with output_set(run.path, last="sweep.json") as outputs:
         with atomic_path(outputs.path("sweep.md")) as tmp:
             tmp.write_text("\n".join(lines) + "\n")
         write_json(outputs.path("sweep.json"), {"run": str(run.path), "run_id": run.config.get("run_id"), "rows": rows})
     return rows
+
+
+def _entity_columns(summary: dict) -> dict:
+    """A sweep row's entity-list scores (the unseen protocol, :mod:`lavise.unseen`); None without it."""
+    entities = (summary.get("unseen_protocol") or {}).get("entities") or {}
+    near = (entities.get("bands") or {}).get("1-2") or {}
+    return {**{f"entity_unseen_named@{k}": entities.get(f"named@{k}") for k in RECALL_KS},
+            "entity_unseen_named@20_x_chance": entities.get("named@20_x_chance"),
+            "entity_unseen_named@20_1-2": near.get("named@20"), "unseen_concepts_1-2": near.get("concepts")}
