@@ -7,10 +7,12 @@ image (and its masks) at a time.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -59,17 +61,10 @@ def load_rgb(path: Path) -> Image.Image:
 
     Raises BadImage for missing, unreadable, truncated files and decompression bombs.
     """
-    try:
-        with open_image(path) as image:
-            orientation = _orientation(image)
-            image.load()  # decode now, so truncation is caught here
-            return _upright(_as_rgb(image), orientation)
-    except FileNotFoundError:
-        raise BadImage("file not found") from None
-    except UnidentifiedImageError:
-        raise BadImage("not an image file Pillow can read") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise BadImage(f"unreadable ({error})") from None
+    with _as_bad_image(), open_image(path) as image:
+        orientation = _orientation(image)
+        image.load()  # decode now, so truncation is caught here
+        return _upright(_as_rgb(image), orientation)
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -77,10 +72,16 @@ def image_size(path: Path) -> tuple[int, int]:
 
     Raises BadImage as load_rgb does, except that nothing is decoded (truncation shows later).
     """
+    with _as_bad_image(), open_image(path) as image:
+        width, height = image.size
+        return (height, width) if _orientation(image) >= 5 else (width, height)
+
+
+@contextlib.contextmanager
+def _as_bad_image() -> Iterator[None]:
+    """Pillow's and the file system's errors, as a BadImage saying why."""
     try:
-        with open_image(path) as image:
-            width, height = image.size
-            return (height, width) if _orientation(image) >= 5 else (width, height)
+        yield
     except FileNotFoundError:
         raise BadImage("file not found") from None
     except UnidentifiedImageError:

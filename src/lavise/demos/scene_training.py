@@ -62,17 +62,10 @@ def train_scene_cnn(
     Returns training facts (epochs, final loss, mean per-concept accuracy on the
     training scenes) for the run's record.
     """
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    images, labels = _load_scenes(dataset, progress)
-    model = SceneCNN(labels.shape[1]).to(device)
-    loss_value, predicted = _fit(
-        model, images, labels, F.binary_cross_entropy_with_logits, epochs=epochs, generator=generator,
-        batch_size=batch_size, device=device, description="training scene CNN", progress=progress,
-    )
-    accuracy = float(((predicted > 0) == labels.bool()).float().mean())
+    model, facts = _train_on_concepts(dataset, SceneCNN, epochs=epochs, seed=seed, batch_size=batch_size, device=device,
+                                      progress=progress, description="training scene CNN")
     _save_backbone(model, out_path)
-    return {"epochs": epochs, "final_loss": loss_value, "train_label_accuracy": accuracy, "seed": seed}
+    return facts
 
 
 def train_scene_vit(
@@ -92,22 +85,28 @@ def train_scene_vit(
     A transformer learns from 800 scenes more slowly than a CNN, so it gets more epochs
     and a lower peak learning rate (chosen on development seed 0; see docs/evaluation.md).
     """
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    images, labels = _load_scenes(dataset, progress)
-    model = scene_vit(labels.shape[1]).to(device)
-    loss_value, predicted = _fit(
-        model, images, labels, F.binary_cross_entropy_with_logits, epochs=epochs, generator=generator,
-        batch_size=batch_size, device=device, description="training scene ViT", progress=progress,
-        learning_rate=learning_rate,
-    )
-    accuracy = float(((predicted > 0) == labels.bool()).float().mean())
+    model, facts = _train_on_concepts(dataset, scene_vit, epochs=epochs, seed=seed, batch_size=batch_size, device=device,
+                                      progress=progress, description="training scene ViT", learning_rate=learning_rate)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
     buffer = io.BytesIO()
     torch.save(state, buffer)
     write_bytes(Path(out_path), buffer.getvalue())
-    return {"epochs": epochs, "final_loss": loss_value, "train_label_accuracy": accuracy, "seed": seed,
-            "learning_rate": learning_rate}
+    return {**facts, "learning_rate": learning_rate}
+
+
+def _train_on_concepts(dataset: CocoDataset, build, *, epochs: int, seed: int, batch_size: int, device: torch.device,
+                       progress: bool, description: str, learning_rate: float = 3e-3) -> tuple[torch.nn.Module, dict]:
+    """A network ``build(outputs)`` taught which concepts each scene holds (multi-label), and its facts."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    images, labels = _load_scenes(dataset, progress)
+    model = build(labels.shape[1]).to(device)
+    loss_value, predicted = _fit(
+        model, images, labels, F.binary_cross_entropy_with_logits, epochs=epochs, generator=generator,
+        batch_size=batch_size, device=device, description=description, progress=progress, learning_rate=learning_rate,
+    )
+    accuracy = float(((predicted > 0) == labels.bool()).float().mean())
+    return model, {"epochs": epochs, "final_loss": loss_value, "train_label_accuracy": accuracy, "seed": seed}
 
 
 def train_group_classifier(
