@@ -87,6 +87,23 @@ class TinyNet(nn.Module):
         return self.head(self.features(x))
 
 
+# Filters that are known colour detectors, for end-to-end tests of evaluate.
+COLOURS = {"circle": (220, 40, 40), "square": (40, 200, 60), "triangle": (40, 60, 220)}
+
+
+class ColourNet(nn.Module):
+    """Filter c is 1 − (distance to concept c's colour), at full resolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("colours", torch.tensor(list(COLOURS.values())).float() / 255)
+        self.detect = nn.Identity()
+
+    def forward(self, x):
+        distance = (x.unsqueeze(1) - self.colours.view(1, -1, 3, 1, 1)).abs().amax(dim=2)  # (n, C, H, W)
+        return self.detect((1 - 10 * distance).clamp_min(0))
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)

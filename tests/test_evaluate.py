@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import COLOURS, ColourNet
 from lavise.cli import main
 from lavise.datasets import open_reference
 from lavise.errors import LaviseError
@@ -60,20 +61,6 @@ def test_image_masking_inputs_match_a_pair_by_pair_loop():
 # ---------------------------------------------------------------------------------------
 # End to end, on a model whose filters are known colour detectors
 
-COLOURS = {"circle": (220, 40, 40), "square": (40, 200, 60), "triangle": (40, 60, 220)}
-
-
-class ColourNet(nn.Module):
-    """Filter c is 1 − (distance to concept c's colour), at full resolution."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("colours", torch.tensor(list(COLOURS.values())).float() / 255)
-        self.detect = nn.Identity()
-
-    def forward(self, x):
-        distance = (x.unsqueeze(1) - self.colours.view(1, -1, 3, 1, 1)).abs().amax(dim=2)  # (n, C, H, W)
-        return self.detect((1 - 10 * distance).clamp_min(0))
 
 
 @pytest.fixture

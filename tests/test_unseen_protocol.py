@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from torch import nn
 
+from conftest import COLOURS, ColourNet
 from lavise.cli import main
 from lavise.datasets import open_reference
 from lavise.evaluate import evaluate, markdown_table
@@ -94,20 +93,6 @@ def test_senses_read_the_visible_thing():
 # ---------------------------------------------------------------------------------------
 # In evaluate, on filters that are known colour detectors
 
-COLOURS = {"circle": (220, 40, 40), "square": (40, 200, 60), "triangle": (40, 60, 220)}
-
-
-class ColourNet(nn.Module):
-    """Filter c is 1 − (distance to concept c's colour), at full resolution."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("colours", torch.tensor(list(COLOURS.values())).float() / 255)
-        self.detect = nn.Identity()
-
-    def forward(self, x):
-        distance = (x.unsqueeze(1) - self.colours.view(1, -1, 3, 1, 1)).abs().amax(dim=2)
-        return self.detect((1 - 10 * distance).clamp_min(0))
 
 
 @pytest.fixture(scope="module")
