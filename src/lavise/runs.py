@@ -390,7 +390,8 @@ def check_run_folder(out_dir: Path) -> None:
             f"'{out_dir / 'config.json'}' is not a lavise run's config.json: lavise will not overwrite it. "
             "Train into a new or empty folder."
         )
-    ours = [p for p in present if p.is_file() and any(p.match(pattern) for pattern in TRAIN_OUTPUTS + DERIVED_OUTPUTS)]
+    ours = [p for p in present if (p.is_file() and any(p.match(pattern) for pattern in TRAIN_OUTPUTS + DERIVED_OUTPUTS))
+            or (p.is_dir() and p.name == "report")]  # lavise report's default folder
     if len(ours) < len(present) or not ours:
         others = sorted(p.name for p in present if p not in ours)
         raise LaviseError(
