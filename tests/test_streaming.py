@@ -328,3 +328,25 @@ def test_an_interrupted_threshold_pass_resumes_from_its_checkpoint(tmp_path, tin
     assert torch.equal(resumed, whole)
     assert not list((tmp_path / "cache").glob("thresholds-partial-*"))
 
+
+
+def test_several_word_spaces_share_one_pass_of_explainer_outputs():
+    """pair_words_in matches each output against every space, as one pair_words call per space would."""
+    from lavise.naming import WordSpace, pair_words_in
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(4, 3)
+    table = torch.randn(6, 5, 4)  # an input per (filter, image)
+
+    def pair_inputs(filters, rows):
+        return table[filters, rows]
+
+    filters, rows = torch.tensor([0, 2, 5, 5, 1]), torch.tensor([4, 0, 1, 3, 3])
+    spaces = [WordSpace(torch.nn.functional.normalize(torch.randn(9, 3), dim=1), 4),
+              WordSpace(torch.nn.functional.normalize(torch.randn(7, 3), dim=1), 2, torch.rand(7))]
+    together = pair_words_in(head, pair_inputs, filters, rows, spaces, device=torch.device("cpu"), chunk=2)
+    for space, (ids, sims) in zip(spaces, together):
+        alone = pair_words(head, pair_inputs, filters, rows, space.vectors, space.words_per_image,
+                           device=torch.device("cpu"), penalty=space.penalty, chunk=3)
+        assert torch.equal(ids, alone[0]) and torch.allclose(sims, alone[1])
+        assert ids.shape == (5, space.words_per_image)

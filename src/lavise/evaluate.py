@@ -34,7 +34,7 @@ from lavise.errors import LaviseError, LaviseWarning
 from lavise.confidence import auroc, precision_coverage
 from lavise.explain import naming_of
 from lavise.features import MapStream, raise_no_usable
-from lavise.naming import feature_inputs, gather_maps, name_pairs, scan_filters
+from lavise.naming import WordSpace, feature_inputs, gather_maps, name_pairs_in, scan_filters
 from lavise.tallies import tally_dataset
 from lavise.inputs import original
 from lavise.metrics import (
@@ -371,13 +371,12 @@ def _method_words(run, target_model, stream, scan, label_iou, names, scored, nam
                         return feature_inputs(method, maps, scan.thresholds, device, run.pooling)
 
                     chunk = 2048
-                named = name_pairs(stream, scan, scored, inputs_for, run.head, naming.vectors,
-                                   explain_settings.words_per_image, compute=compute, ranks=ranks,
-                                   penalty=naming.penalty, chunk=chunk)
-                if entities is not None:
-                    entity_named = name_pairs(stream, scan, scored, inputs_for, run.head, entities.vectors,
-                                              entities.settings.words_per_image, compute=compute, ranks=ranks,
-                                              penalty=entities.penalty, chunk=chunk)
+                spaces = [WordSpace(naming.vectors, explain_settings.words_per_image, naming.penalty)]
+                if entities is not None:  # the same outputs, matched against the entity list too
+                    spaces.append(WordSpace(entities.vectors, entities.settings.words_per_image, entities.penalty))
+                found = name_pairs_in(stream, scan, scored, inputs_for, run.head, spaces, compute=compute, ranks=ranks,
+                                      chunk=chunk)
+                named, entity_named = (found[0], found[-1]) if found is not None else (None, None)
             if not ranks.main:
                 continue
             if entities is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -236,6 +237,14 @@ def explainer_outputs(
         head, pair_inputs, filters, rows, device=device, chunk=chunk, progress=progress)])
 
 
+class WordSpace(NamedTuple):
+    """Candidate words to name explainer outputs with: unit vectors, how many per output, a hub penalty."""
+
+    vectors: torch.Tensor
+    words_per_image: int
+    penalty: torch.Tensor | None = None
+
+
 def pair_words(
     head: torch.nn.Module,
     pair_inputs: PairInputs,
@@ -253,16 +262,34 @@ def pair_words(
 
     (n,) filters, (n,) image rows -> (n, s) word indices and scores (:func:`nearest_words`)
     """
-    vocab = unit_vocabulary.to(device)
-    penalty = None if penalty is None else penalty.to(device)
-    ids, sims = [], []
+    space = WordSpace(unit_vocabulary, words_per_image, penalty)
+    return pair_words_in(head, pair_inputs, filters, rows, [space], device=device, progress=progress, chunk=chunk)[0]
+
+
+def pair_words_in(
+    head: torch.nn.Module,
+    pair_inputs: PairInputs,
+    filters: torch.Tensor,
+    rows: torch.Tensor,
+    spaces: Sequence[WordSpace],
+    *,
+    device: torch.device,
+    progress: bool = False,
+    chunk: int = 2048,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`pair_words` in several word spaces at once: the explainer's outputs are
+    computed once and matched against each space's words."""
+    on_device = [(space.vectors.to(device), None if space.penalty is None else space.penalty.to(device))
+                 for space in spaces]
+    found: list[tuple[list, list]] = [([], []) for _ in spaces]
     for outputs in _output_chunks(head, pair_inputs, filters, rows, device=device, chunk=chunk, progress=progress):
-        words, values = nearest_words(outputs, vocab, words_per_image, penalty=penalty)
-        ids.append(words.cpu())
-        sims.append(values.cpu())
-    if not ids:
-        return torch.zeros(0, words_per_image, dtype=torch.int64), torch.zeros(0, words_per_image)
-    return torch.cat(ids), torch.cat(sims)
+        for space, (vocab, penalty), (ids, sims) in zip(spaces, on_device, found):
+            words, values = nearest_words(outputs, vocab, space.words_per_image, penalty=penalty)
+            ids.append(words.cpu())
+            sims.append(values.cpu())
+    return [(torch.cat(ids), torch.cat(sims)) if ids else
+            (torch.zeros(0, space.words_per_image, dtype=torch.int64), torch.zeros(0, space.words_per_image))
+            for space, (ids, sims) in zip(spaces, found)]
 
 
 InputsFor = Callable[[torch.Tensor, list[int]], PairInputs]
@@ -290,14 +317,34 @@ def name_pairs(
 
     (f,) filters -> (f, p·s) word indices and scores, each filter's p images in order
     """
+    named = name_pairs_in(stream, scan, filters, inputs_for, head, [WordSpace(unit_vocabulary, words_per_image, penalty)],
+                          compute=compute, ranks=ranks, chunk=chunk)
+    return None if named is None else named[0]
+
+
+def name_pairs_in(
+    stream: MapStream,
+    scan: FilterScan,
+    filters: torch.Tensor,
+    inputs_for: InputsFor,
+    head: torch.nn.Module,
+    spaces: Sequence[WordSpace],
+    *,
+    compute: ComputeSettings,
+    ranks: Ranks,
+    chunk: int = 2048,
+) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """:func:`name_pairs` in several word spaces at once (the open vocabulary and an entity
+    list, say): maps are read, explainer inputs made (image masking runs the network) and
+    outputs computed once, then matched against each space."""
     chosen = scan.chosen[filters]  # (f, p)
     f, p = chosen.shape
     start, stop = stream.image_range
     images = chosen.flatten()
     mine = torch.nonzero((images >= start) & (images < stop)).flatten()  # this rank's pairs
     device = torch.device(stream.device)
-    ids = torch.zeros(len(mine), words_per_image, dtype=torch.int64)
-    sims = torch.zeros(len(mine), words_per_image)
+    ids = [torch.zeros(len(mine), space.words_per_image, dtype=torch.int64) for space in spaces]
+    sims = [torch.zeros(len(mine), space.words_per_image) for space in spaces]
     with ranks.together("naming the filters"):
         rows = sorted(set(images[mine].tolist()))
         per_map = 4 * stream.filters * stream.positions
@@ -318,14 +365,15 @@ def name_pairs(
             pairs = mine[selected]
             local_rows = torch.tensor([position[int(images[pair])] for pair in pairs.tolist()], dtype=torch.int64)
             pair_filters = filters[pairs // p]
-            words, values = pair_words(head, inputs_for(maps, part), pair_filters, local_rows, unit_vocabulary, words_per_image,
-                                       device=device, penalty=penalty, progress=compute.progress and ranks.main,
-                                       chunk=max(1, min(chunk, PAIR_BYTES // per_map)))
-            ids[selected], sims[selected] = words, values
-    all_ids = torch.zeros(f * p, words_per_image, dtype=torch.int64)
-    all_sims = torch.zeros(f * p, words_per_image)
-    for part in ranks.from_each({"pairs": mine, "ids": ids, "sims": sims}):
-        all_ids[part["pairs"]], all_sims[part["pairs"]] = part["ids"], part["sims"]
-    if not ranks.main:
-        return None
-    return all_ids.reshape(f, p * words_per_image), all_sims.reshape(f, p * words_per_image)
+            found = pair_words_in(head, inputs_for(maps, part), pair_filters, local_rows, spaces, device=device,
+                                  progress=compute.progress and ranks.main, chunk=max(1, min(chunk, PAIR_BYTES // per_map)))
+            for n, (words, values) in enumerate(found):
+                ids[n][selected], sims[n][selected] = words, values
+    named = []
+    for n, space in enumerate(spaces):
+        all_ids = torch.zeros(f * p, space.words_per_image, dtype=torch.int64)
+        all_sims = torch.zeros(f * p, space.words_per_image)
+        for part in ranks.from_each({"pairs": mine, "ids": ids[n], "sims": sims[n]}):
+            all_ids[part["pairs"]], all_sims[part["pairs"]] = part["ids"], part["sims"]
+        named.append((all_ids.reshape(f, p * space.words_per_image), all_sims.reshape(f, p * space.words_per_image)))
+    return named if ranks.main else None
