@@ -120,7 +120,7 @@ def test_bad_text_vectors(tmp_path):
     empty.write_text("\n")
     with pytest.raises(LaviseError, match="holds no vectors"):
         load_word_vectors(str(empty))
-    with pytest.raises(LaviseError, match="neither 'glove-6b-50d' nor an existing file"):
+    with pytest.raises(LaviseError, match="neither 'glove-6b-50d', 'minilm-l6-v2' nor an existing file"):
         load_word_vectors(str(tmp_path / "missing.txt"))
 
 

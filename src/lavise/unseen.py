@@ -45,6 +45,7 @@ def default_entities(names: Sequence[str], word_vectors: WordVectors) -> list[st
         ['dog', 'sky']
     """
     spelled = dict.fromkeys(normalize_concept(n) for n in names)
+    word_vectors.prepare(spelled)
     return [n for n in spelled if n and word_vectors.phrase_vector(n) is not None]
 
 

@@ -209,7 +209,9 @@ def candidate_vocabulary(word_vectors: WordVectors, *, kind: str = "visual", siz
         listed = [w for w in visual_words() if word_vectors.phrase_vector(w) is not None]
         words, description = listed[:size] if size else listed, {"kind": "visual", "size": size}
     known = set(words)
-    added = [n for n in dict.fromkeys(normalize_concept(c) for c in concepts)
+    spelled = list(dict.fromkeys(normalize_concept(c) for c in concepts))
+    word_vectors.prepare(spelled)
+    added = [n for n in spelled
              if n and n not in known and word_vectors.phrase_vector(n) is not None]
     words = words + added
     partial = [f"'{w}' (without {', '.join(word_vectors.unknown_words(w))})" for w in words if word_vectors.unknown_words(w)]
@@ -229,6 +231,7 @@ def _listed_words(path: Path, word_vectors: WordVectors) -> tuple[list[str], lis
     wanted = [w for w in wanted if w]
     if not wanted:
         raise LaviseError(f"Vocabulary file '{path}' holds no words: give one word or phrase per line.")
+    word_vectors.prepare(wanted)
     usable = [w for w in wanted if word_vectors.phrase_vector(w) is not None]
     if not usable:
         raise LaviseError(f"Vocabulary file '{path}': none of its {len(wanted)} words has a vector in "

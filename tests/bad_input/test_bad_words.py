@@ -141,9 +141,9 @@ def test_a_word_vector_file_that_is_not_text_is_refused_by_name(tmp_path, payloa
 
 
 def test_a_folder_or_nothing_as_word_vectors_is_refused(tmp_path):
-    with pytest.raises(LaviseError, match="neither 'glove-6b-50d' nor an existing file"):
+    with pytest.raises(LaviseError, match="neither 'glove-6b-50d', 'minilm-l6-v2' nor an existing file"):
         load_word_vectors(str(tmp_path))
-    with pytest.raises(LaviseError, match="neither 'glove-6b-50d' nor an existing file"):
+    with pytest.raises(LaviseError, match="neither 'glove-6b-50d', 'minilm-l6-v2' nor an existing file"):
         load_word_vectors(str(tmp_path / "nowhere.txt"))
 
 
