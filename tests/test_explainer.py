@@ -1,12 +1,16 @@
-"""The hinge rank loss, training the explainer head, and the concept and validation splits."""
+"""The losses, training the explainer head, and the concept and validation splits."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from lavise.errors import LaviseError
-from lavise.explainer import ExplainerHead, _split_by_group, hinge_rank_loss, train_explainer
+from lavise.explainer import (
+    ExplainerHead, _split_by_group, explainer_loss, hardest_negative_loss, hinge_rank_loss, softmax_loss, train_explainer,
+)
 from lavise.runs import split_concepts
 from lavise.settings import TrainSettings
 
@@ -51,6 +55,54 @@ def test_hinge_rank_loss_gradient_flows():
     with torch.no_grad():
         stepped = predicted - 0.1 * predicted.grad
     assert float(hinge_rank_loss(stepped, torch.tensor([0]), torch.eye(3))) < float(loss.detach())
+
+
+def test_hardest_negative_loss_takes_the_most_violating_concept_only():
+    concepts = torch.tensor([[2.0, 0, 0], [0, 3.0, 0], [0, 0, 0.5]])
+    predicted = torch.tensor([[5.0, 5.0, 0.0]])
+    s = 2**-0.5
+    # target 0: violations m - s + s (concept 1) and m - s + 0 (concept 2): the larger, not the sum
+    assert float(hardest_negative_loss(predicted, torch.tensor([0]), concepts)) == pytest.approx(1.0)
+    assert float(hardest_negative_loss(predicted, torch.tensor([0]), concepts, margin=0.2)) == pytest.approx(0.2)
+    # the positive is no negative: a perfect prediction costs nothing at margin < 1
+    assert float(hardest_negative_loss(torch.eye(3), torch.tensor([0, 1, 2]), torch.eye(3), margin=0.5)) == pytest.approx(0)
+    # never more than the hinge sum, equal with one negative
+    assert float(hardest_negative_loss(predicted, torch.tensor([2]), concepts)) == pytest.approx(1 + s)
+    two = torch.eye(2)
+    x = torch.tensor([[0.3, 0.8]])
+    assert float(hardest_negative_loss(x, torch.tensor([0]), two)) == pytest.approx(float(hinge_rank_loss(x, torch.tensor([0]), two)))
+
+
+def test_softmax_loss_by_hand():
+    concepts = torch.tensor([[2.0, 0], [0, 3.0]])
+    predicted = torch.tensor([[1.0, 1.0]])  # cosine 1/√2 with both
+    assert float(softmax_loss(predicted, torch.tensor([0]), concepts)) == pytest.approx(torch.log(torch.tensor(2.0)).item())
+    right = torch.tensor([[1.0, 0.0]])  # cosines 1 and 0; logits 10 and 0 at temperature 0.1
+    expected = math.log1p(math.exp(-10))  # -log(e^10 / (e^10 + e^0))
+    assert float(softmax_loss(right, torch.tensor([0]), concepts)) == pytest.approx(expected, rel=1e-3)  # float32
+    expected_warm = math.log1p(math.exp(-1))  # temperature 1
+    assert float(softmax_loss(right, torch.tensor([0]), concepts, temperature=1.0)) == pytest.approx(expected_warm, rel=1e-5)
+
+
+def test_explainer_loss_follows_the_settings():
+    predicted, targets, concepts = torch.tensor([[5.0, 5.0, 0.0]]), torch.tensor([0]), torch.eye(3)
+    for settings, expected in ((TrainSettings(), hinge_rank_loss(predicted, targets, concepts)),
+                               (TrainSettings(loss="hardest", margin=0.5), hardest_negative_loss(predicted, targets, concepts, 0.5)),
+                               (TrainSettings(loss="softmax", temperature=0.5), softmax_loss(predicted, targets, concepts, 0.5))):
+        assert float(explainer_loss(settings)(predicted, targets, concepts)) == pytest.approx(float(expected))
+
+
+@pytest.mark.parametrize("loss", ["hardest", "softmax"])
+def test_every_loss_trains_the_head(loss):
+    vectors, targets, groups, concept_vectors = _separable()
+    settings = TrainSettings(epochs=30, learning_rate=1e-2, train_batch_size=32, validation_fraction=0.25, dropout=0.0,
+                             seed=1, loss=loss)
+    result = train_explainer(vectors, targets, groups, concept_vectors, settings, progress=False)
+    assert result.history[-1]["validation_loss"] < 0.5 * result.history[0]["validation_loss"]
+    _, val_rows = _split_by_group(groups, 0.25, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        scores = torch.nn.functional.normalize(result.head(vectors[val_rows]), dim=1) @ torch.nn.functional.normalize(concept_vectors, dim=1).T
+    assert (scores.argmax(dim=1) == targets[val_rows]).float().mean() > 0.9
 
 
 # --- training ----------------------------------------------------------------------------

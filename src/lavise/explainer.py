@@ -1,4 +1,4 @@
-"""The explainer head, its hinge rank loss, and training it on cached pooled vectors."""
+"""The explainer head, its losses (the paper's hinge rank loss and two from the literature), and training it on cached pooled vectors."""
 
 from __future__ import annotations
 
@@ -58,6 +58,42 @@ def hinge_rank_loss(
     return hinge.sum(dim=1).mean()
 
 
+def hardest_negative_loss(
+    predicted: torch.Tensor, targets: torch.Tensor, concept_vectors: torch.Tensor, margin: float = 1.0
+) -> torch.Tensor:
+    """VSE++'s max of hinges (Faghri et al., 2018): mean over samples of max_{c≠t} max(0, margin − v_tᵀv̂ + v_cᵀv̂).
+
+    Only the most violating concept is pushed away, so many concepts that are already far
+    do not add up to outweigh the one that is near.
+
+    (n, D), (n,) long, (C, D) -> scalar
+    """
+    similarity = F.normalize(predicted, dim=1) @ F.normalize(concept_vectors, dim=1).T
+    positive = similarity.gather(1, targets.unsqueeze(1))
+    hinge = (margin - positive + similarity).clamp_min(0).scatter(1, targets.unsqueeze(1), 0.0)
+    return hinge.max(dim=1).values.mean()
+
+
+def softmax_loss(
+    predicted: torch.Tensor, targets: torch.Tensor, concept_vectors: torch.Tensor, temperature: float = 0.1
+) -> torch.Tensor:
+    """Cross-entropy of the true concept under a softmax over the cosines divided by a temperature,
+    the zero-shot classifiers' loss (normalised-softmax, as in CLIP's image-to-text half).
+
+    (n, D), (n,) long, (C, D) -> scalar
+    """
+    similarity = F.normalize(predicted, dim=1) @ F.normalize(concept_vectors, dim=1).T
+    return F.cross_entropy(similarity / temperature, targets)
+
+
+def explainer_loss(settings: TrainSettings):
+    """The loss ``settings.loss`` names, as (predicted, targets, concept_vectors) -> scalar."""
+    if settings.loss == "softmax":
+        return lambda predicted, targets, concepts: softmax_loss(predicted, targets, concepts, settings.temperature)
+    rank = hardest_negative_loss if settings.loss == "hardest" else hinge_rank_loss
+    return lambda predicted, targets, concepts: rank(predicted, targets, concepts, settings.margin)
+
+
 @dataclass
 class TrainingResult:
     """The trained head, its losses per epoch, the epoch kept, and the rows held out to choose it."""
@@ -90,7 +126,7 @@ def train_explainer(
         targets: (n,) index of each row's concept in ``concept_vectors``.
         groups: (n,) the image each row comes from; validation holds out whole images.
         concept_vectors: (C, D) vectors of the training (seen) concepts.
-        settings: epochs, batch size, learning rate, margin, dropout, seed.
+        settings: epochs, batch size, learning rate, loss (and its margin or temperature), dropout, seed.
     """
     generator = torch.Generator().manual_seed(settings.seed)
     train_rows, val_rows = _split_by_group(groups, settings.validation_fraction, generator)
@@ -105,6 +141,7 @@ def train_explainer(
     def rows(index: torch.Tensor) -> torch.Tensor:
         return vectors[index] if in_memory else vectors[index.cpu()].to(device)
 
+    loss_of = explainer_loss(settings)
     history, best_loss, best_state, best_epoch = [], math.inf, None, 0
     # BatchNorm cannot train on a batch of one; drop such a last batch.
     drop_last = len(train_rows) % settings.train_batch_size == 1
@@ -117,14 +154,14 @@ def train_explainer(
             batch = order[start : start + settings.train_batch_size]
             if len(batch) < 2 and drop_last:
                 continue
-            loss = hinge_rank_loss(head(rows(batch)), targets[batch], concepts, settings.margin)
+            loss = loss_of(head(rows(batch)), targets[batch], concepts)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             total += loss.item() * len(batch)
             count += len(batch)
         train_loss = total / max(count, 1)
-        val_loss = _evaluate(head, rows, targets, concepts, val_rows, settings.margin) if len(val_rows) else train_loss
+        val_loss = _evaluate(head, rows, targets, concepts, val_rows, loss_of) if len(val_rows) else train_loss
         history.append({"epoch": epoch, "train_loss": train_loss, "validation_loss": val_loss})
         bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
         if val_loss < best_loss:
@@ -148,13 +185,13 @@ def head_outputs(head: ExplainerHead, vectors, rows: torch.Tensor, *, device: to
 
 
 @torch.no_grad()
-def _evaluate(head, rows_of, targets, concepts, rows, margin) -> float:
+def _evaluate(head, rows_of, targets, concepts, rows, loss_of) -> float:
     """The mean loss over ``rows``, in steps of :data:`VALIDATION_BATCH` rows."""
     head.eval()
     total = 0.0
     for start in range(0, len(rows), VALIDATION_BATCH):
         part = rows[start : start + VALIDATION_BATCH]
-        total += float(hinge_rank_loss(head(rows_of(part)), targets[part], concepts, margin)) * len(part)
+        total += float(loss_of(head(rows_of(part)), targets[part], concepts)) * len(part)
     return total / len(rows)
 
 

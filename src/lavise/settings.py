@@ -47,6 +47,7 @@ METHODS = ("activation", "attention", "cosine-attention", "original")  # explain
 POOLINGS = ("region", "mean")  # how the explainer's inputs are pooled, lavise.inputs
 RANKINGS = ("first-choice", "frequency")  # how a filter's words are ordered, lavise.explain.rank_words
 VOCABULARIES = ("visual", "frequent")  # candidate words, lavise.vocabulary
+LOSSES = ("hinge", "hardest", "softmax")  # how the explainer is trained, lavise.explainer.LOSS_FUNCTIONS
 RETRIEVALS = ("aligned", "csls", "cosine")  # how an explainer output's nearest words are found, lavise.retrieval
 EVALUATION_METHODS = ("original", "image", "activation", "attention", "cosine-attention", "netdissect")
 REFERENCE_FORMATS = ("coco", "visual_genome", "broden", "folder", "manifest")
@@ -82,6 +83,14 @@ class TrainSettings(_Settings):
     margin: float = option(1.0, "margin of the hinge rank loss", warn=(
         lambda v: v < 0, ("with a negative margin the loss is already zero while a wrong concept is nearer than the "
                           "right one (by less than the margin): every concept can be named wrong at no cost")))
+    loss: str = option(
+        "hinge",
+        "the explainer's loss: hinge (Equation 1: the margin violations of every seen concept, summed), "
+        "hardest (only the most violating concept's, VSE++) or softmax (cross-entropy over the seen concepts' "
+        "cosines divided by --temperature)",
+        choices=LOSSES,
+    )
+    temperature: float = option(0.1, "the softmax loss's temperature: smaller makes it sharper", bounds="(0, )")
     dropout: float = option(0.1, "dropout before each linear layer of the explainer", bounds="[0, 1]", warn=(
         lambda v: v == 1, "dropout 1 zeroes every input of each linear layer in training: nothing will be learned"))
     validation_fraction: float = option(
