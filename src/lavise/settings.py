@@ -164,6 +164,11 @@ class ExplainSettings(_Settings):
                                     bounds="(0, )")
     hub_neighbours: int = option(10, "k of csls: a word's hubness is its mean similarity to its k nearest reference outputs",
                                  **COUNT)
+    seen_penalty: float = option(
+        0.0, "calibrated stacking (Chao et al., 2016): subtract this from the score of every candidate that is a "
+        "seen concept's name, so words the explainer was not trained on can rank above them (0: none)",
+        bounds="[0, 2]",
+    )
     abstain_precision: float = option(0.9, "report a filter as having no confident name when its confidence is below the level at which "
                                       "named filters were right this often on the reference data's validation images (0: name every filter)",
                                       bounds="[0, 1)")

@@ -206,6 +206,7 @@ def candidate_vocabulary(word_vectors: WordVectors, *, kind: str = "visual", siz
         base = word_vectors.vocabulary(size=size)
         words, description = list(base.words), {"kind": "frequent", **base.description}
     else:
+        word_vectors.prepare(visual_words())
         listed = [w for w in visual_words() if word_vectors.phrase_vector(w) is not None]
         words, description = listed[:size] if size else listed, {"kind": "visual", "size": size}
     known = set(words)
