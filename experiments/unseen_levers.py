@@ -1,5 +1,5 @@
-"""Issue 20's levers on the 558-concept world: word spaces, losses, hubness-corrected retrieval and
-the number of seen concepts, each scored with the paper's unseen protocol (docs/unseen.md).
+"""Issue 20's levers on the 558-concept world: word spaces, losses, hubness-corrected retrieval,
+calibrated stacking and the number of seen concepts, each scored with the paper's unseen protocol (docs/unseen.md).
 
     python experiments/unseen_levers.py --work /tmp/levers --seed 0            # development
     python experiments/unseen_levers.py --work /tmp/levers --seed 31 --seed 32  # the fresh report
@@ -7,7 +7,7 @@ the number of seen concepts, each scored with the paper's unseen protocol (docs/
 For each seed: the world (``lavise synth --pool wordnet --all-concepts``, 70/30 split, 1,500
 reference and 600 evaluation scenes by default), one explainer per training variant on
 EfficientNet-Lite0 ``blocks.5.0.bn1`` (ImageNet weights), each evaluated with activation
-masking once per retrieval, and the annotated-fraction sweep of the default run (fractions
+masking once per naming (retrieval, seen penalty), and the annotated-fraction sweep of the default run (fractions
 0.13, 0.26, 0.51, 1: about 50, 100, 200 and all 390 seen concepts). Everything is resumable:
 a finished run or evaluation is read from WORK/seed-S, not made again, and the features are
 cached in WORK/seed-S/cache. Prints one table of the variants and one of the sweep per seed,
@@ -27,13 +27,17 @@ from pathlib import Path
 from lavise.cli import main as lavise
 
 MODEL = ["--model", "efficientnet_lite0", "--weights", "IMAGENET", "--layer", "blocks.5.0.bn1"]
-# name -> (extra training options, retrievals it is evaluated with)
+# how a run is named: label -> extra evaluate options
+ALIGNED, CSLS, COSINE = [], ["--retrieval", "csls"], ["--retrieval", "cosine"]
+STACKED = {"aligned, seen penalty 0.1": ["--seen-penalty", "0.1"], "aligned, seen penalty 0.2": ["--seen-penalty", "0.2"]}
+# training variant -> (extra train options, its namings)
 VARIANTS = {
-    "glove-hinge": ([], ("aligned", "csls", "cosine")),
-    "minilm-hinge": (["--word-vectors", "minilm-l6-v2"], ("aligned", "csls")),
-    "glove-hardest": (["--loss", "hardest", "--margin", "0.2"], ("aligned",)),
-    "glove-softmax": (["--loss", "softmax", "--temperature", "0.1"], ("aligned",)),
-    "minilm-softmax": (["--word-vectors", "minilm-l6-v2", "--loss", "softmax", "--temperature", "0.1"], ("aligned",)),
+    "glove-hinge": ([], {"aligned": ALIGNED, "csls": CSLS, "cosine": COSINE, **STACKED}),
+    "minilm-hinge": (["--word-vectors", "minilm-l6-v2"], {"aligned": ALIGNED, "csls": CSLS}),
+    "glove-hardest": (["--loss", "hardest", "--margin", "0.2"], {"aligned": ALIGNED}),
+    "glove-softmax": (["--loss", "softmax", "--temperature", "0.1"], {"aligned": ALIGNED, "csls": CSLS, **STACKED}),
+    "minilm-softmax": (["--word-vectors", "minilm-l6-v2", "--loss", "softmax", "--temperature", "0.1"],
+                       {"aligned": ALIGNED, "csls": CSLS}),
 }
 FRACTIONS = ("0.13", "0.26", "0.51", "1.0")
 BANDS = ("1-2", "3-4", "farther")
@@ -47,19 +51,19 @@ def run_seed(work: Path, seed: int, reference: int, evaluation: int, variants: l
     common = ["--cache-dir", str(out / "cache"), "--no-progress"]
     results = {}
     for name in variants:
-        options, retrievals = VARIANTS[name]
+        options, namings = VARIANTS[name]
         run = out / "runs" / name
         if not (run / "explainer.safetensors").is_file():
             _lavise(["train", *MODEL, "--seed", str(seed), "--reference", str(out / "reference" / "annotations.json"),
                      "--out", str(run), *options, *common])
-        for retrieval in retrievals:
-            saved = out / "results" / f"{name}-{retrieval}.json"
+        for label, naming in namings.items():
+            saved = out / "results" / f"{name}-{label.replace(', ', '-').replace(' ', '-')}.json"
             if not saved.is_file():
                 _lavise(["evaluate", str(run), "--dataset", str(out / "evaluation" / "annotations.json"),
-                         "--methods", "activation", "--retrieval", retrieval, *common])
+                         "--methods", "activation", *naming, *common])
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(run / "evaluation.json", saved)
-            results[f"{name} / {retrieval}"] = _row(json.loads(saved.read_text()))
+            results[f"{name} / {label}"] = _row(json.loads(saved.read_text()))
     sweep_rows = []
     if sweep:
         run, saved = out / "runs" / "glove-hinge-sweep", out / "results" / "sweep.json"
