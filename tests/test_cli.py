@@ -119,6 +119,26 @@ def test_cache_defaults_to_the_environment(tmp_path, capsys):
     assert split["seen"] == ["cat", "dog", "hot dog"]
 
 
+def test_train_with_a_built_in_word_space_and_a_loss(tmp_path, capsys):
+    from PIL import Image
+
+    for name, colour in (("dog", "red"), ("hot_dog", "blue")):
+        (tmp_path / "ref" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (40, 30), colour).save(tmp_path / "ref" / name / f"{i}.png")
+    code = main(["train", "--model", "squeezenet1_1", "--layer", "features.12", "--reference", str(tmp_path / "ref"),
+                 "--out", str(tmp_path / "run"), "--epochs", "1", "--word-vectors", "minilm-l6-v2", "--loss", "softmax",
+                 "--temperature", "0.05", *FAST])
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["word_vectors"], config["word_dim"]) == ("minilm-l6-v2", 384)
+    assert (config["train"]["loss"], config["train"]["temperature"]) == ("softmax", 0.05)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--model", "squeezenet1_1", "--layer", "features.12", "--reference", str(tmp_path / "ref"),
+              "--out", str(tmp_path / "run2"), "--loss", "ranking", *FAST])
+    assert exit_.value.code == 2 and "invalid choice: 'ranking'" in capsys.readouterr().err
+
+
 def test_train_with_activation_regions(tmp_path, capsys):
     from PIL import Image
 
