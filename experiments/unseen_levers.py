@@ -7,8 +7,8 @@ calibrated stacking and the number of seen concepts, each scored with the paper'
 For each seed: the world (``lavise synth --pool wordnet --all-concepts``, 70/30 split, 1,500
 reference and 600 evaluation scenes by default), one explainer per training variant on
 EfficientNet-Lite0 ``blocks.5.0.bn1`` (ImageNet weights), each evaluated with activation
-masking once per naming (retrieval, seen penalty), and the annotated-fraction sweep of the default run (fractions
-0.13, 0.26, 0.51, 1: about 50, 100, 200 and all 390 seen concepts). Everything is resumable:
+masking once per naming (retrieval, seen penalty), and the annotated-fraction sweep of the default run and
+of the softmax run (fractions 0.13, 0.26, 0.51, 1: about 50, 100, 200 and all 390 seen concepts). Everything is resumable:
 a finished run or evaluation is read from WORK/seed-S, not made again, and the features are
 cached in WORK/seed-S/cache. Prints one table of the variants and one of the sweep per seed,
 and their means over the seeds given.
@@ -40,6 +40,7 @@ VARIANTS = {
                        {"aligned": ALIGNED, "csls": CSLS}),
 }
 FRACTIONS = ("0.13", "0.26", "0.51", "1.0")
+SWEEPS = ("glove-hinge", "glove-softmax")  # the variants whose number of seen concepts is swept
 BANDS = ("1-2", "3-4", "farther")
 
 
@@ -64,19 +65,20 @@ def run_seed(work: Path, seed: int, reference: int, evaluation: int, variants: l
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(run / "evaluation.json", saved)
             results[f"{name} / {label}"] = _row(json.loads(saved.read_text()))
-    sweep_rows = []
-    if sweep:
-        run, saved = out / "runs" / "glove-hinge-sweep", out / "results" / "sweep.json"
+    sweeps = {}
+    for name in SWEEPS if sweep else ():
+        run = out / "runs" / f"{name}-sweep"
+        saved = out / "results" / ("sweep.json" if name == "glove-hinge" else f"sweep-{name}.json")
         if not saved.is_file():
             if run.exists():
                 shutil.rmtree(run)
-            shutil.copytree(out / "runs" / "glove-hinge", run)
+            shutil.copytree(out / "runs" / name, run)
             _lavise(["evaluate", str(run), "--dataset", str(out / "evaluation" / "annotations.json"), "--methods",
                      "activation", "--annotated-fractions", *FRACTIONS,
                      "--sweep-reference", str(out / "reference" / "annotations.json"), *common])
             shutil.copyfile(run / "sweep.json", saved)
-        sweep_rows = json.loads(saved.read_text())["rows"]
-    return {"variants": results, "sweep": sweep_rows}
+        sweeps[name] = json.loads(saved.read_text())["rows"]
+    return {"variants": results, "sweeps": sweeps}
 
 
 def _lavise(arguments: list[str]) -> None:
@@ -162,8 +164,8 @@ def main() -> None:
                               not args.no_sweep) for seed in args.seed}
     for seed, result in results.items():
         print(f"\n## Seed {seed}: the variants (activation masking)\n\n{variant_table(result['variants'])}")
-        if result["sweep"]:
-            print(f"\n## Seed {seed}: the number of seen concepts (glove-hinge / aligned)\n\n{sweep_table(result['sweep'])}")
+        for name, rows in result["sweeps"].items():
+            print(f"\n## Seed {seed}: the number of seen concepts ({name} / aligned)\n\n{sweep_table(rows)}")
     if len(results) > 1:
         means = mean_rows([r["variants"] for r in results.values()])
         print(f"\n## Mean over seeds {', '.join(map(str, results))} (concept counts summed)\n\n{variant_table(means)}")
