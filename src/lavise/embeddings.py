@@ -200,7 +200,8 @@ def tokenize(phrase: str) -> list[str]:
 
 
 def load_word_vectors(source: str = BUILTIN_GLOVE, *, cache_dir: Path | None = None) -> WordVectors:
-    """Load word vectors: the built-in GloVe 6B 50-d, or a GloVe/word2vec text file.
+    """Load word vectors: the built-in GloVe 6B 50-d, the built-in sentence encoder
+    all-MiniLM-L6-v2 (``minilm-l6-v2``, :class:`EncodedWords`), or a GloVe/word2vec text file.
 
     Example:
         >>> wv = load_word_vectors()
@@ -243,7 +244,8 @@ class EncodedWords(WordVectors):
     :meth:`prepare` encodes a batch at once and caches it in ``cache_dir`` by its texts (the
     visual vocabulary, a run's concept names), so a second load needs no encoder. Frequency
     order (``vocabulary(kind frequent)``) is GloVe's, whose words the encoder then embeds.
-    ``words``/``vectors`` hold what has been encoded so far.
+    ``words`` and ``vectors`` are empty (``vectors`` only gives the dimension): an encoder
+    has no table of its own.
     """
 
     def __init__(self, source: str, dim: int, encode: Callable, key: dict, cache_dir: Path | None) -> None:
@@ -262,9 +264,9 @@ class EncodedWords(WordVectors):
             vectors = cached(self._cache_dir, "words", parts, lambda: ({"vectors": self._encode(texts)}, {"count": len(texts)}),
                              suffix=".npz")[0]["vectors"]
         self._encoded.update(zip(texts, torch.from_numpy(np.asarray(vectors, dtype=np.float32))))
-        self.words = list(self._encoded)
-        self.vectors = torch.stack(list(self._encoded.values()))
-        self._index = {word: i for i, word in enumerate(self.words)}
+
+    def __repr__(self) -> str:
+        return f"EncodedWords(source={self.source!r}, dim={self.dim}, encoded={len(self._encoded)})"
 
     def phrase_vector(self, phrase: str) -> torch.Tensor | None:
         text = _as_text(phrase)
