@@ -18,6 +18,7 @@ default on the 0.5 world.
 
     python benchmarks/naming_quality.py --seeds 0 1 --work /tmp/lavise-naming          # development
     python benchmarks/naming_quality.py --seeds 25 26 27 28 29 --work /tmp/lavise-naming  # fresh
+    python benchmarks/naming_quality.py --seeds 0 --loss softmax                          # another loss
 
 Seeds 0 and 1 are the development seeds the choices were made on; seeds 25-29 were
 fixed in the commit that added this script, before any of them ran. Each seed's scores
@@ -40,7 +41,7 @@ from lavise.demos.demo import run_demo
 from lavise.evaluate import evaluate
 from lavise.models import ModelSpec
 from lavise.runs import train
-from lavise.settings import ComputeSettings, DemoSettings, EvaluateSettings, ExplainSettings, TrainSettings
+from lavise.settings import LOSSES, ComputeSettings, DemoSettings, EvaluateSettings, ExplainSettings, TrainSettings
 
 LAYERS = {  # the layers of fresh_seeds.py: the demo's, and a second post-activation one
     "efficientnet_lite0": ("blocks.5.0.bn1", "blocks.6.0.bn1"),
@@ -67,9 +68,14 @@ def pick(summary: dict, keys: tuple[str, ...]) -> float | None:
     return value
 
 
-def scores_of_seed(seed: int, work: Path, compute: ComputeSettings) -> dict:
-    """{"world | target layer": {naming: activation masking's summary}} for one seed, computed once."""
-    saved = work / f"seed-{seed}" / "naming.json"
+def scores_of_seed(seed: int, work: Path, compute: ComputeSettings, loss: tuple[str, float] = ("hinge", 0.1)) -> dict:
+    """{"world | target layer": {naming: activation masking's summary}} for one seed, computed once.
+
+    ``loss``: the explainer's loss and softmax temperature; another than the default hinge
+    trains into ``protocol-LOSS/`` and saves to ``naming-LOSS.json``."""
+    name, temperature = loss
+    suffix = "" if name == "hinge" else f"-{name}"
+    saved = work / f"seed-{seed}" / f"naming{suffix}.json"
     if saved.is_file():
         return json.loads(saved.read_text())
     started = time.perf_counter()
@@ -84,9 +90,10 @@ def scores_of_seed(seed: int, work: Path, compute: ComputeSettings) -> dict:
                  "scene_cnn": ModelSpec("scene_cnn", None, str(out / "models" / "scene_cnn.pt"))}
         for target, layers in LAYERS.items():
             for layer in layers:
-                run = train(specs[target], layer, reference, out / "protocol" / f"{target}-{layer}",
-                            settings=TrainSettings(seed=seed, epochs=demo.explainer_epochs), compute=compute,
-                            cache_dir=out / "cache")
+                run = train(specs[target], layer, reference, out / f"protocol{suffix}" / f"{target}-{layer}",
+                            settings=TrainSettings(seed=seed, epochs=demo.explainer_epochs, loss=name,
+                                                   temperature=temperature),
+                            compute=compute, cache_dir=out / "cache")
                 for naming, explain_settings in NAMINGS[world].items():
                     [evaluation] = evaluate([run], dataset, settings=EvaluateSettings(methods=("activation",)),
                                             explain_settings=explain_settings, compute=compute,
@@ -126,9 +133,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--work", type=Path, default=Path("/tmp/lavise-naming"))
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--loss", choices=LOSSES, default="hinge", help="the explainer's loss (issue 20's lever)")
+    parser.add_argument("--temperature", type=float, default=0.1, help="the softmax loss's temperature")
     args = parser.parse_args()
     compute = ComputeSettings(progress=False, threads=args.threads, num_workers=0)
-    results = {seed: scores_of_seed(seed, args.work, compute) for seed in args.seeds}
+    results = {seed: scores_of_seed(seed, args.work, compute, (args.loss, args.temperature)) for seed in args.seeds}
     keys = [k for k in results[args.seeds[0]] if not k.startswith("_")]
     print(f"\nActivation masking, exact match, mean ± sd over seeds {args.seeds}\n")
     print("| world | layer | naming | " + " | ".join(c for c, _ in COLUMNS) + " |")
