@@ -42,6 +42,19 @@ class ExplainerHead(nn.Module):
         return self.layers(pooled)
 
 
+def _cosines(predicted: torch.Tensor, concept_vectors: torch.Tensor) -> torch.Tensor:
+    """(n, D), (C, D) -> (n, C) cosine similarities of predictions and concept vectors."""
+    return F.normalize(predicted, dim=1) @ F.normalize(concept_vectors, dim=1).T
+
+
+def _margin_violations(predicted: torch.Tensor, targets: torch.Tensor, concept_vectors: torch.Tensor,
+                       margin: float) -> torch.Tensor:
+    """(n, C) max(0, margin − v_tᵀv̂ + v_cᵀv̂) per sample and concept, 0 for the true concept (no negative)."""
+    similarity = _cosines(predicted, concept_vectors)
+    positive = similarity.gather(1, targets.unsqueeze(1))  # (n, 1)
+    return (margin - positive + similarity).clamp_min(0).scatter(1, targets.unsqueeze(1), 0.0)
+
+
 def hinge_rank_loss(
     predicted: torch.Tensor, targets: torch.Tensor, concept_vectors: torch.Tensor, margin: float = 1.0
 ) -> torch.Tensor:
@@ -51,11 +64,7 @@ def hinge_rank_loss(
 
     (n, D), (n,) long, (C, D) -> scalar
     """
-    similarity = F.normalize(predicted, dim=1) @ F.normalize(concept_vectors, dim=1).T  # (n, C)
-    positive = similarity.gather(1, targets.unsqueeze(1))  # (n, 1)
-    hinge = (margin - positive + similarity).clamp_min(0)
-    hinge = hinge.scatter(1, targets.unsqueeze(1), 0.0)  # the true concept is no negative
-    return hinge.sum(dim=1).mean()
+    return _margin_violations(predicted, targets, concept_vectors, margin).sum(dim=1).mean()
 
 
 def hardest_negative_loss(
@@ -68,10 +77,7 @@ def hardest_negative_loss(
 
     (n, D), (n,) long, (C, D) -> scalar
     """
-    similarity = F.normalize(predicted, dim=1) @ F.normalize(concept_vectors, dim=1).T
-    positive = similarity.gather(1, targets.unsqueeze(1))
-    hinge = (margin - positive + similarity).clamp_min(0).scatter(1, targets.unsqueeze(1), 0.0)
-    return hinge.max(dim=1).values.mean()
+    return _margin_violations(predicted, targets, concept_vectors, margin).max(dim=1).values.mean()
 
 
 def softmax_loss(
@@ -82,8 +88,7 @@ def softmax_loss(
 
     (n, D), (n,) long, (C, D) -> scalar
     """
-    similarity = F.normalize(predicted, dim=1) @ F.normalize(concept_vectors, dim=1).T
-    return F.cross_entropy(similarity / temperature, targets)
+    return F.cross_entropy(_cosines(predicted, concept_vectors) / temperature, targets)
 
 
 def explainer_loss(settings: TrainSettings):
