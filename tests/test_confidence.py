@@ -29,6 +29,17 @@ def test_vote_features_by_their_definitions():
     torch.testing.assert_close(features, torch.tensor(expected, dtype=torch.float64))
 
 
+def test_vote_features_are_means_over_the_voting_images():
+    # p = 3 images, s = 2: image 1 does not vote, so the features are those of images 0 and 2
+    ids = torch.tensor([[3, 1, 7, 3, 3, 2]])
+    scores = torch.tensor([[0.9, 0.5, 0.99, 0.1, 0.8, 0.6]])
+    voting = torch.tensor([[True, False, True]])
+    features = vote_features(ids, scores, torch.tensor([3]), 2, voting)
+    torch.testing.assert_close(features, vote_features(ids[:, [0, 1, 4, 5]], scores[:, [0, 1, 4, 5]], torch.tensor([3]), 2))
+    torch.testing.assert_close(features, torch.tensor([[1.0, 1.0, 0.3, 0.85]], dtype=torch.float64))
+    assert vote_features(ids, scores, torch.tensor([3]), 2, torch.zeros(1, 3, dtype=torch.bool)).abs().sum() == 0
+
+
 def test_auroc_counts_pairs_ordered_right():
     rng = np.random.default_rng(0)
     values, right = rng.random(40).round(1), rng.random(40) < 0.4  # rounded: ties happen

@@ -18,7 +18,8 @@ from lavise.datasets import LaviseWarning, load_rgb, open_reference
 from lavise.embeddings import load_word_vectors
 from lavise.errors import LaviseError
 from lavise.explain import explain, rank_words
-from lavise.naming import nearest_words
+from lavise.datasets.base import SkipLog
+from lavise.naming import FilterScan, nearest_words
 from lavise.regions import top_images
 from lavise.models import Preprocessing, TargetModel, layer_reader, preprocess_image
 from lavise.regions import quantile_thresholds
@@ -146,6 +147,33 @@ def test_first_choice_ranks_each_images_nearest_word_first():
         single, sims[:, ::3], 3, words_per_image=1, ranking="frequency")
 
 
+def test_only_voting_images_count():
+    # Two filters, p = 3 images, s = 2 words. Filter 0 fires on images 0 and 2 only: the
+    # words of image 1 (9, 9's neighbour 8) would win the vote but have no say. Filter 1
+    # fires on none of its images and gets no words.
+    ids = torch.tensor([[1, 2, 9, 8, 1, 3], [4, 5, 4, 5, 4, 5]])
+    sims = torch.tensor([[0.9, 0.5, 0.99, 0.98, 0.8, 0.4], [0.9, 0.1, 0.9, 0.1, 0.9, 0.1]])
+    voting = torch.tensor([[True, False, True], [False, False, False]])
+    for ranking in ("first-choice", "frequency"):
+        ranked = rank_words(ids, sims, 5, words_per_image=2, ranking=ranking, voting=voting)
+        alone = rank_words(ids[:1, [0, 1, 4, 5]], sims[:1, [0, 1, 4, 5]], 5, words_per_image=2, ranking=ranking)
+        assert ranked[0] == alone[0]
+        assert [(r.word, r.count, r.first) for r in ranked[0]] == [(1, 2, 2), (2, 1, 0), (3, 1, 0)]
+        assert ranked[1] == []
+    everyone = rank_words(ids, sims, 5, words_per_image=2, ranking="first-choice", voting=torch.ones(2, 3, dtype=torch.bool))
+    assert everyone == rank_words(ids, sims, 5, words_per_image=2, ranking="first-choice")
+    with pytest.raises(ValueError, match="does not match"):
+        rank_words(ids, sims, 5, words_per_image=2, ranking="first-choice", voting=voting[:, :2])
+
+
+def test_a_filter_fires_on_the_top_images_whose_peak_exceeds_its_threshold():
+    scan = FilterScan(thresholds=torch.tensor([0.5, 2.0]), chosen=torch.tensor([[4, 1, 0], [2, 3, 0]]),
+                      peaks=torch.tensor([[3.0, 0.6, 0.5], [2.0, 2.0, 1.0]]), active=torch.tensor([True, True]),
+                      images=5, skipped=SkipLog(), kept=None)
+    assert scan.firing(torch.tensor([0, 1])).tolist() == [[True, True, False], [False, False, False]]
+    assert scan.firing(torch.tensor([1])).tolist() == [[False, False, False]]
+
+
 def test_rank_words_refuses_bad_arguments():
     ids, sims = torch.zeros(1, 6, dtype=torch.long), torch.zeros(1, 6)
     with pytest.raises(LaviseError, match="Unknown ranking 'votes'"):
@@ -225,15 +253,20 @@ def test_explain_end_to_end(tmp_path, tiny_run, tiny_model, targets, compute):
         u = f["filter"]
         votes: Counter = Counter()
         firsts: Counter = Counter()
+        firing = 0
         for name in f["top_images"]:
             fm = maps[names.index(name)].flatten(1)  # (d, hw)
             region = fm[u] > levels[u]
-            inputs = fm[:, region].sum(dim=1) / max(int(region.sum()), 1)
+            if not region.any():  # the filter does not fire here: the image has no say
+                continue
+            firing += 1
+            inputs = fm[:, region].sum(dim=1) / int(region.sum())
             with torch.no_grad():
                 scores = F.normalize(head(inputs[None]), dim=1)[0] @ aligned.T
             nearest = [vocabulary.words[i] for i in torch.argsort(scores, descending=True)[:S].tolist()]
             votes.update(nearest)
             firsts[nearest[0]] += 1
+        assert f["firing_images"] == firing
         reported = {w["word"]: (w["first"], w["count"]) for w in f["words"]}
         assert all((firsts[word], votes[word]) == key for word, key in reported.items())
         left_out = [(firsts[word], c) for word, c in votes.items() if word not in reported]

@@ -38,21 +38,29 @@ TRUTH_SHARE = 0.2  # a simulated filter's truth: the concepts of at least this s
 COVERAGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
-def vote_features(word_ids: torch.Tensor, scores: torch.Tensor, first: torch.Tensor, words_per_image: int) -> torch.Tensor:
+def vote_features(word_ids: torch.Tensor, scores: torch.Tensor, first: torch.Tensor, words_per_image: int,
+                  voting: torch.Tensor | None = None) -> torch.Tensor:
     """The features of :data:`FEATURES` for each filter's vote.
 
     (f, p·s) word indices and scores, each image's s words best first; (f,) each
-    filter's first word -> (f, 4) float64
+    filter's first word; (f, p) the images that vote (None: all) -> (f, 4) float64, the
+    means over the voting images (0 for a filter with none)
     """
     f, collected = word_ids.shape
     s = words_per_image
     ids = word_ids.reshape(f, collected // s, s)
     values = scores.reshape(f, collected // s, s).double()
     first = first.reshape(f, 1, 1)
-    agreement = (ids[:, :, 0] == first[:, :, 0]).double().mean(dim=1)
-    share = (ids == first).any(dim=2).double().mean(dim=1)
-    margin = (values[:, :, 0] - values[:, :, 1]).mean(dim=1) if s > 1 else torch.zeros(f, dtype=torch.float64)
-    score = values[:, :, 0].mean(dim=1)
+    if voting is not None:
+        weights = voting.double() / voting.double().sum(dim=1, keepdim=True).clamp_min(1.0)
+
+    def mean(per_image: torch.Tensor) -> torch.Tensor:
+        return per_image.double().mean(dim=1) if voting is None else (per_image.double() * weights).sum(dim=1)
+
+    agreement = mean(ids[:, :, 0] == first[:, :, 0])
+    share = mean((ids == first).any(dim=2))
+    margin = mean(values[:, :, 0] - values[:, :, 1]) if s > 1 else torch.zeros(f, dtype=torch.float64)
+    score = mean(values[:, :, 0])
     return torch.stack([agreement, share, margin, score], dim=1)
 
 

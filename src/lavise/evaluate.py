@@ -379,14 +379,15 @@ def _method_words(run, target_model, stream, scan, label_iou, names, scored, nam
                 named, entity_named = (found[0], found[-1]) if found is not None else (None, None)
             if not ranks.main:
                 continue
+            voting = naming.voting(scan, scored)
             if entities is not None:
-                entity_words[method] = ranked_words(entities, entity_named, scored, d)
+                entity_words[method] = ranked_words(entities, entity_named, scored, d, voting)
             ids, sims = named
-            ranked = naming.ranked(ids, sims)
+            ranked = naming.ranked(ids, sims, voting=voting)
             words[method] = [[] for _ in range(d)]
             if naming.calibration is not None:
                 confidences[method] = [None] * d
-            for u, filter_words, confidence in zip(scored.tolist(), ranked, naming.confidences(ids, sims, ranked)):
+            for u, filter_words, confidence in zip(scored.tolist(), ranked, naming.confidences(ids, sims, ranked, voting)):
                 words[method][u] = [naming.vocabulary.words[r.word] for r in filter_words]
                 if naming.calibration is not None:
                     confidences[method][u] = confidence

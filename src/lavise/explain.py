@@ -3,7 +3,8 @@
 For each filter u: its p most activated target images and T_u, from one pass over the
 images (:func:`lavise.naming.scan_filters`); on each image, the explainer input for u,
 the explainer's output and its s nearest words (:func:`lavise.naming.name_pairs`), by
-aligned retrieval, CSLS or cosine (:mod:`lavise.retrieval`); the s·p words ranked (:func:`rank_words`); the
+aligned retrieval, CSLS or cosine (:mod:`lavise.retrieval`); the s words of each top image where u
+fires (exceeds T_u) ranked (:func:`rank_words`); the
 top x reported, with a confidence that the first is right and whether it is confident
 enough to be named (:mod:`lavise.confidence`). :func:`explain` writes them into the run
 as ``explanations.json`` and ``.csv``.
@@ -46,7 +47,8 @@ class RankedWord:
 
 
 def rank_words(
-    word_ids: torch.Tensor, similarities: torch.Tensor, top: int, *, words_per_image: int, ranking: str
+    word_ids: torch.Tensor, similarities: torch.Tensor, top: int, *, words_per_image: int, ranking: str,
+    voting: torch.Tensor | None = None,
 ) -> list[list[RankedWord]]:
     """Rank each filter's collected words and keep the first ``top``.
 
@@ -56,6 +58,9 @@ def rank_words(
     the neighbours of one image's word crowd out the word of another; on the demo's
     development seeds this raised the mean seen recall@5 on every layer tried
     (docs/evaluation.md).
+
+    ``voting``: (d, p) which images' words count (:func:`voting_images`); None: all. A
+    filter none of whose images vote gets no words.
 
     (d, p·s) word indices, each image's s words nearest first, and their similarities ->
     per filter its ranked words.
@@ -67,9 +72,15 @@ def rank_words(
         raise ValueError(f"{collected} words per filter are not whole images of {words_per_image} words.")
     filters = torch.arange(d).unsqueeze(1).expand_as(word_ids).flatten()
     pairs = torch.stack([filters, word_ids.flatten().long()], dim=1)  # (d·p·s, 2)
-    unique, inverse, counts = torch.unique(pairs, dim=0, return_inverse=True, return_counts=True)
-    summed = torch.zeros(len(unique), dtype=similarities.dtype).index_add_(0, inverse, similarities.flatten())
     is_first = (torch.arange(collected) % words_per_image == 0).repeat(d)
+    values = similarities.flatten()
+    if voting is not None:
+        if voting.shape != (d, collected // words_per_image):
+            raise ValueError(f"voting {tuple(voting.shape)} does not match {d} filters of {collected // words_per_image} images.")
+        counted = voting.bool().repeat_interleave(words_per_image, dim=1).flatten()
+        pairs, is_first, values = pairs[counted], is_first[counted], values[counted]
+    unique, inverse, counts = torch.unique(pairs, dim=0, return_inverse=True, return_counts=True)
+    summed = torch.zeros(len(unique), dtype=similarities.dtype).index_add_(0, inverse, values)
     firsts = torch.zeros(len(unique), dtype=torch.long).index_add_(0, inverse, is_first.long())
     u_filter, u_word = unique[:, 0].numpy(), unique[:, 1].numpy()
     keys = [u_word, -summed.numpy(), -counts.numpy()]
@@ -115,6 +126,8 @@ class FilterExplanation:
     ``confidence`` is the calibrated probability that the first word is right (None for
     a run trained before lavise 0.5); ``named`` is false when it is below the threshold:
     the filter has no confident name, and its words are only candidates.
+    ``firing_images``: on how many of its top images it exceeds T_u; with
+    ``firing_images_only`` its words come from those (None: explained by an earlier lavise).
     """
 
     filter: int
@@ -124,6 +137,7 @@ class FilterExplanation:
     active: bool
     confidence: float | None = None
     named: bool = True
+    firing_images: int | None = None
 
 
 @dataclass
@@ -147,17 +161,24 @@ class Naming:
         """(m, D) explainer outputs -> (m, s) nearest word ids and scores."""
         return nearest_words(outputs, self.vectors, self.settings.words_per_image, penalty=self.penalty)
 
-    def ranked(self, word_ids: torch.Tensor, scores: torch.Tensor, top: int | None = None) -> list[list[RankedWord]]:
-        return rank_words(word_ids, scores, top or self.settings.top_words,
-                          words_per_image=self.settings.words_per_image, ranking=self.settings.ranking)
+    def voting(self, scan: FilterScan, filters: torch.Tensor) -> torch.Tensor | None:
+        """(f, p) the top images whose words count for each of ``filters``: those where it
+        fires (:meth:`FilterScan.firing`), or None (all) without ``firing_images_only``."""
+        return scan.firing(filters) if self.settings.firing_images_only else None
 
-    def confidences(self, word_ids: torch.Tensor, scores: torch.Tensor, ranked: list[list[RankedWord]]) -> list[float | None]:
+    def ranked(self, word_ids: torch.Tensor, scores: torch.Tensor, top: int | None = None,
+               voting: torch.Tensor | None = None) -> list[list[RankedWord]]:
+        return rank_words(word_ids, scores, top or self.settings.top_words,
+                          words_per_image=self.settings.words_per_image, ranking=self.settings.ranking, voting=voting)
+
+    def confidences(self, word_ids: torch.Tensor, scores: torch.Tensor, ranked: list[list[RankedWord]],
+                    voting: torch.Tensor | None = None) -> list[float | None]:
         """Each filter's confidence that its first word is right; None without a calibration or words."""
         first = first_words(ranked)
         if self.calibration is None or not len(first):
             return [None] * len(first)
         values = self.calibration.confidence(vote_features(word_ids, scores, first.clamp_min(0),
-                                                           self.settings.words_per_image))
+                                                           self.settings.words_per_image, voting))
         return [None if w < 0 else float(v) for w, v in zip(first.tolist(), values)]
 
     def is_named(self, confidence: float | None) -> bool:
@@ -326,9 +347,12 @@ def _explanations(run, images, scan: FilterScan, named, naming: Naming, compute:
     """Rank each filter's words, give each its confidence, and write the outputs (rank 0)."""
     settings, words = naming.settings, naming.vocabulary.words
     word_ids, scores = named
-    ranked = naming.ranked(word_ids, scores)
-    confidences = naming.confidences(word_ids, scores, ranked)
+    every = torch.arange(len(scan.thresholds))
+    voting = naming.voting(scan, every)
+    ranked = naming.ranked(word_ids, scores, voting=voting)
+    confidences = naming.confidences(word_ids, scores, ranked, voting)
     active = scan.active.tolist()
+    firing = scan.firing(every).sum(dim=1).tolist()
     root = images.root
     filters = [
         FilterExplanation(
@@ -338,7 +362,8 @@ def _explanations(run, images, scan: FilterScan, named, naming: Naming, compute:
             threshold=float(scan.thresholds[u]),
             active=bool(active[u]),
             confidence=round(confidences[u], 4) if active[u] and confidences[u] is not None else None,
-            named=bool(active[u]) and naming.is_named(confidences[u]),
+            named=bool(active[u]) and bool(ranked[u]) and naming.is_named(confidences[u]),
+            firing_images=int(firing[u]),
         )
         for u in range(len(active))
     ]
@@ -346,6 +371,15 @@ def _explanations(run, images, scan: FilterScan, named, naming: Naming, compute:
     if inactive:
         warnings.warn(
             f"{len(inactive)} filters are constant on every target image and get no words: {inactive[:20]}",
+            LaviseWarning,
+            stacklevel=3,
+        )
+    unnamed = [f.filter for f in filters if f.active and not f.words]
+    if unnamed:
+        warnings.warn(
+            f"{len(unnamed)} filters never exceed their T_u on a target image (it is their maximum: the "
+            f"{settings.quantile:g} quantile is a value they hold on many positions), so none has a region to name "
+            f"and they get no words: {unnamed[:20]}",
             LaviseWarning,
             stacklevel=3,
         )

@@ -41,6 +41,7 @@ class FilterScan:
     Attributes:
         thresholds: (d,) T_u.
         chosen: (d, p) dataset indices of each filter's top images, most activated first.
+        peaks: (d, p) the filter's peak activation on each of them.
         active: (d,) whether the filter is ever above its lowest value.
         images: usable images over every rank.
         skipped: the images that could not be used, every rank's.
@@ -50,10 +51,23 @@ class FilterScan:
 
     thresholds: torch.Tensor
     chosen: torch.Tensor
+    peaks: torch.Tensor
     active: torch.Tensor
     images: int
     skipped: SkipLog
     kept: dict[int, torch.Tensor] | None
+
+    def firing(self, filters: torch.Tensor) -> torch.Tensor:
+        """(f,) filters -> (f, p) whether each top image is one where the filter fires:
+        its peak exceeds T_u, so its region {F_u > T_u} is not empty.
+
+        A filter that covers much of an image (a background colour, say) spends its 0.5 %
+        of positions on few images, and the rest of its p top images have no region at
+        all: activation masking gives the explainer a zero input there, whose output is
+        the same for every such image and filter (on the demo's scene CNN, a held-out
+        concept named 99 of 204 filters from those images).
+        """
+        return self.peaks[filters] > self.thresholds[filters].unsqueeze(1)
 
     @property
     def naming_maps(self) -> str:
@@ -119,7 +133,7 @@ def scan_filters(stream: MapStream, *, quantile: float, top: int, compute: Compu
     final = set(chosen.result().flatten().tolist())
     if kept is not None:
         kept = {r: m for r, m in kept.items() if r in final}
-    return FilterScan(thresholds, chosen.result(), active, usable, every, kept)
+    return FilterScan(thresholds, chosen.result(), chosen.values.clone(), active, usable, every, kept)
 
 
 def stream_thresholds(stream: MapStream, quantile: float, ranks: Ranks, compute: ComputeSettings, *,

@@ -143,6 +143,10 @@ class ExplainSettings(_Settings):
     )
     top_words: int = option(10, "x: words reported per filter", **COUNT)
     quantile: float = option(0.005, "a filter's region is where it exceeds its top-quantile level T_u", bounds="(0, 1)")
+    firing_images_only: bool = option(
+        True, "a filter's words come only from those of its p top images where it fires (its peak exceeds T_u, so its "
+        "region is not empty); off: from all p, firing or not, as lavise 0.4 and 0.5 named",
+    )
     vocabulary: str = option(
         "visual",
         "candidate words: visual (nouns of things one can see, colours and textures, shipped with "
@@ -176,8 +180,9 @@ class ExplainSettings(_Settings):
 
     @classmethod
     def as_in_0_4(cls, **changes) -> ExplainSettings:
-        """lavise 0.4's naming: the 20,000 most frequent words, cosine, no concept names added."""
-        return cls(**{"vocabulary": "frequent", "concept_names": False, "retrieval": "cosine", **changes})
+        """lavise 0.4's naming: the 20,000 most frequent words, cosine, no concept names added, every top image votes."""
+        return cls(**{"vocabulary": "frequent", "concept_names": False, "retrieval": "cosine",
+                      "firing_images_only": False, **changes})
 
 
 @dataclass(frozen=True)

@@ -81,12 +81,12 @@ def entity_naming(run: Run, naming: Naming, dataset: ReferenceDataset, settings:
 
 
 def ranked_words(naming: Naming, named: tuple[torch.Tensor, torch.Tensor], scored: torch.Tensor,
-                 filters: int) -> list[list[str]]:
-    """Each filter's ranked words from the nearest words of its pairs (``name_pairs``); [] for the
-    filters not ``scored``."""
+                 filters: int, voting: torch.Tensor | None = None) -> list[list[str]]:
+    """Each filter's ranked words from the nearest words of its pairs (``name_pairs``), counting
+    the images ``voting`` allows (:meth:`Naming.voting`); [] for the filters not ``scored``."""
     ids, sims = named
     words: list[list[str]] = [[] for _ in range(filters)]
-    for u, ranked in zip(scored.tolist(), naming.ranked(ids, sims)):
+    for u, ranked in zip(scored.tolist(), naming.ranked(ids, sims, voting=voting)):
         words[u] = [naming.vocabulary.words[r.word] for r in ranked]
     return words
 
