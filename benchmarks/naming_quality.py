@@ -16,7 +16,10 @@ several namings:
 Prints, per layer, mean ± sd over the seeds of precision@1, seen recall@5, recall@5,
 F1@5, unseen recall@20, and for the namings with a confidence its AUROC, the share of
 scored filters named and their precision@1; then the targets of issue 17 for the
-default on the 0.5 world.
+default on the 0.5 world. The ``netdissect`` rows are NetDissect's: each filter's concept
+of highest IoU on the labelling half of the evaluation scenes, scored on the other half
+as every naming is. Its precision@1 says how often the annotations' own best concept on
+one half is ground truth on the other: what labels themselves reach.
 
     python benchmarks/naming_quality.py --seeds 0 1 --work /tmp/lavise-naming          # development
     python benchmarks/naming_quality.py --seeds 25 26 27 28 29 --work /tmp/lavise-naming  # fresh
@@ -57,7 +60,7 @@ NAMINGS = {
                   "visual csls": ExplainSettings(retrieval="csls"), "0.5 all images": ALL_IMAGES,
                   "0.5": ExplainSettings()},
 }
-RESULTS = 2  # bumped when NAMINGS or what they mean change: 2 added firing images only, the default
+RESULTS = 2  # bumped when NAMINGS or what they mean change: 2 added firing images only (the default) and NetDissect
 COLUMNS = [
     ("P@1", ("precision@1",)), ("seen R@5", ("seen", "recall@5")), ("R@5", ("recall@5",)), ("F1@5", ("f1@5",)),
     ("unseen R@20", ("unseen", "recall@20")), ("AUROC", ("confidence", "auroc")),
@@ -100,10 +103,12 @@ def scores_of_seed(seed: int, work: Path, compute: ComputeSettings, loss: tuple[
                                                    temperature=temperature),
                             compute=compute, cache_dir=out / "cache")
                 for naming, explain_settings in NAMINGS[world].items():
-                    [evaluation] = evaluate([run], dataset, settings=EvaluateSettings(methods=("activation",)),
+                    [evaluation] = evaluate([run], dataset, settings=EvaluateSettings(methods=("activation", "netdissect")),
                                             explain_settings=explain_settings, compute=compute,
                                             cache_dir=out / "cache", write=False)
-                    scores.setdefault(f"{world} | {target} {layer}", {})[naming] = evaluation.methods["activation"]
+                    row = scores.setdefault(f"{world} | {target} {layer}", {})
+                    row[naming] = evaluation.methods["activation"]
+                    row["netdissect"] = evaluation.methods["netdissect"]  # the same for every naming
                 print(f"seed {seed}: {world} {target} {layer} done", flush=True)
     scores["_seconds"] = time.perf_counter() - started
     saved.parent.mkdir(parents=True, exist_ok=True)
@@ -126,11 +131,12 @@ def print_targets(results: dict, seeds: list[int]) -> None:
         p1, named, p1_named = (mean(key, "0.5", k) for k in (("precision@1",), ("confidence", "named"),
                                                             ("confidence", "precision@1_named")))
         auroc = mean(key, "0.5", ("confidence", "auroc"))
+        ceiling = mean(key, "netdissect", ("precision@1",))
         seen_now, seen_before = mean(key, "0.5", ("seen", "recall@5")), mean(old_key, "0.4", ("seen", "recall@5"))
         print(f"  {layer}: P@1 {p1:.3f} ({'met' if p1 >= 0.8 else 'MISSED'} >= 0.8); with abstention P@1 "
               f"{p1_named:.3f} at {named:.0%} named ({'met' if p1_named >= 0.9 and named >= 0.7 else 'MISSED'} "
               f">= 0.9 at >= 70 %); AUROC {auroc:.3f} ({'met' if auroc >= 0.8 else 'MISSED'} >= 0.8); seen R@5 "
-              f"{seen_now:.3f} vs lavise 0.4's {seen_before:.3f} on its world")
+              f"{seen_now:.3f} vs lavise 0.4's {seen_before:.3f} on its world; NetDissect's P@1 {ceiling:.3f}")
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +216,16 @@ def test_every_exact_detector_is_named_by_its_concept(tmp_path, compute):
     mild = explain(run, targets, settings=ExplainSettings(top_images=10, seen_penalty=1e-6), compute=compute,
                    model=detector, cache_dir=tmp_path / "cache", write=False)
     assert [f.words[0]["word"] for f in mild.filters] == [f.words[0]["word"] for f in result.filters]
+    # 60 top images, more than hold any one concept: on the rest a detector does not fire, its
+    # region is empty, and the explainer's output there is one and the same for every filter
+    wide = explain(run, targets, settings=ExplainSettings(top_images=60), compute=compute, model=detector,
+                   cache_dir=tmp_path / "cache", write=False)
+    assert {list(DETECTED)[f.filter]: f.words[0]["word"] for f in wide.filters} == {name: name for name in DETECTED}
+    assert all(0 < f.firing_images < 60 for f in wide.filters)
+    every = explain(run, targets, settings=ExplainSettings(top_images=60, firing_images_only=False), compute=compute,
+                    model=detector, cache_dir=tmp_path / "cache", write=False)
+    _, most = Counter(f.words[0]["word"] for f in every.filters).most_common(1)[0]
+    assert most == len(DETECTED)  # when every top image votes, the empty regions' word names them all
 
 
 def test_concept_names_that_mean_nothing_are_reported_and_left_out(tmp_path, compute, coco_maker, tiny_model):
