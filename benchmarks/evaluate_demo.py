@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,9 @@ def main() -> None:
     parser.add_argument("--vit-epochs", type=int, default=30, help="training epochs of the scene ViT")
     parser.add_argument("--as-in-0.4", dest="as_in_0_4", action="store_true",
                         help="lavise 0.4's demo world and naming (the tables of docs/evaluation.md before 0.5)")
+    parser.add_argument("--every-top-image", action="store_true",
+                        help="every top image votes, firing or not: the naming of the tables measured before "
+                             "firing_images_only (the ViT tables of docs/evaluation.md)")
     args = parser.parse_args()
 
     compute = ComputeSettings(progress=False)
@@ -114,7 +118,9 @@ def main() -> None:
             runs += vit_runs(out, demo, compute, args.vit_epochs)
         started = time.perf_counter()
         evaluations = evaluate(runs, dataset, settings=EvaluateSettings(methods=tuple(args.methods)),
-                               explain_settings=demo.explain_settings(), compute=compute, cache_dir=out / "cache")
+                               explain_settings=replace(demo.explain_settings(),
+                                                        **({"firing_images_only": False} if args.every_top_image else {})),
+                               compute=compute, cache_dir=out / "cache")
         timings[seed] = time.perf_counter() - started
         results[seed] = {f"{e.model} {e.layer}": e.methods for e in evaluations}
         print(f"seed {seed}: demo {demo_seconds:.0f} s, evaluation of both targets {timings[seed]:.0f} s", flush=True)

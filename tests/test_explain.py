@@ -275,9 +275,9 @@ def test_explain_end_to_end(tmp_path, tiny_run, tiny_model, targets, compute):
     # the CSV holds the same words, in rank order
     with (tiny_run.path / "explanations.csv").open(newline="") as handle:
         rows = list(csv.reader(handle))
-    assert rows[0] == ["filter", "rank", "word", "count", "first", "confidence", "named"]
+    assert rows[0] == ["filter", "rank", "word", "count", "first", "confidence", "named", "firing_images"]
     expected_rows = [[str(f["filter"]), str(r + 1), w["word"], str(w["count"]), str(w["first"]), str(f["confidence"]),
-                      str(int(f["named"]))] for f in filters for r, w in enumerate(f["words"])]
+                      str(int(f["named"])), str(f["firing_images"])] for f in filters for r, w in enumerate(f["words"])]
     assert rows[1:] == expected_rows
 
     # thresholds: the per-filter quantile of the maps

@@ -402,9 +402,9 @@ def _explanations(run, images, scan: FilterScan, named, naming: Naming, compute:
                          {"quantile": str(settings.quantile)})
             write_csv(
                 outputs.path("explanations.csv"),
-                ["filter", "rank", "word", "count", "first", "confidence", "named"],
+                ["filter", "rank", "word", "count", "first", "confidence", "named", "firing_images"],
                 [[f.filter, r + 1, w["word"], w["count"], w["first"], "" if f.confidence is None else f.confidence,
-                  int(f.named)] for f in filters for r, w in enumerate(f.words)],
+                  int(f.named), f.firing_images] for f in filters for r, w in enumerate(f.words)],
             )
             write_json(outputs.path("explanations.json"), explanations.to_dict(extra))
         explanations.path = run.path / "explanations.json"

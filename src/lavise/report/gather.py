@@ -320,6 +320,9 @@ def page_data(
             # "confidence" and "named" are absent from explanations before 0.5: every filter named
             "confidence": _number(entry.get("confidence")),
             "named": bool(entry.get("named", True)),
+            # absent from explanations made before only firing images voted
+            "firing_images": int(entry["firing_images"]) if entry.get("firing_images") is not None else None,
+            "top_image_count": len(entry.get("top_images", [])),
             "score": score,
             "evaluation": evaluation_entry(evaluated) if evaluated is not None else None,
             "groups": groups_entry(grouped[1], grouped[0], examples, per_group=examples_per_group, absolute=absolute) if grouped else None,
