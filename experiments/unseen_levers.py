@@ -50,6 +50,8 @@ def run_seed(work: Path, seed: int, reference: int, evaluation: int, variants: l
         _lavise(["synth", "--out", str(out / part), "--part", part, "--pool", "wordnet", "--all-concepts",
                  "--vocabulary-size", "0", "--unseen-fraction", "0.3", "--seed", str(seed), "--num-images", str(count)])
     common = ["--cache-dir", str(out / "cache"), "--no-progress"]
+    # measured before only firing top images voted (docs/evaluation.md): keep naming as then
+    as_measured = ["--no-firing-images-only"]
     results = {}
     for name in variants:
         options, namings = VARIANTS[name]
@@ -61,7 +63,7 @@ def run_seed(work: Path, seed: int, reference: int, evaluation: int, variants: l
             saved = out / "results" / f"{name}-{label.replace(', ', '-').replace(' ', '-')}.json"
             if not saved.is_file():
                 _lavise(["evaluate", str(run), "--dataset", str(out / "evaluation" / "annotations.json"),
-                         "--methods", "activation", *naming, *common])
+                         "--methods", "activation", *naming, *as_measured, *common])
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(run / "evaluation.json", saved)
             results[f"{name} / {label}"] = _row(json.loads(saved.read_text()))
@@ -75,7 +77,7 @@ def run_seed(work: Path, seed: int, reference: int, evaluation: int, variants: l
             shutil.copytree(out / "runs" / name, run)
             _lavise(["evaluate", str(run), "--dataset", str(out / "evaluation" / "annotations.json"), "--methods",
                      "activation", "--annotated-fractions", *FRACTIONS,
-                     "--sweep-reference", str(out / "reference" / "annotations.json"), *common])
+                     "--sweep-reference", str(out / "reference" / "annotations.json"), *as_measured, *common])
             shutil.copyfile(run / "sweep.json", saved)
         sweeps[name] = json.loads(saved.read_text())["rows"]
     return {"variants": results, "sweeps": sweeps}
