@@ -17,12 +17,13 @@ from torch import nn
 from lavise.datasets import open_reference
 from lavise.embeddings import WordVectors, load_word_vectors
 from lavise.errors import LaviseError, LaviseWarning
+from lavise.evaluate import evaluate
 from lavise.explain import explain
 from lavise.models import Preprocessing, TargetModel
 from lavise.naming import nearest_words
 from lavise.retrieval import csls_scores, hub_penalty, hubness
 from lavise.runs import train
-from lavise.settings import ExplainSettings, TrainSettings
+from lavise.settings import EvaluateSettings, ExplainSettings, TrainSettings
 from lavise.synthetic.concepts import concept_pool
 from lavise.vocabulary import (
     COCO_PANOPTIC_STUFF, COCO_STUFF, COCO_THINGS, COLOURS, TEXTURES, candidate_vocabulary, normalize_concept,
@@ -226,6 +227,14 @@ def test_every_exact_detector_is_named_by_its_concept(tmp_path, compute):
                     model=detector, cache_dir=tmp_path / "cache", write=False)
     _, most = Counter(f.words[0]["word"] for f in every.filters).most_common(1)[0]
     assert most == len(DETECTED)  # when every top image votes, the empty regions' word names them all
+    # evaluate names the same way
+    dataset = open_reference(targets.parent / "annotations.json")
+    scores = {firing: evaluate([run], dataset, settings=EvaluateSettings(methods=("activation",), unseen_protocol=False),
+                               explain_settings=ExplainSettings(top_images=60, firing_images_only=firing), compute=compute,
+                               model=detector, cache_dir=tmp_path / "cache", write=False)[0].methods["activation"]
+              for firing in (True, False)}
+    assert scores[True]["filters"] >= 20 and scores[True]["precision@1"] == 1.0  # filters with ground truth on the scoring half
+    assert scores[False]["precision@1"] <= 1 / len(DETECTED)
 
 
 def test_concept_names_that_mean_nothing_are_reported_and_left_out(tmp_path, compute, coco_maker, tiny_model):
