@@ -379,7 +379,7 @@ def _method_words(run, target_model, stream, scan, label_iou, names, scored, nam
                 named, entity_named = (found[0], found[-1]) if found is not None else (None, None)
             if not ranks.main:
                 continue
-            voting = naming.voting(scan, scored)
+            voting = naming.voting(scan.firing(scored))
             if entities is not None:
                 entity_words[method] = ranked_words(entities, entity_named, scored, d, voting)
             ids, sims = named

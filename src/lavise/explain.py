@@ -161,10 +161,10 @@ class Naming:
         """(m, D) explainer outputs -> (m, s) nearest word ids and scores."""
         return nearest_words(outputs, self.vectors, self.settings.words_per_image, penalty=self.penalty)
 
-    def voting(self, scan: FilterScan, filters: torch.Tensor) -> torch.Tensor | None:
-        """(f, p) the top images whose words count for each of ``filters``: those where it
-        fires (:meth:`FilterScan.firing`), or None (all) without ``firing_images_only``."""
-        return scan.firing(filters) if self.settings.firing_images_only else None
+    def voting(self, firing: torch.Tensor) -> torch.Tensor | None:
+        """The top images whose words count, from the (f, p) images where each filter fires
+        (:meth:`FilterScan.firing`): those, or None (all) without ``firing_images_only``."""
+        return firing if self.settings.firing_images_only else None
 
     def ranked(self, word_ids: torch.Tensor, scores: torch.Tensor, top: int | None = None,
                voting: torch.Tensor | None = None) -> list[list[RankedWord]]:
@@ -347,12 +347,12 @@ def _explanations(run, images, scan: FilterScan, named, naming: Naming, compute:
     """Rank each filter's words, give each its confidence, and write the outputs (rank 0)."""
     settings, words = naming.settings, naming.vocabulary.words
     word_ids, scores = named
-    every = torch.arange(len(scan.thresholds))
-    voting = naming.voting(scan, every)
+    firing = scan.firing(torch.arange(len(scan.thresholds)))
+    voting = naming.voting(firing)
     ranked = naming.ranked(word_ids, scores, voting=voting)
     confidences = naming.confidences(word_ids, scores, ranked, voting)
     active = scan.active.tolist()
-    firing = scan.firing(every).sum(dim=1).tolist()
+    firing_counts = firing.sum(dim=1).tolist()
     root = images.root
     filters = [
         FilterExplanation(
@@ -363,7 +363,7 @@ def _explanations(run, images, scan: FilterScan, named, naming: Naming, compute:
             active=bool(active[u]),
             confidence=round(confidences[u], 4) if active[u] and confidences[u] is not None else None,
             named=bool(active[u]) and bool(ranked[u]) and naming.is_named(confidences[u]),
-            firing_images=int(firing[u]),
+            firing_images=int(firing_counts[u]),
         )
         for u in range(len(active))
     ]
