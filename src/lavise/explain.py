@@ -59,7 +59,7 @@ def rank_words(
     development seeds this raised the mean seen recall@5 on every layer tried
     (docs/evaluation.md).
 
-    ``voting``: (d, p) which images' words count (:func:`voting_images`); None: all. A
+    ``voting``: (d, p) which images' words count (:meth:`Naming.voting`); None: all. A
     filter none of whose images vote gets no words.
 
     (d, p·s) word indices, each image's s words nearest first, and their similarities ->
