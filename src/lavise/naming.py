@@ -351,36 +351,16 @@ def name_pairs_in(
     """:func:`name_pairs` in several word spaces at once (the open vocabulary and an entity
     list, say): maps are read, explainer inputs made (image masking runs the network) and
     outputs computed once, then matched against each space."""
-    chosen = scan.chosen[filters]  # (f, p)
-    f, p = chosen.shape
-    start, stop = stream.image_range
-    images = chosen.flatten()
-    mine = torch.nonzero((images >= start) & (images < stop)).flatten()  # this rank's pairs
+    f, p = scan.chosen[filters].shape
+    mine = _my_pairs(stream, scan, filters)
     device = torch.device(stream.device)
     ids = [torch.zeros(len(mine), space.words_per_image, dtype=torch.int64) for space in spaces]
     sims = [torch.zeros(len(mine), space.words_per_image) for space in spaces]
     with ranks.together("naming the filters"):
-        rows = sorted(set(images[mine].tolist()))
-        per_map = 4 * stream.filters * stream.positions
-        group = len(rows) if scan.kept is not None else max(1, int(compute.memory_budget * 2**30 // per_map))
-        for begin in range(0, len(rows), group):
-            part = rows[begin : begin + group]
-            if scan.kept is not None:
-                maps = [scan.kept[r] for r in part]
-            else:
-                maps, found = stream.maps_of(part)
-                if not found.all():
-                    raise LaviseError(f"Image '{stream.images.image_path(part[int((~found).nonzero()[0])])}' became "
-                                      "unreadable since its maps were taken; explain again.")
-            position = {r: i for i, r in enumerate(part)}
-            selected = torch.tensor([i for i, pair in enumerate(mine.tolist()) if int(images[pair]) in position], dtype=torch.int64)
-            if not len(selected):
-                continue
-            pairs = mine[selected]
-            local_rows = torch.tensor([position[int(images[pair])] for pair in pairs.tolist()], dtype=torch.int64)
-            pair_filters = filters[pairs // p]
-            found = pair_words_in(head, inputs_for(maps, part), pair_filters, local_rows, spaces, device=device,
-                                  progress=compute.progress and ranks.main, chunk=max(1, min(chunk, PAIR_BYTES // per_map)))
+        for selected, pair_inputs, pair_filters, local_rows, size in _pair_groups(stream, scan, filters, mine, inputs_for,
+                                                                                  compute, chunk):
+            found = pair_words_in(head, pair_inputs, pair_filters, local_rows, spaces, device=device,
+                                  progress=compute.progress and ranks.main, chunk=size)
             for n, (words, values) in enumerate(found):
                 ids[n][selected], sims[n][selected] = words, values
     named = []
@@ -391,3 +371,74 @@ def name_pairs_in(
             all_ids[part["pairs"]], all_sims[part["pairs"]] = part["ids"], part["sims"]
         named.append((all_ids.reshape(f, p * space.words_per_image), all_sims.reshape(f, p * space.words_per_image)))
     return named if ranks.main else None
+
+
+def pair_outputs(
+    stream: MapStream,
+    scan: FilterScan,
+    filters: torch.Tensor,
+    inputs_for: InputsFor,
+    head: torch.nn.Module,
+    dim: int,
+    *,
+    compute: ComputeSettings,
+    ranks: Ranks,
+    chunk: int = 2048,
+) -> torch.Tensor | None:
+    """The explainer's outputs, not yet words, for every (filter, top image) pair: what
+    :func:`name_pairs` matches against a vocabulary, kept so that any vocabulary can name
+    them later (the run's filter survey, :mod:`lavise.survey`). On rank 0, None elsewhere.
+
+    (f,) filters -> (f, p, dim), each filter's p images in order
+    """
+    f, p = scan.chosen[filters].shape
+    mine = _my_pairs(stream, scan, filters)
+    device = torch.device(stream.device)
+    outputs = torch.zeros(len(mine), dim)
+    with ranks.together("explaining the filters' top images"):
+        for selected, pair_inputs, pair_filters, local_rows, size in _pair_groups(stream, scan, filters, mine, inputs_for,
+                                                                                  compute, chunk):
+            outputs[selected] = explainer_outputs(head, pair_inputs, pair_filters, local_rows, device=device,
+                                                  chunk=size).float()
+    every = torch.zeros(f * p, dim)
+    for part in ranks.from_each({"pairs": mine, "outputs": outputs}):
+        every[part["pairs"]] = part["outputs"]
+    return every.reshape(f, p, dim) if ranks.main else None
+
+
+def _my_pairs(stream: MapStream, scan: FilterScan, filters: torch.Tensor) -> torch.Tensor:
+    """Indices into the flattened (f, p) pairs of the given filters whose image is in this rank's shard."""
+    start, stop = stream.image_range
+    images = scan.chosen[filters].flatten()
+    return torch.nonzero((images >= start) & (images < stop)).flatten()
+
+
+def _pair_groups(stream: MapStream, scan: FilterScan, filters: torch.Tensor, mine: torch.Tensor, inputs_for: InputsFor,
+                 compute: ComputeSettings, chunk: int) -> Iterator[tuple[torch.Tensor, PairInputs, torch.Tensor, torch.Tensor, int]]:
+    """This rank's pairs, in groups of images whose maps are in memory together: the maps
+    kept by the scan or, in groups that fit the memory budget, read again.
+
+    Yields (indices into ``mine``, the group's pair inputs, the pairs' filters, their rows
+    in the group, pairs per batch).
+    """
+    p = scan.chosen.shape[1]
+    images = scan.chosen[filters].flatten()
+    rows = sorted(set(images[mine].tolist()))
+    per_map = 4 * stream.filters * stream.positions
+    group = len(rows) if scan.kept is not None else max(1, int(compute.memory_budget * 2**30 // per_map))
+    for begin in range(0, len(rows), group):
+        part = rows[begin : begin + group]
+        if scan.kept is not None:
+            maps = [scan.kept[r] for r in part]
+        else:
+            maps, found = stream.maps_of(part)
+            if not found.all():
+                raise LaviseError(f"Image '{stream.images.image_path(part[int((~found).nonzero()[0])])}' became "
+                                  "unreadable since its maps were taken; explain again.")
+        position = {r: i for i, r in enumerate(part)}
+        selected = torch.tensor([i for i, pair in enumerate(mine.tolist()) if int(images[pair]) in position], dtype=torch.int64)
+        if not len(selected):
+            continue
+        pairs = mine[selected]
+        local_rows = torch.tensor([position[int(images[pair])] for pair in pairs.tolist()], dtype=torch.int64)
+        yield selected, inputs_for(maps, part), filters[pairs // p], local_rows, max(1, min(chunk, PAIR_BYTES // per_map))
