@@ -9,7 +9,7 @@ import torch
 
 from lavise.errors import LaviseError
 from lavise.explainer import (
-    ExplainerHead, _split_by_group, explainer_loss, hardest_negative_loss, hinge_rank_loss, softmax_loss, train_explainer,
+    ExplainerHead, split_by_group, explainer_loss, hardest_negative_loss, hinge_rank_loss, softmax_loss, train_explainer,
 )
 from lavise.runs import split_concepts
 from lavise.settings import TrainSettings
@@ -99,7 +99,7 @@ def test_every_loss_trains_the_head(loss):
                              seed=1, loss=loss)
     result = train_explainer(vectors, targets, groups, concept_vectors, settings, progress=False)
     assert result.history[-1]["validation_loss"] < 0.5 * result.history[0]["validation_loss"]
-    _, val_rows = _split_by_group(groups, 0.25, torch.Generator().manual_seed(1))
+    _, val_rows = split_by_group(groups, 0.25, torch.Generator().manual_seed(1))
     with torch.no_grad():
         scores = torch.nn.functional.normalize(result.head(vectors[val_rows]), dim=1) @ torch.nn.functional.normalize(concept_vectors, dim=1).T
     assert (scores.argmax(dim=1) == targets[val_rows]).float().mean() > 0.9
@@ -126,7 +126,7 @@ SETTINGS = TrainSettings(epochs=30, learning_rate=1e-2, train_batch_size=32, val
 
 def _validation_loss(head, vectors, targets, groups, concept_vectors, settings) -> float:
     generator = torch.Generator().manual_seed(settings.seed)
-    _, val_rows = _split_by_group(groups, settings.validation_fraction, generator)
+    _, val_rows = split_by_group(groups, settings.validation_fraction, generator)
     head.eval()
     with torch.no_grad():
         return float(hinge_rank_loss(head(vectors[val_rows]), targets[val_rows], concept_vectors, settings.margin))
@@ -151,7 +151,7 @@ def test_training_learns_separable_data_and_keeps_the_best_epoch():
 
     # the trained head ranks the right concept first on most held-out rows
     generator = torch.Generator().manual_seed(SETTINGS.seed)
-    _, val_rows = _split_by_group(groups, SETTINGS.validation_fraction, generator)
+    _, val_rows = split_by_group(groups, SETTINGS.validation_fraction, generator)
     with torch.no_grad():
         scores = torch.nn.functional.normalize(result.head(vectors[val_rows]), dim=1) @ torch.nn.functional.normalize(concept_vectors, dim=1).T
     assert (scores.argmax(dim=1) == targets[val_rows]).float().mean() > 0.9
@@ -218,23 +218,23 @@ def test_split_concepts_rejects_fractions_outside_the_range(fraction):
 
 def test_validation_split_holds_out_whole_images():
     groups = torch.tensor([7, 7, 7, 2, 2, 9, 4, 4, 4, 4, 1, 5, 5, 8, 3, 3, 0, 6, 6, 6])
-    train_rows, val_rows = _split_by_group(groups, 0.3, torch.Generator().manual_seed(0))
+    train_rows, val_rows = split_by_group(groups, 0.3, torch.Generator().manual_seed(0))
     assert sorted(train_rows.tolist() + val_rows.tolist()) == list(range(len(groups)))
     train_groups, val_groups = set(groups[train_rows].tolist()), set(groups[val_rows].tolist())
     assert not train_groups & val_groups
     assert len(val_groups) == 3  # round(10 groups * 0.3)
-    again = _split_by_group(groups, 0.3, torch.Generator().manual_seed(0))
+    again = split_by_group(groups, 0.3, torch.Generator().manual_seed(0))
     assert torch.equal(again[1], val_rows)
-    others = {tuple(_split_by_group(groups, 0.3, torch.Generator().manual_seed(s))[1].tolist()) for s in range(5)}
+    others = {tuple(split_by_group(groups, 0.3, torch.Generator().manual_seed(s))[1].tolist()) for s in range(5)}
     assert len(others) > 1
 
 
 def test_validation_split_edge_cases():
     groups = torch.tensor([0, 0, 1, 1])
     # a tiny fraction still holds out one image; a large one keeps one for training
-    assert len(set(groups[_split_by_group(groups, 0.01, torch.Generator())[1]].tolist())) == 1
-    train_rows, val_rows = _split_by_group(groups, 0.99, torch.Generator())
+    assert len(set(groups[split_by_group(groups, 0.01, torch.Generator())[1]].tolist())) == 1
+    train_rows, val_rows = split_by_group(groups, 0.99, torch.Generator())
     assert len(set(groups[train_rows].tolist())) == 1 and len(val_rows) == 2
     # one image, or no validation asked: everything trains
-    assert len(_split_by_group(torch.tensor([3, 3]), 0.5, torch.Generator())[1]) == 0
-    assert len(_split_by_group(groups, 0.0, torch.Generator())[1]) == 0
+    assert len(split_by_group(torch.tensor([3, 3]), 0.5, torch.Generator())[1]) == 0
+    assert len(split_by_group(groups, 0.0, torch.Generator())[1]) == 0

@@ -18,7 +18,7 @@ from lavise.explain import Explanations, FilterExplanation, explain
 from lavise.groups import compare_groups
 from lavise.models import ModelSpec, Preprocessing, TargetModel, load_target_model
 from lavise.report import write_report
-from lavise.runs import Run, load_run, train
+from lavise.runs import Run, add_survey, load_run, train
 from lavise.settings import (
     METHODS, ComputeSettings, EvaluateSettings, ExplainSettings, GroupSettings, ModelComparisonSettings,
     ReferenceSettings, ReportSettings, TrainSettings,
@@ -51,6 +51,7 @@ __all__ = [
     "VisualGenomeDataset",
     "WordVectors",
     "__version__",
+    "add_survey",
     "compare_groups",
     "compare_models",
     "evaluate",

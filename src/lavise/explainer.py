@@ -134,7 +134,7 @@ def train_explainer(
         settings: epochs, batch size, learning rate, loss (and its margin or temperature), dropout, seed.
     """
     generator = torch.Generator().manual_seed(settings.seed)
-    train_rows, val_rows = _split_by_group(groups, settings.validation_fraction, generator)
+    train_rows, val_rows = split_by_group(groups, settings.validation_fraction, generator)
     torch.manual_seed(settings.seed)
     head = ExplainerHead(vectors.shape[1], concept_vectors.shape[1], settings.dropout).to(device)
     optimiser = torch.optim.Adam(head.parameters(), lr=settings.learning_rate)
@@ -200,7 +200,7 @@ def _evaluate(head, rows_of, targets, concepts, rows, loss_of) -> float:
     return total / len(rows)
 
 
-def _split_by_group(
+def split_by_group(
     groups: torch.Tensor, fraction: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row indices for training and validation, holding out whole groups (images)."""

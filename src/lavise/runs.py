@@ -9,6 +9,9 @@ Layout of a run directory::
     reference_outputs.safetensors
                              its outputs on up to 20,000 reference rows (held-out images
                              first): the neighbourhoods of CSLS and the confidence's calibration
+    filter_survey.safetensors
+                             every filter on the held-out reference images: its top images'
+                             explainer outputs and its IoU with the concepts (lavise.survey)
     training.csv             loss per epoch
     thresholds.safetensors   written by `explain`: T_u per filter
     explanations.json/.csv   written by `explain`
@@ -34,12 +37,13 @@ from lavise.distributed import Ranks, current
 from lavise.embeddings import BUILTIN_GLOVE, concept_vectors, load_word_vectors
 from lavise.errors import LaviseError, LaviseWarning
 from lavise.features import layer_probe
-from lavise.explainer import ExplainerHead, TrainingResult, head_outputs, train_explainer
+from lavise.explainer import ExplainerHead, TrainingResult, head_outputs, split_by_group, train_explainer
 from lavise.reference import ReferenceRows, reference_rows
 from lavise.models import ModelSpec, TargetModel, load_target_model
 from lavise.retrieval import REFERENCE_OUTPUTS
 from lavise.vocabulary import normalize_concept, unnamed_concepts
 from lavise.settings import ComputeSettings, TrainSettings
+from lavise.survey import SURVEY, save_survey, survey_filters
 from lavise.storage import cache_folder, load_tensors, output_set, read_json, save_tensors, write_csv, write_json
 
 
@@ -262,13 +266,14 @@ def train(
         trained = None
         with ranks.together("training the explainer"):
             if ranks.main:
-                trained = _train_on_rows(target, layer, reference, out_dir, features, vectors_source, settings, compute)
+                trained = _train_on_rows(target, layer, reference, out_dir, features, vectors_source, settings, compute,
+                                         cache_dir)
         return _on_every_rank(ranks, trained)
 
 
 def _train_on_rows(target: TargetModel, layer: str, reference: ReferenceDataset, out_dir: Path, features: ReferenceRows,
-                   vectors_source, settings: TrainSettings, compute: ComputeSettings) -> Run:
-    """Split the concepts, train the head on the seen concepts' rows, write the run (rank 0)."""
+                   vectors_source, settings: TrainSettings, compute: ComputeSettings, cache_dir: Path | None) -> Run:
+    """Split the concepts, train the head on the seen concepts' rows, survey its filters, write the run (rank 0)."""
     features.skipped.warn(f"reference {reference.root}")
 
     without_words = unnamed_concepts(features.concept_names)
@@ -298,12 +303,7 @@ def _train_on_rows(target: TargetModel, layer: str, reference: ReferenceDataset,
         )
     seen, unseen = split_concepts([n for n in names_with_vectors if n in present], settings.unseen_fraction, settings.seed)
 
-    # Training rows: pairs whose concept is seen; targets index into the seen list.
-    seen_index = {name: i for i, name in enumerate(seen)}
-    seen_of_concept = torch.tensor([seen_index.get(name, -1) for name in features.concept_names], dtype=torch.long)
-    row_targets = seen_of_concept[features.concepts]  # one lookup for every row, not a Python loop over them
-    rows = row_targets >= 0
-    targets = row_targets[rows]
+    rows, targets = seen_rows(features, seen)
     row_of = {name: i for i, name in enumerate(names_with_vectors)}
     seen_vectors = name_vectors[[row_of[name] for name in seen]]  # computed once: its warnings are said once
     vectors = features.pooled(settings.pooling, rows)
@@ -311,6 +311,12 @@ def _train_on_rows(target: TargetModel, layer: str, reference: ReferenceDataset,
     result = train_explainer(vectors, targets, features.images[rows], seen_vectors, settings, device=device,
                              progress=compute.progress)
     outputs = _reference_outputs(result, vectors, targets, features.regional[rows], settings.seed, device)
+    survey = None
+    if settings.survey_images > 0:
+        held_out, labelling = survey_images(features.images[rows], result.validation_rows, len(reference),
+                                            settings.survey_images, settings.seed)
+        survey = survey_filters(target, layer, reference, result.head, held_out, labelling, pooling=settings.pooling,
+                                dim=vectors_source.dim, compute=compute, cache_dir=cache_dir)
 
     channels = int(features.vectors.shape[1])
     _, layout = layer_probe(target, layer, device)
@@ -346,6 +352,8 @@ def _train_on_rows(target: TargetModel, layer: str, reference: ReferenceDataset,
     with output_set(out_dir, last="config.json", replaces=DERIVED_OUTPUTS) as run_files:
         save_tensors(run_files.path("explainer.safetensors"), result.head.state_dict())
         save_tensors(run_files.path(REFERENCE_OUTPUTS), outputs)
+        if survey is not None:
+            save_survey(run_files.path(SURVEY), *survey)
         write_csv(
             run_files.path("training.csv"),
             ["epoch", "train_loss", "validation_loss"],
@@ -358,7 +366,7 @@ def _train_on_rows(target: TargetModel, layer: str, reference: ReferenceDataset,
 
 # The files a run directory holds: what train writes, and what the other commands derive
 # from its explainer (removed when it is trained again: they describe the old one).
-TRAIN_OUTPUTS = ("config.json", "split.json", "explainer.safetensors", REFERENCE_OUTPUTS, "training.csv")
+TRAIN_OUTPUTS = ("config.json", "split.json", "explainer.safetensors", REFERENCE_OUTPUTS, SURVEY, "training.csv")
 DERIVED_OUTPUTS = (
     "thresholds.safetensors", "explanations.json", "explanations.csv", "hubness-*.safetensors",
     "confidence-*.safetensors", "evaluation.json", "evaluation.md", "evaluation.png",
@@ -410,6 +418,63 @@ def _config_kind(path: Path) -> str:
     except (OSError, ValueError):
         return "unreadable"  # a damaged run's config.json: the folder's other files decide
     return "lavise" if isinstance(config, dict) and "lavise_version" in config and "feature_shape" in config else "other"
+
+
+def seen_rows(features: ReferenceRows, seen: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training rows: (N,) whether each reference row's concept is seen, and those rows'
+    targets, indices into ``seen``."""
+    seen_index = {name: i for i, name in enumerate(seen)}
+    seen_of_concept = torch.tensor([seen_index.get(name, -1) for name in features.concept_names], dtype=torch.long)
+    row_targets = seen_of_concept[features.concepts]  # one lookup for every row, not a Python loop over them
+    rows = row_targets >= 0
+    return rows, row_targets[rows]
+
+
+def add_survey(run: Path | Run, reference: ReferenceDataset, *, model: TargetModel | None = None,
+               compute: ComputeSettings = ComputeSettings(), cache_dir: Path | None = None) -> bool:
+    """Survey the filters of a run trained without a survey (lavise 0.5 before it had one),
+    on the reference data it was trained on, and save it into the run; False when it has
+    too few held-out images for one. The explainer is not trained again: its held-out
+    images are found as training found them (the validation split is seeded). ``model``:
+    the module of a run trained on a custom one, as explain takes it.
+    """
+    run = as_run(run)
+    if reference.identity() != run.config["reference"]["identity"]:
+        raise LaviseError(f"{reference!r} is not the reference data run '{run.path}' was trained on.")
+    settings, target = run.train_settings, run.target_model(model)
+    cache_dir = cache_folder(cache_dir)
+    with cpu_threads(compute):
+        features = reference_rows(target, run.layer, reference, cache_dir=cache_dir, compute=compute,
+                                  activation_regions=settings.activation_regions, quantile=settings.region_quantile,
+                                  ranks=Ranks())
+        rows, _ = seen_rows(features, run.split["seen"])
+        _, validation = split_by_group(features.images[rows], settings.validation_fraction,
+                                       torch.Generator().manual_seed(settings.seed))
+        held_out, labelling = survey_images(features.images[rows], validation, len(reference),
+                                            max(settings.survey_images, 1), settings.seed)
+        survey = survey_filters(target, run.layer, reference, run.head, held_out, labelling, pooling=settings.pooling,
+                                dim=int(run.config["word_dim"]), compute=compute, cache_dir=cache_dir)
+    if survey is None:
+        return False
+    with output_set(run.path, last=SURVEY) as files:
+        save_survey(files.path(SURVEY), *survey)
+    return True
+
+
+def survey_images(row_images: torch.Tensor, validation_rows: torch.Tensor, images: int, count: int,
+                  seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The survey's images (:mod:`lavise.survey`): the held-out images the explainer never
+    trained on, and up to ``count`` of the other reference images, drawn with ``seed``.
+
+    (n,) image of each training row, the rows of held-out images, the dataset's size ->
+    (held-out image indices, labelling image indices), each sorted
+    """
+    held = torch.unique(row_images[validation_rows])
+    others = torch.ones(images, dtype=torch.bool)
+    others[held] = False
+    rest = others.nonzero().flatten()
+    rest = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[:count]]
+    return held, rest.sort().values
 
 
 OUTPUT_ROWS = 20_000  # reference rows whose explainer outputs a run keeps, for CSLS and the confidence
