@@ -196,7 +196,8 @@ def _maps(model: TargetModel, layer: str, folder: Path) -> tuple[list[Path], tor
 
 
 def test_explain_end_to_end(tmp_path, tiny_run, tiny_model, targets, compute):
-    settings = ExplainSettings(top_images=P, words_per_image=S, top_words=X)
+    # the words from the explainer alone (label_first=0: the run's reference labels reorder none; tests/test_survey.py)
+    settings = ExplainSettings(top_images=P, words_per_image=S, top_words=X, label_first=0)
     result = explain(tiny_run.path, targets, settings=settings, compute=compute, model=tiny_model, cache_dir=tmp_path / "cache")
     out = tiny_run.path / "explanations.json"
     assert result.path == out
@@ -275,9 +276,11 @@ def test_explain_end_to_end(tmp_path, tiny_run, tiny_model, targets, compute):
     # the CSV holds the same words, in rank order
     with (tiny_run.path / "explanations.csv").open(newline="") as handle:
         rows = list(csv.reader(handle))
-    assert rows[0] == ["filter", "rank", "word", "count", "first", "confidence", "named", "firing_images"]
+    assert rows[0] == ["filter", "rank", "word", "count", "first", "confidence", "named", "firing_images", "label",
+                       "label_iou"]
     expected_rows = [[str(f["filter"]), str(r + 1), w["word"], str(w["count"]), str(w["first"]), str(f["confidence"]),
-                      str(int(f["named"])), str(f["firing_images"])] for f in filters for r, w in enumerate(f["words"])]
+                      str(int(f["named"])), str(f["firing_images"]), f["label"] or "", str(f["label_iou"])]
+                     for f in filters for r, w in enumerate(f["words"])]
     assert rows[1:] == expected_rows
 
     # thresholds: the per-filter quantile of the maps
@@ -304,7 +307,8 @@ def test_every_method_runs(tmp_path, tiny_run, tiny_model, targets, compute, met
 
 def test_methods_give_different_inputs_but_original_ignores_the_filter(tmp_path, tiny_run, tiny_model, targets, compute):
     def words(method):
-        settings = ExplainSettings(method=method, top_images=1, words_per_image=5, top_words=5, vocabulary_size=2000)
+        settings = ExplainSettings(method=method, top_images=1, words_per_image=5, top_words=5, vocabulary_size=2000,
+                                   label_first=0)  # the explainer's words alone: per-filter labels would reorder them
         result = explain(tiny_run.path, targets, settings=settings, compute=compute, model=tiny_model, cache_dir=tmp_path / "cache", write=False)
         return result
 

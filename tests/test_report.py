@@ -244,6 +244,7 @@ def test_report_end_to_end(explained, build, tiny_model, targets):
     assert about["Model"] == "tiny (custom module)" and about["Layer"] == "features.3: 8 filters, grid 8×8"
     assert about["Target data"] == "images: 12 images"
     assert [f["filter"] for f in data["filters"]] == list(range(8))
+    assert any(f["label"] is not None for f in data["filters"])
 
     # maps of the target images, computed here without the report's code
     paths = sorted(targets.glob("*.png"))
@@ -255,6 +256,7 @@ def test_report_end_to_end(explained, build, tiny_model, targets):
         assert shown["words"] == source["words"] and shown["threshold"] == pytest.approx(source["threshold"])
         assert [i["name"] for i in shown["images"]] == source["top_images"]
         assert len(shown["images"]) == TOP
+        assert (shown["label"], shown["label_iou"]) == (source["label"], source["label_iou"])  # the run's survey's
         for rank, entry in enumerate(shown["images"]):
             assert entry["src"] == f"thumbs/{shown['filter']:04d}/{rank:02d}.jpg"
             with Image.open(report / entry["src"]) as thumb:

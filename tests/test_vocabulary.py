@@ -206,6 +206,10 @@ def test_every_exact_detector_is_named_by_its_concept(tmp_path, compute):
     first = {list(DETECTED)[f.filter]: f.words[0]["word"] for f in result.filters}
     assert first == {name: name for name in DETECTED}
     assert all(f.named for f in result.filters)
+    # the run's survey: each detector's label on the reference images is its concept, and the
+    # confidence is fitted on these 24 real filters
+    assert [f.label for f in result.filters] == list(DETECTED)
+    assert result.extra["naming"]["calibration"]["fitted_on"] == "reference filters"
     # lavise 0.4's naming (frequent words, cosine, no concept names) cannot name the phrases
     old = explain(run, targets, settings=ExplainSettings.as_in_0_4(top_images=10), compute=compute, model=detector,
                   cache_dir=tmp_path / "cache", write=False)
@@ -223,14 +227,19 @@ def test_every_exact_detector_is_named_by_its_concept(tmp_path, compute):
                    cache_dir=tmp_path / "cache", write=False)
     assert {list(DETECTED)[f.filter]: f.words[0]["word"] for f in wide.filters} == {name: name for name in DETECTED}
     assert all(0 < f.firing_images < 60 for f in wide.filters)
-    every = explain(run, targets, settings=ExplainSettings(top_images=60, firing_images_only=False), compute=compute,
-                    model=detector, cache_dir=tmp_path / "cache", write=False)
+    every = explain(run, targets, settings=ExplainSettings(top_images=60, firing_images_only=False, label_first=0),
+                    compute=compute, model=detector, cache_dir=tmp_path / "cache", write=False)
     _, most = Counter(f.words[0]["word"] for f in every.filters).most_common(1)[0]
     assert most == len(DETECTED)  # when every top image votes, the empty regions' word names them all
+    # the reference labels put each detector's concept back in front: it is still among its first three words
+    labelled = explain(run, targets, settings=ExplainSettings(top_images=60, firing_images_only=False), compute=compute,
+                       model=detector, cache_dir=tmp_path / "cache", write=False)
+    assert sum(f.words[0]["word"] == list(DETECTED)[f.filter] for f in labelled.filters) > len(DETECTED) // 2
     # evaluate names the same way
     dataset = open_reference(targets.parent / "annotations.json")
     scores = {firing: evaluate([run], dataset, settings=EvaluateSettings(methods=("activation",), unseen_protocol=False),
-                               explain_settings=ExplainSettings(top_images=60, firing_images_only=firing), compute=compute,
+                               explain_settings=ExplainSettings(top_images=60, firing_images_only=firing, label_first=0),
+                               compute=compute,
                                model=detector, cache_dir=tmp_path / "cache", write=False)[0].methods["activation"]
               for firing in (True, False)}
     assert scores[True]["filters"] >= 20 and scores[True]["precision@1"] == 1.0  # filters with ground truth on the scoring half

@@ -34,6 +34,7 @@ import torch
 from scipy import optimize, stats
 
 FEATURES = ("agreement", "share", "margin", "score")
+LABEL_FEATURES = ("labelled", "label_iou")  # from the run's filter survey (lavise.survey): real filters only
 TRUTH_SHARE = 0.2  # a simulated filter's truth: the concepts of at least this share of its p outputs
 COVERAGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -62,6 +63,43 @@ def vote_features(word_ids: torch.Tensor, scores: torch.Tensor, first: torch.Ten
     margin = mean(values[:, :, 0] - values[:, :, 1]) if s > 1 else torch.zeros(f, dtype=torch.float64)
     score = mean(values[:, :, 0])
     return torch.stack([agreement, share, margin, score], dim=1)
+
+
+def label_features(first: torch.Tensor, label_iou: torch.Tensor, word_of_concept: torch.Tensor,
+                   threshold: float) -> torch.Tensor:
+    """The features of :data:`LABEL_FEATURES`: what the reference annotations say of each first word.
+
+    ``labelled``: 1 when the first word names the filter's concept of highest IoU on the
+    reference training images and that IoU exceeds ``threshold`` (it is the filter's
+    NetDissect label); ``label_iou``: the IoU of the concept the first word names (the
+    highest, when several concepts have that word; 0 when it names none).
+
+    (f,) first word ids (−1: none), (f, C) IoU, (C,) each concept's word id (−1: not in the
+    vocabulary) -> (f, 2) float64
+
+    Example:
+        >>> iou = torch.tensor([[0.30, 0.05], [0.02, 0.01], [0.10, 0.20]])
+        >>> features = label_features(torch.tensor([7, 7, 7]), iou, torch.tensor([7, 8]), 0.04)
+        >>> [[round(v, 2) for v in row] for row in features.tolist()]
+        [[1.0, 0.3], [0.0, 0.02], [0.0, 0.1]]
+    """
+    names = (word_of_concept.unsqueeze(0) == first.unsqueeze(1)) & (first >= 0).unsqueeze(1)  # (f, C)
+    own = torch.where(names, label_iou, torch.zeros_like(label_iou)).amax(dim=1)
+    best_iou, best = label_iou.max(dim=1)
+    labelled = names.gather(1, best.unsqueeze(1)).squeeze(1) & (best_iou > threshold)
+    return torch.stack([labelled.double(), own.double()], dim=1)
+
+
+def named_truth(first: torch.Tensor, truth_iou: torch.Tensor, word_of_concept: torch.Tensor, threshold: float) -> np.ndarray:
+    """(f,) whether each first word names one of the filter's ground-truth concepts (IoU above ``threshold``).
+
+    Example:
+        >>> named_truth(torch.tensor([7, 8, -1]), torch.tensor([[0.3, 0.0], [0.3, 0.0], [0.3, 0.0]]),
+        ...             torch.tensor([7, 8]), 0.04).tolist()
+        [True, False, False]
+    """
+    names = (word_of_concept.unsqueeze(0) == first.unsqueeze(1)) & (first >= 0).unsqueeze(1)
+    return (names & (truth_iou > threshold)).any(dim=1).numpy()
 
 
 def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-2) -> tuple[np.ndarray, float]:
@@ -147,10 +185,11 @@ class Calibration:
     """A logistic map from vote features to the probability that the first word is right.
 
     Attributes:
-        mean, scale: (4,) standardisation of the features.
+        mean, scale: (k,) standardisation of the features (``facts["features"]``, the four of
+            :data:`FEATURES` when absent).
         weights, bias: the regression.
         threshold: filters below it have no confident name.
-        facts: how it was fitted (simulated filters, their right share, AUROC, target).
+        facts: how it was fitted (on what, the features, their right share, AUROC, target).
     """
 
     mean: np.ndarray
@@ -161,7 +200,7 @@ class Calibration:
     facts: dict
 
     def confidence(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
-        """(f, 4) features -> (f,) probability that each first word is right."""
+        """(f, k) features -> (f,) probability that each first word is right."""
         x = (np.asarray(features, dtype=np.float64) - self.mean) / self.scale
         return 1.0 / (1.0 + np.exp(-(x @ self.weights + self.bias)))
 
@@ -169,6 +208,10 @@ class Calibration:
         tensors = {name: torch.from_numpy(np.asarray(getattr(self, name), dtype=np.float64))
                    for name in ("mean", "scale", "weights")}
         return tensors, {"bias": self.bias, "threshold": self.threshold, **self.facts}
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return tuple(self.facts.get("features", FEATURES))
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], facts: dict) -> Calibration:
@@ -232,18 +275,40 @@ def calibrate(outputs: torch.Tensor, concepts: torch.Tensor, concept_words: Sequ
     ids, scores, first = name_votes(outputs[rows])
     features = vote_features(ids, scores, first, words_per_image).numpy()
     right = np.array([words[w] in {concept_words[c] for c in truth} for w, truth in zip(first.tolist(), truths)])
+    calibration = fitted_calibration(features, right, target)
+    calibration.facts = {
+        "fitted_on": "simulated filters", "features": list(FEATURES), "simulated_filters": count,
+        "reference_rows": len(outputs), **calibration.facts, "seed": seed,
+    }
+    return calibration
+
+
+def calibrate_on_survey(features: np.ndarray, right: np.ndarray, *, target: float, held_out_images: int) -> Calibration:
+    """Fit the confidence on the run's real filters (:mod:`lavise.survey`).
+
+    (f, 6) features of :data:`FEATURES` and :data:`LABEL_FEATURES` of the surveyed filters
+    that have words, and (f,) whether each first word is ground truth on the held-out
+    reference images (a filter with none is wrong: it has no good name there).
+    """
+    calibration = fitted_calibration(features, right, target)
+    calibration.facts = {"fitted_on": "reference filters", "features": list(FEATURES + LABEL_FEATURES),
+                         "filters": int(len(right)), "held_out_images": held_out_images, **calibration.facts}
+    return calibration
+
+
+def fitted_calibration(features: np.ndarray, right: np.ndarray, target: float) -> Calibration:
+    """The logistic confidence of (n, k) features for (n,) right first words, and its
+    abstention threshold for precision ``target``; ``facts`` hold how well it fits."""
+    features, right = np.asarray(features, dtype=np.float64), np.asarray(right, dtype=bool)
     mean, scale = features.mean(axis=0), features.std(axis=0)
     scale[scale == 0] = 1.0
     if right.all() or not right.any():  # nothing to tell apart: a constant confidence
-        weights, bias = np.zeros(len(FEATURES)), float(np.log((right.mean() + 1e-3) / (1 - right.mean() + 1e-3)))
+        weights, bias = np.zeros(features.shape[1]), float(np.log((right.mean() + 1e-3) / (1 - right.mean() + 1e-3)))
     else:
         weights, bias = fit_logistic((features - mean) / scale, right)
     calibration = Calibration(mean, scale, weights, bias, 0.0, {})
     confidence = calibration.confidence(features)
     calibration.threshold = threshold_for_precision(confidence, right, target)
-    calibration.facts = {
-        "simulated_filters": count, "reference_rows": len(outputs), "right_share": float(right.mean()),
-        "auroc": auroc(confidence, right), "abstain_precision": target, "seed": seed,
-        "named_share": float((confidence >= calibration.threshold).mean()),
-    }
+    calibration.facts = {"right_share": float(right.mean()), "auroc": auroc(confidence, right),
+                         "abstain_precision": target, "named_share": float((confidence >= calibration.threshold).mean())}
     return calibration

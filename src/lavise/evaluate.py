@@ -383,11 +383,11 @@ def _method_words(run, target_model, stream, scan, label_iou, names, scored, nam
             if entities is not None:
                 entity_words[method] = ranked_words(entities, entity_named, scored, d, voting)
             ids, sims = named
-            ranked = naming.ranked(ids, sims, voting=voting)
+            ranked = naming.ranked(ids, sims, voting=voting, filters=scored)
             words[method] = [[] for _ in range(d)]
             if naming.calibration is not None:
                 confidences[method] = [None] * d
-            for u, filter_words, confidence in zip(scored.tolist(), ranked, naming.confidences(ids, sims, ranked, voting)):
+            for u, filter_words, confidence in zip(scored.tolist(), ranked, naming.confidences(ids, sims, ranked, voting, scored)):
                 words[method][u] = [naming.vocabulary.words[r.word] for r in filter_words]
                 if naming.calibration is not None:
                     confidences[method][u] = confidence

@@ -43,6 +43,7 @@ LEARNING_RATE = {"bounds": "[0, 1]", "warn": (lambda v: v == 0, ("Adam with lear
 
 # --- choices ---------------------------------------------------------------------------
 
+CALIBRATIONS = ("reference-filters", "simulated")
 METHODS = ("activation", "attention", "cosine-attention", "original")  # explainer inputs, lavise.inputs
 POOLINGS = ("region", "mean")  # how the explainer's inputs are pooled, lavise.inputs
 RANKINGS = ("first-choice", "frequency")  # how a filter's words are ordered, lavise.explain.rank_words
@@ -98,6 +99,10 @@ class TrainSettings(_Settings):
             lambda v: v > 0.5, ("more reference images are held out to choose the epoch than trained on "
                                 "(at 1, all but one image)"))
     )
+    survey_images: int = option(
+        2000, "reference training images on which the run's filter survey measures each filter's IoU with the "
+        "concepts, besides the held-out images it names the filters on (0: no survey; the confidence is then "
+        "fitted on simulated filters)", **ANY_COUNT)
     pooling: str = option(
         "region",
         "how masked features are pooled: region (the mean inside the mask, so inputs do not "
@@ -176,13 +181,21 @@ class ExplainSettings(_Settings):
     abstain_precision: float = option(0.9, "report a filter as having no confident name when its confidence is below the level at which "
                                       "named filters were right this often on the reference data's validation images (0: name every filter)",
                                       bounds="[0, 1)")
+    label_first: int = option(
+        3, "when the reference annotations' label of a filter (its concept of highest IoU on the reference training "
+        "images, from the run's survey) is among its first N words, it goes first (0: the words alone decide)",
+        **ANY_COUNT)
+    calibration: str = option(
+        "reference-filters", "what the confidence is fitted on: reference-filters (the run's own filters named on held-out "
+        "reference images, with what the annotations say of each; simulated filters when the run has no survey) or "
+        "simulated (simulated filters of reference outputs, lavise 0.5's first confidence)", choices=CALIBRATIONS)
     calibration_seed: int = option(0, "seed of the simulated filters the confidence is calibrated on", **SEED)
 
     @classmethod
     def as_in_0_4(cls, **changes) -> ExplainSettings:
         """lavise 0.4's naming: the 20,000 most frequent words, cosine, no concept names added, every top image votes."""
         return cls(**{"vocabulary": "frequent", "concept_names": False, "retrieval": "cosine",
-                      "firing_images_only": False, **changes})
+                      "firing_images_only": False, "label_first": 0, **changes})
 
 
 @dataclass(frozen=True)

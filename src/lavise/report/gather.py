@@ -323,6 +323,9 @@ def page_data(
             # absent from explanations made before only firing images voted
             "firing_images": int(entry["firing_images"]) if entry.get("firing_images") is not None else None,
             "top_image_count": len(entry.get("top_images", [])),
+            # absent from runs trained without a survey: the reference concept its regions overlap most
+            "label": str(entry["label"]) if entry.get("label") is not None else None,
+            "label_iou": _number(entry.get("label_iou")),
             "score": score,
             "evaluation": evaluation_entry(evaluated) if evaluated is not None else None,
             "groups": groups_entry(grouped[1], grouped[0], examples, per_group=examples_per_group, absolute=absolute) if grouped else None,

@@ -242,7 +242,8 @@
     var heading = el("h1", { id: "filter-title", text: "Filter " + n + " of " + D.layer });
     var facts = el("p", { class: "muted", text: "threshold T_u = " + fmt(f.threshold, 4) + (f.score !== null ? " · " + D.score_name + " " + fmt(f.score) : "")
       + (f.confidence !== null ? " · confidence that the first word is right " + fmt(f.confidence) : "")
-      + (f.firing_images !== null ? " · fires on " + f.firing_images + " of its " + f.top_image_count + " top images, whose words count" : "") });
+      + (f.firing_images !== null ? " · fires on " + f.firing_images + " of its " + f.top_image_count + " top images, whose words count" : "")
+      + (f.label !== null ? " · the reference annotations' label: " + f.label + " (IoU " + fmt(f.label_iou, 3) + ")" : "") });
     var trust = f.active && !f.named
       ? el("p", { class: "warning", text: "No confident name: the words below are only the nearest candidates; "
                                           + "filters this unsure were often wrong on the reference data." })
