@@ -8,10 +8,14 @@ several namings:
 
 - ``0.4``: lavise 0.4's naming (the 20,000 most frequent words, cosine, no concept names);
 - ``visual cosine`` / ``visual csls``: the visual vocabulary with the concept names, by
-  cosine or by CSLS;
+  cosine or by CSLS (words alone, as below);
 - ``0.5 all images``: lavise 0.5's naming with every top image voting, firing or not;
+- ``0.5 words alone``: lavise 0.5 before the run's filter survey: the explainer's words
+  alone, the confidence fitted on simulated filters (``label_first=0``, ``calibration=simulated``);
+- ``0.5 survey confidence``: the words alone, the confidence fitted on the surveyed filters;
 - ``0.5``: lavise 0.5's default (visual vocabulary, concept names, aligned retrieval, only
-  the top images where a filter fires vote).
+  the top images where a filter fires vote, a reference label among the first three words
+  goes first, the confidence fitted on the surveyed filters).
 
 Prints, per layer, mean ± sd over the seeds of precision@1, seen recall@5, recall@5,
 F1@5, unseen recall@20, and for the namings with a confidence its AUROC, the share of
@@ -24,16 +28,18 @@ one half is ground truth on the other: what labels themselves reach.
     python benchmarks/naming_quality.py --seeds 0 1 --work /tmp/lavise-naming          # development
     python benchmarks/naming_quality.py --seeds 25 26 27 28 29 --work /tmp/lavise-naming  # fresh
     python benchmarks/naming_quality.py --seeds 0 --loss softmax                          # another loss
+    python benchmarks/naming_quality.py --seeds 0 --reuse-runs                            # keep WORK's runs
 
 Seeds 0 and 1 are the development seeds the choices were made on; seeds 25-29 were
 fixed in the commit that added this script, before any of them ran. Each seed's scores
-are saved to WORK/seed-S/naming-v2.json as soon as they exist, so an interrupted run
+are saved to WORK/seed-S/naming-v3.json as soon as they exist, so an interrupted run
 resumes. docs/evaluation.md quotes the output.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -45,7 +51,8 @@ from lavise.datasets.coco import CocoDataset
 from lavise.demos.demo import run_demo
 from lavise.evaluate import evaluate
 from lavise.models import ModelSpec
-from lavise.runs import train
+from lavise.runs import Run, add_survey, load_run, train
+from lavise.survey import SURVEY
 from lavise.settings import LOSSES, ComputeSettings, DemoSettings, EvaluateSettings, ExplainSettings, TrainSettings
 
 LAYERS = {  # the layers of fresh_seeds.py: the demo's, and a second post-activation one
@@ -53,14 +60,18 @@ LAYERS = {  # the layers of fresh_seeds.py: the demo's, and a second post-activa
     "scene_cnn": ("features.11", "features.8"),
 }
 WORLDS = {"0.4 world": DemoSettings.as_in_0_4, "0.5 world": DemoSettings}
-ALL_IMAGES = ExplainSettings(firing_images_only=False)  # lavise 0.5 before only firing images voted
+# lavise 0.5 as it named before the run's filter survey: words alone, confidence from simulated filters
+WORDS_ALONE = ExplainSettings(label_first=0, calibration="simulated")
+ALL_IMAGES = dataclasses.replace(WORDS_ALONE, firing_images_only=False)  # and every top image voting, firing or not
 NAMINGS = {
-    "0.4 world": {"0.4": ExplainSettings.as_in_0_4(), "0.5 all images": ALL_IMAGES, "0.5": ExplainSettings()},
-    "0.5 world": {"0.4": ExplainSettings.as_in_0_4(), "visual cosine": ExplainSettings(retrieval="cosine"),
-                  "visual csls": ExplainSettings(retrieval="csls"), "0.5 all images": ALL_IMAGES,
+    "0.4 world": {"0.4": ExplainSettings.as_in_0_4(), "0.5 all images": ALL_IMAGES, "0.5 words alone": WORDS_ALONE,
+                  "0.5": ExplainSettings()},
+    "0.5 world": {"0.4": ExplainSettings.as_in_0_4(), "visual cosine": dataclasses.replace(WORDS_ALONE, retrieval="cosine"),
+                  "visual csls": dataclasses.replace(WORDS_ALONE, retrieval="csls"), "0.5 all images": ALL_IMAGES,
+                  "0.5 words alone": WORDS_ALONE, "0.5 survey confidence": ExplainSettings(label_first=0),
                   "0.5": ExplainSettings()},
 }
-RESULTS = 2  # bumped when NAMINGS or what they mean change: 2 added firing images only (the default) and NetDissect
+RESULTS = 3  # bumped when NAMINGS or what they mean change: 2 added firing images only and NetDissect, 3 the survey
 COLUMNS = [
     ("P@1", ("precision@1",)), ("seen R@5", ("seen", "recall@5")), ("R@5", ("recall@5",)), ("F1@5", ("f1@5",)),
     ("unseen R@20", ("unseen", "recall@20")), ("AUROC", ("confidence", "auroc")),
@@ -76,7 +87,25 @@ def pick(summary: dict, keys: tuple[str, ...]) -> float | None:
     return value
 
 
-def scores_of_seed(seed: int, work: Path, compute: ComputeSettings, loss: tuple[str, float] = ("hinge", 0.1)) -> dict:
+def reused(path: Path, settings: TrainSettings, reference: CocoDataset, compute: ComputeSettings,
+           cache_dir: Path) -> Run | None:
+    """The run already trained at ``path`` with these settings on this reference data, its
+    survey added when it was trained before runs had one; None when there is none to reuse.
+    Training is deterministic, so a run trained again would be the same (``--reuse-runs``)."""
+    if not (path / "config.json").is_file():
+        return None
+    run = load_run(path)
+    trained = {**settings.to_dict(), **run.config["train"]}  # settings added since take their defaults
+    if (json.loads(json.dumps(trained)) != json.loads(json.dumps(settings.to_dict()))
+            or run.config["reference"]["identity"] != reference.identity()):
+        return None
+    if not (path / SURVEY).is_file():
+        add_survey(run, reference, compute=compute, cache_dir=cache_dir)
+    return run
+
+
+def scores_of_seed(seed: int, work: Path, compute: ComputeSettings, loss: tuple[str, float] = ("hinge", 0.1),
+                   reuse: bool = False) -> dict:
     """{"world | target layer": {naming: activation masking's summary}} for one seed, computed once.
 
     ``loss``: the explainer's loss and softmax temperature; another than the default hinge
@@ -91,17 +120,20 @@ def scores_of_seed(seed: int, work: Path, compute: ComputeSettings, loss: tuple[
     for world, make in WORLDS.items():
         out = work / f"seed-{seed}" / world.replace(" ", "-").replace(".", "")
         demo = make(seed=seed)
-        run_demo(out, demo, compute)
+        if not (reuse and (out / "demo.json").is_file()):
+            run_demo(out, demo, compute)
         reference = CocoDataset(out / "data" / "reference" / "annotations.json", out / "data" / "reference" / "images")
         dataset = CocoDataset(out / "data" / "evaluation" / "annotations.json", out / "data" / "evaluation" / "images")
         specs = {"efficientnet_lite0": ModelSpec("efficientnet_lite0", "IMAGENET"),
                  "scene_cnn": ModelSpec("scene_cnn", None, str(out / "models" / "scene_cnn.pt"))}
         for target, layers in LAYERS.items():
             for layer in layers:
-                run = train(specs[target], layer, reference, out / f"protocol{suffix}" / f"{target}-{layer}",
-                            settings=TrainSettings(seed=seed, epochs=demo.explainer_epochs, loss=name,
-                                                   temperature=temperature),
-                            compute=compute, cache_dir=out / "cache")
+                settings = TrainSettings(seed=seed, epochs=demo.explainer_epochs, loss=name, temperature=temperature)
+                path = out / f"protocol{suffix}" / f"{target}-{layer}"
+                run = reused(path, settings, reference, compute, out / "cache") if reuse else None
+                if run is None:
+                    run = train(specs[target], layer, reference, path, settings=settings, compute=compute,
+                                cache_dir=out / "cache")
                 for naming, explain_settings in NAMINGS[world].items():
                     [evaluation] = evaluate([run], dataset, settings=EvaluateSettings(methods=("activation", "netdissect")),
                                             explain_settings=explain_settings, compute=compute,
@@ -146,9 +178,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--loss", choices=LOSSES, default="hinge", help="the explainer's loss (issue 20's lever)")
     parser.add_argument("--temperature", type=float, default=0.1, help="the softmax loss's temperature")
+    parser.add_argument("--reuse-runs", action="store_true",
+                        help="keep the worlds and runs WORK already holds (trained with the same settings; training is "
+                             "deterministic), adding a survey to runs trained before runs had one")
     args = parser.parse_args()
     compute = ComputeSettings(progress=False, threads=args.threads, num_workers=0)
-    results = {seed: scores_of_seed(seed, args.work, compute, (args.loss, args.temperature)) for seed in args.seeds}
+    results = {seed: scores_of_seed(seed, args.work, compute, (args.loss, args.temperature), args.reuse_runs)
+               for seed in args.seeds}
     keys = [k for k in results[args.seeds[0]] if not k.startswith("_")]
     print(f"\nActivation masking, exact match, mean ± sd over seeds {args.seeds}\n")
     print("| world | layer | naming | " + " | ".join(c for c, _ in COLUMNS) + " |")
