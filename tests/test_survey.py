@@ -133,3 +133,13 @@ def test_training_without_a_survey_writes_none(tmp_path, coco, tiny_model, compu
     run = train(tiny_model, "features.3", open_reference(coco), tmp_path / "run",
                 settings=TrainSettings(epochs=1, survey_images=0), compute=compute, cache_dir=tmp_path / "cache")
     assert not (run.path / SURVEY).exists()
+
+
+def test_too_few_held_out_images_for_a_survey_are_said(tmp_path, coco, tiny_model, compute):
+    from lavise.errors import LaviseWarning
+
+    with pytest.warns(LaviseWarning, match="Only 0 reference images are held out of training"):
+        run = train(tiny_model, "features.3", open_reference(coco), tmp_path / "run",
+                    settings=TrainSettings(epochs=1, validation_fraction=0.0), compute=compute,
+                    cache_dir=tmp_path / "cache")
+    assert not (run.path / SURVEY).exists()

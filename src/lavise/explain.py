@@ -13,8 +13,8 @@ as ``explanations.json`` and ``.csv``.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -318,7 +318,7 @@ def _survey_calibration(run: Run, naming: Naming, survey: tuple[dict[str, torch.
     labels = naming.labels
     truth = tensors["truth_iou"].float()
     parts = {"product": "confidence", "fitted_on": "reference filters", "version": _CALIBRATION_VERSION,
-             "survey": tensors_digest(outputs, firing, labels.iou, truth), "words": naming.vocabulary.words,
+             "survey": tensors_digest(outputs, firing, labels.iou, labels.word_of_concept, truth), "words": naming.vocabulary.words,
              "vectors": tensors_digest(naming.vectors),
              "penalty": None if naming.penalty is None else tensors_digest(naming.penalty),
              **{k: getattr(settings, k) for k in ("top_images", "words_per_image", "ranking", "abstain_precision",

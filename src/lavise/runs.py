@@ -317,6 +317,14 @@ def _train_on_rows(target: TargetModel, layer: str, reference: ReferenceDataset,
                                             settings.survey_images, settings.seed)
         survey = survey_filters(target, layer, reference, result.head, held_out, labelling, pooling=settings.pooling,
                                 dim=vectors_source.dim, compute=compute, cache_dir=cache_dir)
+        if survey is None:
+            warnings.warn(
+                f"Only {len(held_out)} reference images are held out of training (validation_fraction="
+                f"{settings.validation_fraction}): too few to survey the filters on, so the run has no filter survey, "
+                "its filters no reference labels, and explain fits the confidence on simulated filters.",
+                LaviseWarning,
+                stacklevel=3,
+            )
 
     channels = int(features.vectors.shape[1])
     _, layout = layer_probe(target, layer, device)
