@@ -143,3 +143,22 @@ def test_too_few_held_out_images_for_a_survey_are_said(tmp_path, coco, tiny_mode
                     settings=TrainSettings(epochs=1, validation_fraction=0.0), compute=compute,
                     cache_dir=tmp_path / "cache")
     assert not (run.path / SURVEY).exists()
+
+
+def test_pair_outputs_are_what_name_pairs_matches_against_the_words(tiny_run, tiny_model, targets, compute, tmp_path):
+    from lavise.datasets.base import ImageFiles
+    from lavise.distributed import Ranks
+    from lavise.features import MapStream
+    from lavise.naming import feature_inputs, name_pairs, nearest_words, pair_outputs, scan_filters
+
+    stream = MapStream(tiny_model, "features.3", ImageFiles(targets), cache_dir=tmp_path / "cache", compute=compute)
+    scan = scan_filters(stream, quantile=0.05, top=4, compute=compute, ranks=Ranks())
+    filters = torch.tensor([1, 5, 6])
+    inputs = lambda maps, _: feature_inputs("activation", maps, scan.thresholds, stream.device, "region")  # noqa: E731
+    vocabulary = torch.nn.functional.normalize(torch.randn(40, 50), dim=1)
+    words, scores = name_pairs(stream, scan, filters, inputs, tiny_run.head, vocabulary, 3, compute=compute, ranks=Ranks())
+    outputs = pair_outputs(stream, scan, filters, inputs, tiny_run.head, 50, compute=compute, ranks=Ranks())
+    assert outputs.shape == (3, 4, 50)
+    again, again_scores = nearest_words(outputs.flatten(0, 1), vocabulary, 3)
+    assert torch.equal(again.reshape(3, 12), words)
+    torch.testing.assert_close(again_scores.reshape(3, 12), scores)
