@@ -259,6 +259,7 @@ class ReferenceLabels:
         return (self.concepts[best] if value > self.threshold else None), round(value, 4)
 
 
+SURVEY_FILTERS = "with ground truth"
 MIN_SURVEY_FILTERS = 20  # fewer named real filters than this cannot fit six weights: simulated filters instead
 _CALIBRATION_VERSION = 2  # 2: what it was fitted on and its features are in its facts
 
@@ -322,7 +323,7 @@ def _survey_calibration(run: Run, naming: Naming, survey: tuple[dict[str, torch.
              "vectors": tensors_digest(naming.vectors),
              "penalty": None if naming.penalty is None else tensors_digest(naming.penalty),
              **{k: getattr(settings, k) for k in ("top_images", "words_per_image", "ranking", "abstain_precision",
-                                                  "firing_images_only", "label_first")}}
+                                                  "firing_images_only", "label_first")}, "filters": SURVEY_FILTERS}
 
     def build():
         f = len(outputs)
@@ -333,7 +334,10 @@ def _survey_calibration(run: Run, naming: Naming, survey: tuple[dict[str, torch.
         features = torch.cat([vote_features(ids, scores, first.clamp_min(0), s, voting),
                               labels.features(first, torch.arange(f))], dim=1).numpy()
         right = named_truth(first, truth, labels.word_of_concept, labels.threshold)
-        keep = (tensors["active"].bool() & (first >= 0)).numpy()
+        keep = tensors["active"].bool() & (first >= 0)
+        if SURVEY_FILTERS == "with ground truth":
+            keep &= (truth > labels.threshold).any(dim=1)
+        keep = keep.numpy()
         fitted = calibrate_on_survey(features[keep], right[keep], target=settings.abstain_precision,
                                      held_out_images=int(facts["held_out_images"]))
         return fitted.to_tensors()
