@@ -10,7 +10,10 @@ predict whether the first word is right (:func:`vote_features`):
 - ``score``: the mean best score.
 
 A logistic regression maps them to a probability that the first word is right
-(:class:`Calibration`). It is fitted on *simulated filters* made from the reference
+(:class:`Calibration`). A run's filter survey (:mod:`lavise.survey`) adds two
+features, what the reference annotations say of the first word (:func:`label_features`),
+and the regression is fitted on those real filters (:func:`calibrate_on_survey`).
+Without a survey it is fitted on *simulated filters* made from the reference
 data's held-out validation images (:func:`simulated_filters`): p explainer outputs of
 which a random share come from one concept and the rest from others, named exactly as
 explain names a filter; the first word is right when it names a concept that makes up
@@ -287,8 +290,8 @@ def calibrate_on_survey(features: np.ndarray, right: np.ndarray, *, target: floa
     """Fit the confidence on the run's real filters (:mod:`lavise.survey`).
 
     (f, 6) features of :data:`FEATURES` and :data:`LABEL_FEATURES` of the surveyed filters
-    that have words, and (f,) whether each first word is ground truth on the held-out
-    reference images (a filter with none is wrong: it has no good name there).
+    that have words and a ground-truth concept on the held-out reference images (as
+    evaluate scores only such filters), and (f,) whether each first word names one.
     """
     calibration = fitted_calibration(features, right, target)
     calibration.facts = {"fitted_on": "reference filters", "features": list(FEATURES + LABEL_FEATURES),

@@ -259,6 +259,9 @@ class ReferenceLabels:
         return (self.concepts[best] if value > self.threshold else None), round(value, 4)
 
 
+# The surveyed filters the confidence is fitted on: those with a ground-truth concept on the held-out images,
+# as evaluate scores only those ("all" counts the rest as wrong; its 0.9 threshold named 2-30 % of the filters
+# with ground truth on the demo's development seed, docs/evaluation.md)
 SURVEY_FILTERS = "with ground truth"
 MIN_SURVEY_FILTERS = 20  # fewer named real filters than this cannot fit six weights: simulated filters instead
 _CALIBRATION_VERSION = 2  # 2: what it was fitted on and its features are in its facts
