@@ -30,7 +30,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*reference concepts are not in 
 
 # Whole masks only, so each training run reads the reference images once; the second
 # pass of activation-region training (for T_u) has its own cache test.
-ONE_EPOCH = TrainSettings(epochs=1, activation_regions=0)
+ONE_EPOCH = TrainSettings(epochs=1, activation_regions=0, survey_images=0)  # the reference rows' passes alone
 QUIET = ComputeSettings(num_workers=0, progress=False)
 
 
@@ -175,7 +175,7 @@ def test_reference_cache_is_reused(tmp_path, coco, tiny_model, compute):
 
 def test_activation_region_passes_are_cached_on_what_they_depend_on(tmp_path, coco, tiny_model, compute):
     forwards = Forwards(tiny_model)
-    regions = TrainSettings(epochs=1, activation_regions=2)
+    regions = TrainSettings(epochs=1, activation_regions=2, survey_images=0)
     _train(tiny_model, coco, tmp_path / "a", tmp_path / "cache", compute, settings=regions)
     assert forwards.take() == 6  # T_u, then the pooled rows: two passes of 3 batches
     _train(tiny_model, coco, tmp_path / "b", tmp_path / "cache", compute, settings=regions)

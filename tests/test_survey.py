@@ -162,3 +162,21 @@ def test_pair_outputs_are_what_name_pairs_matches_against_the_words(tiny_run, ti
     again, again_scores = nearest_words(outputs.flatten(0, 1), vocabulary, 3)
     assert torch.equal(again.reshape(3, 12), words)
     torch.testing.assert_close(again_scores.reshape(3, 12), scores)
+
+
+def test_the_survey_passes_are_cached(tmp_path, coco, tiny_model, compute):
+    forwards = []  # passes over images; the blank image that probes the layer's shape is not one
+    hook = tiny_model.module.register_forward_pre_hook(
+        lambda _, inputs: forwards.append(1) if inputs[0].any() else None)
+    try:
+        settings = TrainSettings(epochs=1, activation_regions=0)
+        train(tiny_model, "features.3", open_reference(coco), tmp_path / "a", settings=settings, compute=compute,
+              cache_dir=tmp_path / "cache")
+        # the rows (3 batches of 8), every surveyed image (24: 3 batches), the 2 held-out ones again (1 batch)
+        assert len(forwards) == 7
+        forwards.clear()
+        train(tiny_model, "features.3", open_reference(coco), tmp_path / "b", settings=settings, compute=compute,
+              cache_dir=tmp_path / "cache")
+        assert len(forwards) == 0
+    finally:
+        hook.remove()
