@@ -75,7 +75,7 @@ def colour_run(tmp_path, coco_maker, compute):
 def test_netdissect_labels_each_colour_filter_with_its_concept(colour_run, compute, tmp_path):
     run, model, dataset = colour_run
     settings = EvaluateSettings(methods=("netdissect", "original"), iou_size=64)
-    (evaluation,) = evaluate([run], dataset, settings=settings, explain_settings=ExplainSettings(quantile=0.3),
+    (evaluation,) = evaluate([run], dataset, settings=settings, explain_settings=ExplainSettings(quantile=0.3, label_first=0),
                              compute=compute, model=model, cache_dir=tmp_path / "cache")
     names = list(COLOURS)
     for u, entry in enumerate(evaluation.filters):
