@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import lavise.explain  # noqa: F401  (the module, for its SURVEY_FILTERS)
+import lavise.survey  # noqa: F401  (the module, for its SURVEY_FILTERS)
 from lavise.datasets.coco import CocoDataset
 from lavise.evaluate import evaluate
 from lavise.settings import ComputeSettings, EvaluateSettings, ExplainSettings
@@ -34,14 +34,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/lavise-naming"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    explain_module = sys.modules["lavise.explain"]
+    survey_module = sys.modules["lavise.survey"]
     world = args.work / f"seed-{args.seed}" / "05-world"
     dataset = CocoDataset(world / "data" / "evaluation" / "annotations.json", world / "data" / "evaluation" / "images")
     compute = ComputeSettings(progress=False, threads=2, num_workers=0)
     print("| layer | fitted on | label_first | P@1 | AUROC | named | P@1 named |\n|---|---|---|---|---|---|---|")
     for layer in LAYERS:
         for fitted_on in ("with ground truth", "all"):
-            explain_module.SURVEY_FILTERS = fitted_on
+            survey_module.SURVEY_FILTERS = fitted_on
             for label_first in (3, 0):
                 [evaluation] = evaluate([world / "protocol" / layer], dataset,
                                         settings=EvaluateSettings(methods=("activation",), unseen_protocol=False),

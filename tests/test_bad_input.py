@@ -19,7 +19,7 @@ from lavise.runs import load_run, train
 from lavise.settings import ExplainSettings, TrainSettings
 from lavise.storage import save_tensors, write_csv, write_json
 
-ONE_EPOCH = TrainSettings(epochs=1)
+ONE_EPOCH = TrainSettings(epochs=1, survey_images=0)  # the reference data's own warnings, no survey's
 
 
 def _noise(size=(64, 64), seed=0) -> np.ndarray:

@@ -16,9 +16,9 @@ from lavise.datasets import open_reference
 from lavise.errors import LaviseError
 from lavise.explain import explain
 from lavise.models import Preprocessing, TargetModel
-from lavise.runs import add_survey, survey_images, train
+from lavise.runs import add_survey, train
 from lavise.settings import ExplainSettings, TrainSettings
-from lavise.survey import SURVEY, load_survey
+from lavise.survey import SURVEY, load_survey, survey_images
 
 
 def test_survey_images_are_the_held_out_images_and_a_seeded_sample_of_the_rest():
@@ -98,7 +98,7 @@ def test_adding_a_survey_to_a_run_finds_the_one_training_made(colour_run, tmp_pa
 
 def test_explain_fits_the_confidence_on_the_surveyed_filters(colour_run, tmp_path, compute, coco_maker, monkeypatch):
     run, model, _ = colour_run
-    monkeypatch.setattr(sys.modules["lavise.explain"], "MIN_SURVEY_FILTERS", 2)  # three filters: enough to show the wiring
+    monkeypatch.setattr(sys.modules["lavise.survey"], "MIN_SURVEY_FILTERS", 2)  # three filters: enough to show the wiring
     targets = coco_maker(tmp_path / "targets", images=16, seed=1, names=tuple(COLOURS)).parent / "images"
     kwargs = dict(compute=compute, model=model, cache_dir=tmp_path / "cache", write=False)
     result = explain(run, targets, settings=ExplainSettings(top_images=5), **kwargs)

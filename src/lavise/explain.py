@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from lavise.compute import cpu_threads
-from lavise.confidence import (FEATURES, Calibration, calibrate, calibrate_on_survey, label_features, named_truth,
-                               vote_features)
+from lavise.confidence import FEATURES, Calibration, calibrate, vote_features
 from lavise.datasets.base import ImageFiles, relative_name
 from lavise.distributed import Ranks, current
 from lavise.embeddings import Vocabulary, concept_vectors, load_word_vectors
@@ -34,7 +33,7 @@ from lavise.naming import FilterScan, feature_inputs, name_pairs, nearest_words,
 from lavise.retrieval import REFERENCE_OUTPUTS, reference_outputs, retrieval_space
 from lavise.runs import Run, as_run
 from lavise.settings import METHODS, RANKINGS, ComputeSettings, ExplainSettings
-from lavise.survey import load_survey
+from lavise.survey import CALIBRATION_VERSION, ReferenceLabels, load_survey, reference_labels, survey_calibration
 from lavise.storage import cache_folder, output_set, read_json, save_tensors, tensors_digest, write_csv, write_json
 from lavise.vocabulary import naming_vocabulary, normalize_concept
 
@@ -229,42 +228,7 @@ class Naming:
         return confidence is None or self.calibration is None or confidence >= self.calibration.threshold
 
 
-@dataclass
-class ReferenceLabels:
-    """What the reference annotations say each filter detects (the run's survey, :mod:`lavise.survey`).
-
-    ``iou``: (d, C) IoU of each filter's regions with each reference concept on the
-    reference training images; ``concepts``: their names as the dataset spells them;
-    ``word_of_concept``: (C,) each concept's word in the naming vocabulary (−1: none).
-    """
-
-    iou: torch.Tensor
-    concepts: list[str]
-    word_of_concept: torch.Tensor
-    threshold: float
-
-    def features(self, first: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
-        """(f,) first words of the (f,) filters -> (f, 2) :data:`lavise.confidence.LABEL_FEATURES`."""
-        return label_features(first, self.iou[filters], self.word_of_concept, self.threshold)
-
-    def label_words(self, filters: torch.Tensor) -> list[int]:
-        """Each filter's label as a vocabulary word id: its best concept's, when above the threshold; −1 otherwise."""
-        best_iou, best = self.iou[filters].max(dim=1)
-        return torch.where(best_iou > self.threshold, self.word_of_concept[best], -1).tolist()
-
-    def label(self, u: int) -> tuple[str | None, float | None]:
-        """Filter u's concept of highest IoU and that IoU, or (None, IoU) when no concept exceeds the threshold."""
-        best = int(self.iou[u].argmax())
-        value = float(self.iou[u, best])
-        return (self.concepts[best] if value > self.threshold else None), round(value, 4)
-
-
-# The surveyed filters the confidence is fitted on: those with a ground-truth concept on the held-out images,
-# as evaluate scores only those ("all" counts the rest as wrong; its 0.9 threshold named 2-30 % of the filters
-# with ground truth on the demo's development seed, docs/evaluation.md)
-SURVEY_FILTERS = "with ground truth"
-MIN_SURVEY_FILTERS = 20  # fewer named real filters than this cannot fit six weights: simulated filters instead
-_CALIBRATION_VERSION = 2  # 2: what it was fitted on and its features are in its facts
+_CALIBRATION_VERSION = CALIBRATION_VERSION
 
 
 def naming_of(run: Run, settings: ExplainSettings, cache_dir: Path | None, ranks: Ranks) -> Naming:
@@ -284,9 +248,9 @@ def naming_of(run: Run, settings: ExplainSettings, cache_dir: Path | None, ranks
     naming = Naming(vocabulary, vectors, penalty, retrieval, None, settings)
     survey = load_survey(run.path)
     if survey is not None:
-        naming.labels = _reference_labels(survey, vocabulary.words)
+        naming.labels = reference_labels(survey, vocabulary.words)
         if settings.calibration == "reference-filters":
-            naming.calibration = _survey_calibration(run, naming, survey, ranks)
+            naming.calibration = survey_calibration(run.path, naming, survey, ranks)
     saved = reference_outputs(run.path)
     if saved is not None and naming.calibration is None:
         naming.calibration = _calibration(run, naming, saved, ranks)
@@ -295,57 +259,6 @@ def naming_of(run: Run, settings: ExplainSettings, cache_dir: Path | None, ranks
                       "named by cosine similarity, get no confidence and are all named; train it again for both.",
                       LaviseWarning, stacklevel=3)
     return naming
-
-
-def _reference_labels(survey: tuple[dict[str, torch.Tensor], dict], words: list[str]) -> ReferenceLabels:
-    tensors, facts = survey
-    index = {w: i for i, w in enumerate(words)}
-    word_of_concept = torch.tensor([index.get(normalize_concept(c), -1) for c in facts["concepts"]], dtype=torch.int64)
-    return ReferenceLabels(tensors["label_iou"].float(), list(facts["concepts"]), word_of_concept,
-                           float(facts["iou_threshold"]))
-
-
-def _survey_calibration(run: Run, naming: Naming, survey: tuple[dict[str, torch.Tensor], dict],
-                        ranks: Ranks) -> Calibration | None:
-    """The confidence fitted on the run's real filters, named on the held-out reference
-    images as explain names them on the target (:mod:`lavise.survey`); None when the survey
-    cannot stand for this naming (another explainer input, more top images than it kept)."""
-    settings = naming.settings
-    tensors, facts = survey
-    if settings.method != facts["method"] or settings.top_images > facts["top_images"]:
-        return None
-    p, s = settings.top_images, settings.words_per_image
-    outputs, firing = tensors["outputs"][:, :p].float(), tensors["firing"][:, :p].bool()
-    usable = tensors["active"].bool() & (firing.any(dim=1) if settings.firing_images_only else True)
-    if int(usable.sum()) < MIN_SURVEY_FILTERS:
-        return None
-    labels = naming.labels
-    truth = tensors["truth_iou"].float()
-    parts = {"product": "confidence", "fitted_on": "reference filters", "version": _CALIBRATION_VERSION,
-             "survey": tensors_digest(outputs, firing, labels.iou, labels.word_of_concept, truth), "words": naming.vocabulary.words,
-             "vectors": tensors_digest(naming.vectors),
-             "penalty": None if naming.penalty is None else tensors_digest(naming.penalty),
-             **{k: getattr(settings, k) for k in ("top_images", "words_per_image", "ranking", "abstain_precision",
-                                                  "firing_images_only", "label_first")}, "filters": SURVEY_FILTERS}
-
-    def build():
-        f = len(outputs)
-        ids, scores = naming.votes(outputs.flatten(0, 1))
-        ids, scores = ids.reshape(f, p * s), scores.reshape(f, p * s)
-        voting = naming.voting(firing)
-        first = first_words(naming.ranked(ids, scores, top=1, voting=voting, filters=torch.arange(f)))
-        features = torch.cat([vote_features(ids, scores, first.clamp_min(0), s, voting),
-                              labels.features(first, torch.arange(f))], dim=1).numpy()
-        right = named_truth(first, truth, labels.word_of_concept, labels.threshold)
-        keep = tensors["active"].bool() & (first >= 0)
-        if SURVEY_FILTERS == "with ground truth":
-            keep &= (truth > labels.threshold).any(dim=1)
-        keep = keep.numpy()
-        fitted = calibrate_on_survey(features[keep], right[keep], target=settings.abstain_precision,
-                                     held_out_images=int(facts["held_out_images"]))
-        return fitted.to_tensors()
-
-    return Calibration.from_tensors(*ranks.cached(run.path, "confidence", parts, build))
 
 
 def _calibration(run: Run, naming: Naming, saved: dict[str, torch.Tensor], ranks: Ranks) -> Calibration:

@@ -43,7 +43,7 @@ from lavise.models import ModelSpec, TargetModel, load_target_model
 from lavise.retrieval import REFERENCE_OUTPUTS
 from lavise.vocabulary import normalize_concept, unnamed_concepts
 from lavise.settings import ComputeSettings, TrainSettings
-from lavise.survey import SURVEY, save_survey, survey_filters
+from lavise.survey import SURVEY, save_survey, survey_filters, survey_images
 from lavise.storage import cache_folder, load_tensors, output_set, read_json, save_tensors, write_csv, write_json
 
 
@@ -317,14 +317,6 @@ def _train_on_rows(target: TargetModel, layer: str, reference: ReferenceDataset,
                                             settings.survey_images, settings.seed)
         survey = survey_filters(target, layer, reference, result.head, held_out, labelling, pooling=settings.pooling,
                                 dim=vectors_source.dim, compute=compute, cache_dir=cache_dir)
-        if survey is None:
-            warnings.warn(
-                f"Only {len(held_out)} reference images are held out of training (validation_fraction="
-                f"{settings.validation_fraction}): too few to survey the filters on, so the run has no filter survey, "
-                "its filters no reference labels, and explain fits the confidence on simulated filters.",
-                LaviseWarning,
-                stacklevel=3,
-            )
 
     channels = int(features.vectors.shape[1])
     _, layout = layer_probe(target, layer, device)
@@ -467,22 +459,6 @@ def add_survey(run: Path | Run, reference: ReferenceDataset, *, model: TargetMod
     with output_set(run.path, last=SURVEY) as files:
         save_survey(files.path(SURVEY), *survey)
     return True
-
-
-def survey_images(row_images: torch.Tensor, validation_rows: torch.Tensor, images: int, count: int,
-                  seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The survey's images (:mod:`lavise.survey`): the held-out images the explainer never
-    trained on, and up to ``count`` of the other reference images, drawn with ``seed``.
-
-    (n,) image of each training row, the rows of held-out images, the dataset's size ->
-    (held-out image indices, labelling image indices), each sorted
-    """
-    held = torch.unique(row_images[validation_rows])
-    others = torch.ones(images, dtype=torch.bool)
-    others[held] = False
-    rest = others.nonzero().flatten()
-    rest = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[:count]]
-    return held, rest.sort().values
 
 
 OUTPUT_ROWS = 20_000  # reference rows whose explainer outputs a run keeps, for CSLS and the confidence

@@ -24,18 +24,23 @@ training images (their maps cached like a target's).
 from __future__ import annotations
 
 import json
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lavise.confidence import Calibration, calibrate_on_survey, label_features, named_truth, vote_features
 from lavise.datasets.base import ReferenceDataset, SkipLog
 from lavise.distributed import Ranks
+from lavise.errors import LaviseWarning
 from lavise.features import MapStream
 from lavise.models import TargetModel
 from lavise.naming import feature_inputs, pair_outputs, scan_filters, stream_thresholds
 from lavise.settings import ComputeSettings
 from lavise.storage import read_safetensors, save_tensors, tensors_digest
 from lavise.tallies import tally_dataset
+from lavise.vocabulary import normalize_concept
 
 SURVEY = "filter_survey.safetensors"
 METHOD = "activation"  # the explainer input the survey names with; explain uses the survey only with it
@@ -43,6 +48,13 @@ TOP_IMAGES = 50  # held-out images kept per filter: explain names with its first
 QUANTILE = 0.005  # T_u as explain's default takes it
 IOU_SIZE = 112  # the grid where regions meet masks, as evaluate's default
 IOU_THRESHOLD = 0.04  # NetDissect's: a concept is a filter's label or ground truth above it
+CALIBRATION_VERSION = 2  # of the confidence's cached calibrations: 2 records what it was fitted on and its features
+
+# The surveyed filters the confidence is fitted on: those with a ground-truth concept on the held-out images,
+# as evaluate scores only those ("all" counts the rest as wrong; its 0.9 threshold named 2-30 % of the filters
+# with ground truth on the demo's development seed, docs/evaluation.md)
+SURVEY_FILTERS = "with ground truth"
+MIN_SURVEY_FILTERS = 20  # fewer named real filters than this cannot fit six weights: simulated filters instead
 
 
 class ImageSubset:
@@ -68,6 +80,22 @@ class ImageSubset:
         return {"subset_of": self.dataset.identity(), "indices": tensors_digest(torch.tensor(self.indices))}
 
 
+def survey_images(row_images: torch.Tensor, validation_rows: torch.Tensor, images: int, count: int,
+                  seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The survey's images (:mod:`lavise.survey`): the held-out images the explainer never
+    trained on, and up to ``count`` of the other reference images, drawn with ``seed``.
+
+    (n,) image of each training row, the rows of held-out images, the dataset's size ->
+    (held-out image indices, labelling image indices), each sorted
+    """
+    held = torch.unique(row_images[validation_rows])
+    others = torch.ones(images, dtype=torch.bool)
+    others[held] = False
+    rest = others.nonzero().flatten()
+    rest = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[:count]]
+    return held, rest.sort().values
+
+
 def survey_filters(
     target: TargetModel,
     layer: str,
@@ -90,6 +118,13 @@ def survey_filters(
     """
     ranks = Ranks()  # rank 0 trains the explainer alone; the survey goes with it
     if len(held_out) < 2:
+        warnings.warn(
+            f"Only {len(held_out)} reference images are held out of training (validation_fraction): too few to "
+            "survey the filters on, so the run has no filter survey, its filters no reference labels, and explain "
+            "fits the confidence on simulated filters.",
+            LaviseWarning,
+            stacklevel=4,
+        )
         return None
     # T_u over every surveyed image, as explain takes it over its whole target: the held-out
     # images alone are few, and a filter's top 0.5 % of their positions can be its maximum
@@ -136,3 +171,86 @@ def load_survey(run_path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
         return None
     tensors, metadata = found
     return {name: t.clone() for name, t in tensors.items()}, json.loads(metadata["facts"])
+
+
+@dataclass
+class ReferenceLabels:
+    """What the reference annotations say each filter detects (from the run's survey).
+
+    ``iou``: (d, C) IoU of each filter's regions with each reference concept on the
+    reference training images; ``concepts``: their names as the dataset spells them;
+    ``word_of_concept``: (C,) each concept's word in the naming vocabulary (−1: none).
+    """
+
+    iou: torch.Tensor
+    concepts: list[str]
+    word_of_concept: torch.Tensor
+    threshold: float
+
+    def features(self, first: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+        """(f,) first words of the (f,) filters -> (f, 2) :data:`lavise.confidence.LABEL_FEATURES`."""
+        return label_features(first, self.iou[filters], self.word_of_concept, self.threshold)
+
+    def label_words(self, filters: torch.Tensor) -> list[int]:
+        """Each filter's label as a vocabulary word id: its best concept's, when above the threshold; −1 otherwise."""
+        best_iou, best = self.iou[filters].max(dim=1)
+        return torch.where(best_iou > self.threshold, self.word_of_concept[best], -1).tolist()
+
+    def label(self, u: int) -> tuple[str | None, float | None]:
+        """Filter u's concept of highest IoU and that IoU, or (None, IoU) when no concept exceeds the threshold."""
+        best = int(self.iou[u].argmax())
+        value = float(self.iou[u, best])
+        return (self.concepts[best] if value > self.threshold else None), round(value, 4)
+
+
+def reference_labels(survey: tuple[dict[str, torch.Tensor], dict], words: list[str]) -> ReferenceLabels:
+    tensors, facts = survey
+    index = {w: i for i, w in enumerate(words)}
+    word_of_concept = torch.tensor([index.get(normalize_concept(c), -1) for c in facts["concepts"]], dtype=torch.int64)
+    return ReferenceLabels(tensors["label_iou"].float(), list(facts["concepts"]), word_of_concept,
+                           float(facts["iou_threshold"]))
+
+
+def survey_calibration(run_path: Path, naming, survey: tuple[dict[str, torch.Tensor], dict],
+                       ranks: Ranks) -> Calibration | None:
+    """The confidence fitted on the run's real filters, named on the held-out reference
+    images as explain names them on the target (``naming``: a :class:`lavise.explain.Naming`),
+    cached in the run; None when the survey cannot stand for this naming (another explainer
+    input, more top images than it kept, too few filters)."""
+    settings = naming.settings
+    tensors, facts = survey
+    if settings.method != facts["method"] or settings.top_images > facts["top_images"]:
+        return None
+    p, s = settings.top_images, settings.words_per_image
+    outputs, firing = tensors["outputs"][:, :p].float(), tensors["firing"][:, :p].bool()
+    usable = tensors["active"].bool() & (firing.any(dim=1) if settings.firing_images_only else True)
+    if int(usable.sum()) < MIN_SURVEY_FILTERS:
+        return None
+    labels = naming.labels
+    truth = tensors["truth_iou"].float()
+    parts = {"product": "confidence", "fitted_on": "reference filters", "version": CALIBRATION_VERSION,
+             "survey": tensors_digest(outputs, firing, labels.iou, labels.word_of_concept, truth), "words": naming.vocabulary.words,
+             "vectors": tensors_digest(naming.vectors),
+             "penalty": None if naming.penalty is None else tensors_digest(naming.penalty),
+             **{k: getattr(settings, k) for k in ("top_images", "words_per_image", "ranking", "abstain_precision",
+                                                  "firing_images_only", "label_first")}, "filters": SURVEY_FILTERS}
+
+    def build():
+        f = len(outputs)
+        ids, scores = naming.votes(outputs.flatten(0, 1))
+        ids, scores = ids.reshape(f, p * s), scores.reshape(f, p * s)
+        voting = naming.voting(firing)
+        first = torch.tensor([r[0].word if r else -1 for r in naming.ranked(ids, scores, top=1, voting=voting,
+                                                                             filters=torch.arange(f))], dtype=torch.int64)
+        features = torch.cat([vote_features(ids, scores, first.clamp_min(0), s, voting),
+                              labels.features(first, torch.arange(f))], dim=1).numpy()
+        right = named_truth(first, truth, labels.word_of_concept, labels.threshold)
+        keep = tensors["active"].bool() & (first >= 0)
+        if SURVEY_FILTERS == "with ground truth":
+            keep &= (truth > labels.threshold).any(dim=1)
+        keep = keep.numpy()
+        fitted = calibrate_on_survey(features[keep], right[keep], target=settings.abstain_precision,
+                                     held_out_images=int(facts["held_out_images"]))
+        return fitted.to_tensors()
+
+    return Calibration.from_tensors(*ranks.cached(run_path, "confidence", parts, build))

@@ -101,7 +101,7 @@ def test_retraining_replaces_the_runs_files_and_keeps_the_users(tmp_path, explai
     again = _train(tiny_model, coco, run.path, compute, tmp_path, settings=TrainSettings(epochs=2))
     names = set(_contents(run.path))
     assert names == {"config.json", "split.json", "explainer.safetensors", "reference_outputs.safetensors",
-                     "training.csv", "notes.txt"}  # the old explainer's outputs went with it
+                     "filter_survey.safetensors", "training.csv", "notes.txt"}  # the old explainer's outputs went with it
     assert (run.path / "notes.txt").read_text() == "my notes on this run"
     assert again.config["run_id"] != run.config["run_id"]
 
