@@ -19,6 +19,10 @@ Simulated filters (:func:`lavise.confidence.simulated_filters`) have no regions,
 cannot tell the confidence whether a first word agrees with the annotations; these real
 filters can. The survey costs one more pass over the held-out images and the sampled
 training images (their maps cached like a target's).
+
+What explain reads from it: :class:`ReferenceLabels` (each filter's label, and the
+features of :data:`lavise.confidence.LABEL_FEATURES`) and :func:`survey_calibration`
+(the confidence fitted on the surveyed filters, cached in the run).
 """
 
 from __future__ import annotations
