@@ -158,7 +158,8 @@ def survey_filters(
         "truth_iou": truth_tally.iou().float(),
     }
     facts = {"method": METHOD, "top_images": int(scan.chosen.shape[1]), "quantile": QUANTILE, "iou_size": IOU_SIZE,
-             "iou_threshold": IOU_THRESHOLD, "held_out_images": scan.images, "threshold_images": usable, "labelling_images": label_tally.images,
+             "iou_threshold": IOU_THRESHOLD, "held_out_images": scan.images, "threshold_images": usable,
+             "labelling_images": label_tally.images,
              "concepts": list(reference.concepts)}
     return tensors, facts
 
@@ -227,13 +228,16 @@ def survey_calibration(run_path: Path, naming, survey: tuple[dict[str, torch.Ten
         return None
     p, s = settings.top_images, settings.words_per_image
     outputs, firing = tensors["outputs"][:, :p].float(), tensors["firing"][:, :p].bool()
-    usable = tensors["active"].bool() & (firing.any(dim=1) if settings.firing_images_only else True)
-    if int(usable.sum()) < MIN_SURVEY_FILTERS:
-        return None
     labels = naming.labels
     truth = tensors["truth_iou"].float()
+    usable = tensors["active"].bool() & (firing.any(dim=1) if settings.firing_images_only else True)
+    if SURVEY_FILTERS == "with ground truth":
+        usable &= (truth > labels.threshold).any(dim=1)
+    if int(usable.sum()) < MIN_SURVEY_FILTERS:  # counted before naming: a filter may still end up without words
+        return None
     parts = {"product": "confidence", "fitted_on": "reference filters", "version": CALIBRATION_VERSION,
-             "survey": tensors_digest(outputs, firing, labels.iou, labels.word_of_concept, truth), "words": naming.vocabulary.words,
+             "survey": tensors_digest(outputs, firing, labels.iou, labels.word_of_concept, truth),
+             "words": naming.vocabulary.words,
              "vectors": tensors_digest(naming.vectors),
              "penalty": None if naming.penalty is None else tensors_digest(naming.penalty),
              **{k: getattr(settings, k) for k in ("top_images", "words_per_image", "ranking", "abstain_precision",
@@ -249,10 +253,7 @@ def survey_calibration(run_path: Path, naming, survey: tuple[dict[str, torch.Ten
         features = torch.cat([vote_features(ids, scores, first.clamp_min(0), s, voting),
                               labels.features(first, torch.arange(f))], dim=1).numpy()
         right = named_truth(first, truth, labels.word_of_concept, labels.threshold)
-        keep = tensors["active"].bool() & (first >= 0)
-        if SURVEY_FILTERS == "with ground truth":
-            keep &= (truth > labels.threshold).any(dim=1)
-        keep = keep.numpy()
+        keep = (usable & (first >= 0)).numpy()
         fitted = calibrate_on_survey(features[keep], right[keep], target=settings.abstain_precision,
                                      held_out_images=int(facts["held_out_images"]))
         return fitted.to_tensors()
