@@ -86,7 +86,7 @@ def label_features(first: torch.Tensor, label_iou: torch.Tensor, word_of_concept
         >>> [[round(v, 2) for v in row] for row in features.tolist()]
         [[1.0, 0.3], [0.0, 0.02], [0.0, 0.1]]
     """
-    names = (word_of_concept.unsqueeze(0) == first.unsqueeze(1)) & (first >= 0).unsqueeze(1)  # (f, C)
+    names = _named_concepts(first, word_of_concept)
     own = torch.where(names, label_iou, torch.zeros_like(label_iou)).amax(dim=1)
     best_iou, best = label_iou.max(dim=1)
     labelled = names.gather(1, best.unsqueeze(1)).squeeze(1) & (best_iou > threshold)
@@ -101,8 +101,12 @@ def named_truth(first: torch.Tensor, truth_iou: torch.Tensor, word_of_concept: t
         ...             torch.tensor([7, 8]), 0.04).tolist()
         [True, False, False]
     """
-    names = (word_of_concept.unsqueeze(0) == first.unsqueeze(1)) & (first >= 0).unsqueeze(1)
-    return (names & (truth_iou > threshold)).any(dim=1).numpy()
+    return (_named_concepts(first, word_of_concept) & (truth_iou > threshold)).any(dim=1).numpy()
+
+
+def _named_concepts(first: torch.Tensor, word_of_concept: torch.Tensor) -> torch.Tensor:
+    """(f, C) whether each filter's first word (−1: none) is concept c's word."""
+    return (word_of_concept.unsqueeze(0) == first.unsqueeze(1)) & (first >= 0).unsqueeze(1)
 
 
 def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-2) -> tuple[np.ndarray, float]:

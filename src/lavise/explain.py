@@ -228,7 +228,6 @@ class Naming:
         return confidence is None or self.calibration is None or confidence >= self.calibration.threshold
 
 
-_CALIBRATION_VERSION = CALIBRATION_VERSION
 
 
 def naming_of(run: Run, settings: ExplainSettings, cache_dir: Path | None, ranks: Ranks) -> Naming:
@@ -268,7 +267,7 @@ def _calibration(run: Run, naming: Naming, saved: dict[str, torch.Tensor], ranks
         held = torch.ones_like(held)
     outputs, concepts = saved["outputs"][held], saved["concepts"][held]
     words = [normalize_concept(c) for c in run.split["seen"]]
-    parts = {"product": "confidence", "version": _CALIBRATION_VERSION, "outputs": tensors_digest(outputs, concepts),
+    parts = {"product": "confidence", "version": CALIBRATION_VERSION, "outputs": tensors_digest(outputs, concepts),
              "words": naming.vocabulary.words, "vectors": tensors_digest(naming.vectors),
              "penalty": None if naming.penalty is None else tensors_digest(naming.penalty),
              "concepts": words, **{k: getattr(settings, k) for k in (
@@ -401,7 +400,7 @@ def _explanations(run, images, scan: FilterScan, named, naming: Naming, compute:
     confidences = naming.confidences(word_ids, scores, ranked, voting)
     active = scan.active.tolist()
     firing_counts = firing.sum(dim=1).tolist()
-    labels = [naming.labels.label(u) if naming.labels is not None else (None, None) for u in range(len(active))]
+    labels = naming.labels.labels() if naming.labels is not None else [(None, None)] * len(active)
     root = images.root
     filters = [
         FilterExplanation(

@@ -201,11 +201,11 @@ class ReferenceLabels:
         best_iou, best = self.iou[filters].max(dim=1)
         return torch.where(best_iou > self.threshold, self.word_of_concept[best], -1).tolist()
 
-    def label(self, u: int) -> tuple[str | None, float | None]:
-        """Filter u's concept of highest IoU and that IoU, or (None, IoU) when no concept exceeds the threshold."""
-        best = int(self.iou[u].argmax())
-        value = float(self.iou[u, best])
-        return (self.concepts[best] if value > self.threshold else None), round(value, 4)
+    def labels(self) -> list[tuple[str | None, float]]:
+        """Every filter's concept of highest IoU (None when none exceeds the threshold) and that IoU."""
+        best_iou, best = self.iou.max(dim=1)
+        return [(self.concepts[c] if value > self.threshold else None, round(value, 4))
+                for c, value in zip(best.tolist(), best_iou.tolist())]
 
 
 def reference_labels(survey: tuple[dict[str, torch.Tensor], dict], words: list[str]) -> ReferenceLabels:
