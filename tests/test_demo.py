@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import warnings
 
+import numpy as np
 import torch
 
 from lavise.datasets import CocoDataset, LaviseWarning
-from lavise.demos.demo import run_demo
+from lavise.demos.demo import evaluation_scenes, run_demo
 from lavise.demos.scene_training import train_scene_cnn
 from lavise.models import ModelSpec, layer_reader, load_target_model
 from lavise.models.scene_cnn import DEFAULT_LAYER
@@ -47,6 +48,18 @@ def test_demo_writes_runs_for_both_targets_and_reuses_them(tmp_path, capsys):
         run_demo(tmp_path, SMALL, QUIET)
     assert (checkpoint.stat().st_mtime_ns, config.stat().st_mtime_ns) == stamps  # reused, not retrained
     assert json.loads(config.read_text())["train"]["pooling"] == "region"  # lavise's default explainer
+
+    # more evaluation scenes of the same world: the demo's own are the first of them, image and annotation alike
+    more = evaluation_scenes(tmp_path, SMALL, 20)
+    assert more == tmp_path / "data" / "evaluation-20"
+    assert evaluation_scenes(tmp_path, SMALL, SMALL.evaluation_images) == tmp_path / "data" / "evaluation"
+    own, larger = (CocoDataset(folder / "annotations.json", folder / "images")
+                   for folder in (tmp_path / "data" / "evaluation", more))
+    assert len(own) == 12 and len(larger) == 20 and larger.concepts == own.concepts
+    for index in range(12):
+        assert own.image_path(index).read_bytes() == larger.image_path(index).read_bytes()
+        (concepts, masks), (more_concepts, more_masks) = (data.masks(index, (224, 224)) for data in (own, larger))
+        assert concepts == more_concepts and np.array_equal(masks, more_masks)
 
     authors = DemoSettings(**{**SMALL.__dict__, "explainer_pooling": "mean", "explainer_learning_rate": 1e-4,
                               "explainer_activation_regions": 0})

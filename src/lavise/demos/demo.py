@@ -46,20 +46,11 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), compute: Comput
     cache_dir = out / "cache"
     explain_settings = settings.explain_settings()
     vocabulary = candidate_vocabulary(load_word_vectors(), kind=settings.vocabulary, size=settings.vocabulary_size)
-    scenes = SceneSettings(
-        num_concepts=settings.concepts,
-        unseen_fraction=settings.unseen_fraction,
-        seed=settings.seed,
-        background_concepts=settings.background_concepts,
-    )
     reference_dir = generate_scenes(
-        out / "data" / "reference", with_count(scenes, settings.reference_images),
+        out / "data" / "reference", with_count(scene_settings(settings), settings.reference_images),
         part="reference", allowed_words=vocabulary.words, progress=compute.progress,
     )
-    evaluation_dir = generate_scenes(
-        out / "data" / "evaluation", with_count(scenes, settings.evaluation_images),
-        part="evaluation", allowed_words=vocabulary.words, progress=compute.progress,
-    )
+    evaluation_dir = evaluation_scenes(out, settings, settings.evaluation_images, vocabulary.words, compute.progress)
     split = read_json(evaluation_dir / "split.json")
     target_dir = _target_images(out / "data" / "target", evaluation_dir)
     reference = CocoDataset(reference_dir / "annotations.json", reference_dir / "images")
@@ -94,6 +85,29 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), compute: Comput
     print(f"      lavise report {out / 'runs' / targets[0].key}")
     print(OPENMOJI_ATTRIBUTION)
     return summary
+
+
+def evaluation_scenes(out: Path, settings: DemoSettings, count: int, words: list[str] | None = None,
+                      progress: bool = False) -> Path:
+    """The folder of the demo world's first ``count`` evaluation scenes, made when missing.
+
+    Scene i of a part is drawn from the seed and i alone, so the demo's own
+    ``evaluation_images`` scenes (``out/data/evaluation``) are the first of any larger set
+    (``out/data/evaluation-COUNT``): more ground truth for the same world, where the
+    demo's 150 scoring scenes leave many filters' ground truth to chance
+    (``experiments/evaluation_size.py``). ``words``: the demo vocabulary's, to save loading it again.
+    """
+    folder = Path(out) / "data" / ("evaluation" if count == settings.evaluation_images else f"evaluation-{count}")
+    if words is None:
+        words = candidate_vocabulary(load_word_vectors(), kind=settings.vocabulary, size=settings.vocabulary_size).words
+    return generate_scenes(folder, with_count(scene_settings(settings), count), part="evaluation", allowed_words=words,
+                           progress=progress)
+
+
+def scene_settings(settings: DemoSettings) -> SceneSettings:
+    """The scenes of the demo's world (their count aside)."""
+    return SceneSettings(num_concepts=settings.concepts, unseen_fraction=settings.unseen_fraction, seed=settings.seed,
+                         background_concepts=settings.background_concepts)
 
 
 def explainer_settings(settings: DemoSettings) -> TrainSettings:
