@@ -40,7 +40,7 @@ from lavise.settings import ComputeSettings, DemoSettings, EvaluateSettings, Exp
 
 LAYERS = ("efficientnet_lite0-blocks.5.0.bn1", "efficientnet_lite0-blocks.6.0.bn1", "scene_cnn-features.11",
           "scene_cnn-features.8")
-NAMINGS = {"0.5 (default)": ExplainSettings(), "words alone": ExplainSettings(label_first=0, calibration="simulated")}
+WORDS_ALONE = ExplainSettings(label_first=0, calibration="simulated")  # lavise 0.5 before the run's filter survey
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--label-first", type=int, nargs="+", default=[3],
                         help="the default naming with each of these label_first (a reference label among the first N words goes first)")
     args = parser.parse_args()
-    namings = {"words alone": NAMINGS["words alone"],
+    namings = {"words alone": WORDS_ALONE,
                **{f"0.5, label_first {n}": ExplainSettings(label_first=n) for n in args.label_first}}
     world = args.work / f"seed-{args.seed}" / "05-world"
     demo = DemoSettings(seed=args.seed)
