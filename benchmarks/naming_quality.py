@@ -137,11 +137,11 @@ def scores_of_seed(seed: int, work: Path, compute: ComputeSettings, loss: tuple[
         if not (reuse and (out / "demo.json").is_file()):
             run_demo(out, demo, compute)
         reference = CocoDataset(out / "data" / "reference" / "annotations.json", out / "data" / "reference" / "images")
-        datasets = {world: CocoDataset(out / "data" / "evaluation" / "annotations.json",
-                                       out / "data" / "evaluation" / "images")}
+        counts = {world: demo.evaluation_images}  # the demo's own scenes, and more of them for the 0.5 world
         if world == "0.5 world":
-            folder = evaluation_scenes(out, demo, EVALUATION_SCENES)
-            datasets[f"{world}, {EVALUATION_SCENES} scenes"] = CocoDataset(folder / "annotations.json", folder / "images")
+            counts[f"{world}, {EVALUATION_SCENES} scenes"] = EVALUATION_SCENES
+        folders = {scored: evaluation_scenes(out, demo, count) for scored, count in counts.items()}
+        datasets = {scored: CocoDataset(f / "annotations.json", f / "images") for scored, f in folders.items()}
         specs = {"efficientnet_lite0": ModelSpec("efficientnet_lite0", "IMAGENET"),
                  "scene_cnn": ModelSpec("scene_cnn", None, str(out / "models" / "scene_cnn.pt"))}
         for target, layers in LAYERS.items():
