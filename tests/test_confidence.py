@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from lavise.confidence import (
-    Calibration, auroc, calibrate, fit_logistic, precision_coverage, simulated_filters, threshold_for_precision,
-    vote_features,
+    Calibration, auroc, calibrate, fit_logistic, precision_coverage, simulated_filters, threshold_for_expected_precision,
+    threshold_for_precision, vote_features,
 )
 from lavise.explain import explain
 from lavise.naming import nearest_words
@@ -60,6 +60,16 @@ def test_the_threshold_is_the_lowest_that_keeps_the_precision():
         assert all(right[values >= v].mean() < target for v in lower)
     assert threshold_for_precision([0.3, 0.2], [False, False], 0.9) > 0.3  # nothing qualifies: none named
     assert threshold_for_precision([0.3, 0.2], [False, False], 0.0) == -np.inf
+
+
+def test_the_expected_threshold_is_the_lowest_whose_named_filters_average_the_target():
+    rng = np.random.default_rng(3)
+    values = rng.random(300).round(2)  # rounded: ties happen, and a cut never splits them
+    for target in (0.6, 0.8, 0.9):
+        t = threshold_for_expected_precision(values, target)
+        assert values[values >= t].mean() >= target
+        assert all(values[values >= v].mean() < target for v in np.unique(values) if v < t)
+    assert threshold_for_expected_precision([0.5, 0.4], 0.9) > 0.5  # no filter is sure enough: none named
 
 
 def test_precision_coverage_takes_the_most_confident_first():

@@ -54,12 +54,21 @@ def test_a_confidence_fitted_on_real_filters_learns_what_the_labels_say():
     right = np.where(labelled, rng.random(n) < 0.9, rng.random(n) < 0.2)
     votes = rng.random((n, len(FEATURES)))  # vote features that say nothing here
     features = np.column_stack([votes, labelled, labelled * rng.uniform(0.05, 0.3, n)])
-    calibration = calibrate_on_survey(features, right, target=0.85, held_out_images=50)
+    calibration = calibrate_on_survey(features, right, target=0.85, held_out_images=50, rule="observed")
     assert calibration.features == FEATURES + LABEL_FEATURES
     assert calibration.facts["fitted_on"] == "reference filters" and calibration.facts["filters"] == n
     confidence = calibration.confidence(features)
     assert auroc(confidence, right) > 0.8
     assert right[confidence >= calibration.threshold].mean() >= 0.85
+    assert calibration.facts["threshold_rule"] == "observed"
+    # the expected rule reads the fitted probabilities: those named average the target, and no lower cut does
+    expected = calibrate_on_survey(features, right, target=0.85, held_out_images=50)  # the default
+    np.testing.assert_allclose(expected.confidence(features), confidence)  # the same confidence, another threshold
+    assert expected.facts["threshold_rule"] == "expected"
+    assert confidence[confidence >= expected.threshold].mean() >= 0.85
+    assert confidence[confidence >= np.max(confidence[confidence < expected.threshold])].mean() < 0.85
+    with pytest.raises(ValueError, match="threshold rule"):
+        calibrate_on_survey(features, right, target=0.85, held_out_images=50, rule="lowest")
 
 
 @pytest.fixture
@@ -107,6 +116,9 @@ def test_explain_fits_the_confidence_on_the_surveyed_filters(colour_run, tmp_pat
     assert calibration["features"] == list(FEATURES + LABEL_FEATURES) and calibration["held_out_images"] == 12
     assert [(f.label, f.label_iou > 0.5) for f in result.filters] == [(name, True) for name in COLOURS]
     assert all(0.0 <= f.confidence <= 1.0 for f in result.filters)
+    assert calibration["threshold_rule"] == "expected"
+    observed = explain(run, targets, settings=ExplainSettings(top_images=5, threshold_rule="observed"), **kwargs)
+    assert observed.extra["naming"]["calibration"]["threshold_rule"] == "observed"
     # the simulated filters on request, and when the survey cannot stand for the naming
     for settings in (ExplainSettings(top_images=5, calibration="simulated"), ExplainSettings(top_images=13),
                      ExplainSettings(top_images=5, method="attention")):

@@ -271,7 +271,7 @@ def _calibration(run: Run, naming: Naming, saved: dict[str, torch.Tensor], ranks
              "words": naming.vocabulary.words, "vectors": tensors_digest(naming.vectors),
              "penalty": None if naming.penalty is None else tensors_digest(naming.penalty),
              "concepts": words, **{k: getattr(settings, k) for k in (
-                 "top_images", "words_per_image", "ranking", "abstain_precision", "calibration_seed")}}
+                 "top_images", "words_per_image", "ranking", "abstain_precision", "threshold_rule", "calibration_seed")}}
 
     def name_votes(filter_outputs: torch.Tensor):
         f, p, _ = filter_outputs.shape
@@ -282,7 +282,7 @@ def _calibration(run: Run, naming: Naming, saved: dict[str, torch.Tensor], ranks
     def build():
         fitted = calibrate(outputs, concepts, words, name_votes, naming.vocabulary.words, top=settings.top_images,
                            words_per_image=settings.words_per_image, target=settings.abstain_precision,
-                           seed=settings.calibration_seed)
+                           seed=settings.calibration_seed, rule=settings.threshold_rule)
         return fitted.to_tensors()
 
     return Calibration.from_tensors(*ranks.cached(run.path, "confidence", parts, build))

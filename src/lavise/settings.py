@@ -44,6 +44,7 @@ LEARNING_RATE = {"bounds": "[0, 1]", "warn": (lambda v: v == 0, ("Adam with lear
 # --- choices ---------------------------------------------------------------------------
 
 CALIBRATIONS = ("reference-filters", "simulated")
+THRESHOLD_RULES = ("expected", "observed")
 METHODS = ("activation", "attention", "cosine-attention", "original")  # explainer inputs, lavise.inputs
 POOLINGS = ("region", "mean")  # how the explainer's inputs are pooled, lavise.inputs
 RANKINGS = ("first-choice", "frequency")  # how a filter's words are ordered, lavise.explain.rank_words
@@ -181,6 +182,11 @@ class ExplainSettings(_Settings):
     abstain_precision: float = option(0.9, "report a filter as having no confident name when its confidence is below the level at which "
                                       "named filters were right this often on the reference data's validation images (0: name every filter)",
                                       bounds="[0, 1)")
+    threshold_rule: str = option(
+        "expected", "how the abstention threshold is chosen on the filters the confidence is fitted on: expected (the lowest "
+        "confidence at which the mean confidence of the filters at or above it is at least abstain_precision) or observed "
+        "(the lowest at which those filters were right abstain_precision of the time, lavise 0.5's first rule)",
+        choices=THRESHOLD_RULES)
     label_first: int = option(
         3, "when the reference annotations' label of a filter (its concept of highest IoU on the reference training "
         "images, from the run's survey) is among its first N words, it goes first (0: the words alone decide)",

@@ -240,7 +240,7 @@ def survey_calibration(run_path: Path, naming, survey: tuple[dict[str, torch.Ten
              "words": naming.vocabulary.words,
              "vectors": tensors_digest(naming.vectors),
              "penalty": None if naming.penalty is None else tensors_digest(naming.penalty),
-             **{k: getattr(settings, k) for k in ("top_images", "words_per_image", "ranking", "abstain_precision",
+             **{k: getattr(settings, k) for k in ("top_images", "words_per_image", "ranking", "abstain_precision", "threshold_rule",
                                                   "firing_images_only", "label_first")}, "filters": SURVEY_FILTERS}
 
     def build():
@@ -255,7 +255,7 @@ def survey_calibration(run_path: Path, naming, survey: tuple[dict[str, torch.Ten
         right = named_truth(first, truth, labels.word_of_concept, labels.threshold)
         keep = (usable & (first >= 0)).numpy()
         fitted = calibrate_on_survey(features[keep], right[keep], target=settings.abstain_precision,
-                                     held_out_images=int(facts["held_out_images"]))
+                                     held_out_images=int(facts["held_out_images"]), rule=settings.threshold_rule)
         return fitted.to_tensors()
 
     return Calibration.from_tensors(*ranks.cached(run_path, "confidence", parts, build))
