@@ -192,6 +192,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 def print_summary(explanations, examples: int = 8) -> None:
     """Where the outputs are, how many filters, the most trusted explanations and the least."""
+    from lavise.confidence import threshold_text
     from lavise.explain import most_trusted, naming_line
 
     filters = explanations.filters
@@ -205,7 +206,7 @@ def print_summary(explanations, examples: int = 8) -> None:
     words = f"{vocabulary.get('words')} {vocabulary.get('kind', 'frequent')} words, {naming.get('retrieval', 'cosine')}"
     if calibration:
         print(f"  {named} of {len(active)} have a confident name (confidence >= {calibration['threshold']:.2f}, "
-              f"calibrated for {calibration['abstain_precision']:.0%} right); named from {words}")
+              f"{threshold_text(calibration)}); named from {words}")
     else:
         print(f"  no confidences (the run predates lavise 0.5); named from {words}")
     print("  filter  confidence  words (n/m: the nearest word on n of the filter's top images, among the nearest on m)")

@@ -331,6 +331,21 @@ def calibrate_on_survey(features: np.ndarray, right: np.ndarray, *, target: floa
     return calibration
 
 
+def threshold_text(facts: dict) -> str:
+    """How a calibration's threshold was chosen, in words (the CLI summary, the report).
+
+    Example:
+        >>> threshold_text({"fitted_on": "reference filters", "threshold_rule": "expected", "abstain_precision": 0.9})
+        "where the run's filters surveyed on held-out reference images, named at or above it, average a confidence of 90 %"
+    """
+    fitted_on = ("the run's filters surveyed on held-out reference images" if facts.get("fitted_on") == "reference filters"
+                 else "simulated filters of the reference data's held-out images")
+    target = f"{facts['abstain_precision']:.0%}".replace("%", " %")
+    if facts.get("threshold_rule", "observed") == "expected":  # calibrations before the rule was an option: observed
+        return f"where {fitted_on}, named at or above it, average a confidence of {target}"
+    return f"where {fitted_on}, named at or above it, were right {target} of the time"
+
+
 def fitted_calibration(features: np.ndarray, right: np.ndarray, target: float, rule: str = "expected") -> Calibration:
     """The logistic confidence of (n, k) features for (n,) right first words, and its
     abstention threshold for precision ``target``; ``facts`` hold how well it fits.

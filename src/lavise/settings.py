@@ -151,14 +151,11 @@ class ExplainSettings(_Settings):
     quantile: float = option(0.005, "a filter's region is where it exceeds its top-quantile level T_u", bounds="(0, 1)")
     firing_images_only: bool = option(
         True, "a filter's words come only from those of its p top images where it fires (its peak exceeds T_u, so its "
-        "region is not empty); off: from all p, firing or not, as lavise 0.4 and 0.5 named",
-    )
+        "region is not empty); off: from all p, firing or not, as lavise 0.4 and 0.5 named")
     vocabulary: str = option(
         "visual",
         "candidate words: visual (nouns of things one can see, colours and textures, shipped with "
-        "lavise) or frequent (the most frequent clean words of the word vectors, lavise 0.4)",
-        choices=VOCABULARIES,
-    )
+        "lavise) or frequent (the most frequent clean words of the word vectors, lavise 0.4)", choices=VOCABULARIES)
     vocabulary_size: int = option(VOCABULARY_SIZE, "keep the first N words of the vocabulary, most frequent first (0: every word)",
                                   **ANY_COUNT)
     vocabulary_file: str | None = option(None, "a file of candidate words or phrases, one per line (overrides --vocabulary and its size)")
@@ -176,17 +173,13 @@ class ExplainSettings(_Settings):
                                  **COUNT)
     seen_penalty: float = option(
         0.0, "calibrated stacking (Chao et al., 2016): subtract this from the score of every candidate that is a "
-        "seen concept's name, so words the explainer was not trained on can rank above them (0: none)",
-        bounds="[0, 2]",
-    )
-    abstain_precision: float = option(0.9, "report a filter as having no confident name when its confidence is below the level at which "
-                                      "named filters were right this often on the reference data's validation images (0: name every filter)",
+        "seen concept's name, so words the explainer was not trained on can rank above them (0: none)", bounds="[0, 2]")
+    abstain_precision: float = option(0.9, "report a filter as having no confident name below the confidence at which the "
+                                      "filters the confidence is fitted on are named this precisely (0: name every filter)",
                                       bounds="[0, 1)")
     threshold_rule: str = option(
-        "expected", "how the abstention threshold is chosen on the filters the confidence is fitted on: expected (the lowest "
-        "confidence at which the mean confidence of the filters at or above it is at least abstain_precision) or observed "
-        "(the lowest at which those filters were right abstain_precision of the time, lavise 0.5's first rule)",
-        choices=THRESHOLD_RULES)
+        "expected", "how that confidence is found: expected (the filters named at or above it average this confidence) or "
+        "observed (they were right this often: lavise 0.5's first rule)", choices=THRESHOLD_RULES)
     label_first: int = option(
         3, "when the reference annotations' label of a filter (its concept of highest IoU on the reference training "
         "images, from the run's survey) is among its first N words, it goes first (0: the words alone decide)",

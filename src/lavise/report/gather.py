@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from lavise.confidence import threshold_text
 from lavise.errors import LaviseError
 from lavise.storage import read_json
 
@@ -173,8 +174,7 @@ def about_rows(sources: Sources, *, absolute: bool) -> list[list[str]]:
     if calibration:
         named = sum(1 for f in explanations["filters"] if f.get("named", True) and f.get("words"))
         rows.append(["Confidence", f"{named} filters have a confident name: confidence at least "
-                                   f"{calibration['threshold']:.2f}, where simulated filters of the reference data's "
-                                   f"held-out images were right {calibration['abstain_precision']:.0%} of the time"])
+                                   f"{calibration['threshold']:.2f}, {threshold_text(calibration)}"])
     if "lavise_version" in config:
         rows.append(["lavise", str(config["lavise_version"])])
     return rows
