@@ -79,10 +79,10 @@ def main() -> None:
             scored = [r for r in rows if r.get("confidence") is not None and r["precision@1"] is not None]
             confidence = np.array([r["confidence"] for r in scored])
             right = np.array([r["precision@1"] == 1.0 for r in scored])
-            observed = evaluation.info["naming"]["calibration"]["threshold"]
             # the rules fit the same confidence (only the threshold differs), so one evaluation scores both
-            expected = naming_of(load_run(world / "protocol" / layer), dataclasses.replace(settings, threshold_rule="expected"),
-                                 world / "cache", Ranks()).calibration.threshold
+            run = load_run(world / "protocol" / layer)
+            observed, expected = (naming_of(run, dataclasses.replace(settings, threshold_rule=rule), world / "cache",
+                                            Ranks()).calibration.threshold for rule in ("observed", "expected"))
             on_target = threshold_for_expected_precision(confidence, target)
             hindsight = threshold_for_precision(confidence, right, target)
             cells = [named(confidence, right, t) for t in (observed, expected, on_target, hindsight)]
