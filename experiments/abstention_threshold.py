@@ -7,8 +7,8 @@ their first words are right. On the 1200 evaluation scenes of fresh seeds 27 and
 named 43-100 % of the scored filters at precision 0.65-0.98 (docs/evaluation.md). This
 experiment scores, per layer and on the target's own filters:
 
-- ``calibration``: the mean confidence of the scored filters against their precision@1
-  (a calibrated confidence has the two equal);
+- ``mean confidence``: of the scored filters, beside their precision@1 (a calibrated
+  confidence has the two equal);
 - ``observed``: the threshold of ``--threshold-rule observed``, the lowest confidence at
   which the surveyed filters at or above it were right 0.9 of the time
   (:func:`lavise.confidence.threshold_for_precision`);
@@ -53,8 +53,6 @@ from lavise.settings import ComputeSettings, DemoSettings, EvaluateSettings, Exp
 
 LAYERS = ("efficientnet_lite0-blocks.5.0.bn1", "efficientnet_lite0-blocks.6.0.bn1", "scene_cnn-features.11",
           "scene_cnn-features.8")
-
-
 RULES = ("observed", "expected", "on the target", "hindsight")
 
 
@@ -75,6 +73,10 @@ def seed_rows(work: Path, seed: int, scenes: list[int]) -> list[dict]:
     settings = ExplainSettings()
     target = settings.abstain_precision
     compute = ComputeSettings(progress=False, threads=2, num_workers=0)
+    # the rules fit the same confidence (only the threshold differs), so one evaluation scores both
+    fitted = {layer: [naming_of(load_run(world / "protocol" / layer), dataclasses.replace(settings, threshold_rule=rule),
+                                world / "cache", Ranks()).calibration.threshold for rule in ("observed", "expected")]
+              for layer in LAYERS}
     rows = []
     for count in scenes:
         folder = evaluation_scenes(world, demo, count)
@@ -87,11 +89,7 @@ def seed_rows(work: Path, seed: int, scenes: list[int]) -> list[dict]:
             scored = [m for m in methods if m.get("confidence") is not None and m["precision@1"] is not None]
             confidence = np.array([m["confidence"] for m in scored])
             right = np.array([m["precision@1"] == 1.0 for m in scored])
-            # the rules fit the same confidence (only the threshold differs), so one evaluation scores both
-            run = load_run(world / "protocol" / layer)
-            observed, expected = (naming_of(run, dataclasses.replace(settings, threshold_rule=rule), world / "cache",
-                                            Ranks()).calibration.threshold for rule in ("observed", "expected"))
-            thresholds = (observed, expected, threshold_for_expected_precision(confidence, target),
+            thresholds = (*fitted[layer], threshold_for_expected_precision(confidence, target),
                           threshold_for_precision(confidence, right, target))
             rows.append({"seed": seed, "scenes": count, "layer": layer, "p1": float(right.mean()),
                          "confidence": float(confidence.mean()), "filters": len(scored),
