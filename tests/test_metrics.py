@@ -105,10 +105,24 @@ def test_scores_split_seen_and_unseen_and_count_named_unseen_concepts():
     assert summary["recall@5"] == pytest.approx((1 + 0.5 + 0) / 3)
     assert summary["precision@1"] == pytest.approx(2 / 3)
     assert summary["seen"]["recall@5"] == 1.0 and summary["seen"]["filters"] == 2
+    assert summary["seen"]["precision@1"] == 1.0 and summary["unseen"]["precision@1"] == 0.0
     assert summary["unseen"]["recall@5"] == 0.0 and summary["unseen"]["filters"] == 2
     assert summary["unseen_concepts"] == 1 and summary["unseen_named@20"] == 0.0
     summary, _ = score_filters([["boat"]], [["boat"]], seen=set())
     assert summary["unseen_named@5"] == 1.0 and summary["seen"] is None
+
+
+def test_unseen_only_filters_bound_what_seen_words_can_reach():
+    # filter 1 has a seen concept beside an unseen one; filters 2 and 3 have only unseen ones
+    words = [["dog"], ["boat", "car"], ["boat"], ["dog"], ["x"]]
+    truth = [["dog"], ["car", "boat"], ["boat"], ["swan"], []]
+    summary, _ = score_filters(words, truth, seen={"dog", "car"})
+    only = summary["unseen_only"]
+    assert only["filters"] == 2 and only["share"] == pytest.approx(2 / 4)
+    assert only["precision@1"] == pytest.approx(1 / 2)  # "boat" names filter 2's unseen concept; "dog" misses swan
+    assert summary["precision@1"] == pytest.approx(3 / 4)
+    summary, _ = score_filters([["dog"]], [["dog"]], seen={"dog"})
+    assert summary["unseen_only"] == {"filters": 0, "share": 0.0, "precision@1": None}
 
 
 def test_lenient_match_accepts_plurals_and_synonyms_but_not_neighbours():

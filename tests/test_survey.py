@@ -18,7 +18,7 @@ from lavise.explain import explain
 from lavise.models import Preprocessing, TargetModel
 from lavise.runs import add_survey, train
 from lavise.settings import ExplainSettings, TrainSettings
-from lavise.survey import SURVEY, load_survey, survey_images
+from lavise.survey import SURVEY, ReferenceLabels, load_survey, reference_labels, survey_images
 
 
 def test_survey_images_are_the_held_out_images_and_a_seeded_sample_of_the_rest():
@@ -45,6 +45,22 @@ def test_label_features_and_truth_read_concepts_that_share_a_word():
     assert label_features(torch.tensor([4, 4]), iou, word_of_concept, 0.5)[1, 0] == 0.0  # not above the threshold
     assert named_truth(torch.tensor([4, 4]), iou, word_of_concept, 0.04).tolist() == [True, True]
     assert named_truth(torch.tensor([4, 4]), iou, word_of_concept, 0.25).tolist() == [False, True]
+
+
+def test_a_filters_label_is_its_best_concept_above_label_iou_not_the_truth_threshold():
+    iou = torch.tensor([[0.03, 0.01], [0.00, 0.20], [0.00, 0.00]])
+    survey = ({"label_iou": iou}, {"concepts": ["sky-other-merged", "dog"], "iou_threshold": 0.04})
+    labels = reference_labels(survey, ["dog", "sky"])  # the default minimum: NetDissect's 0.04
+    assert isinstance(labels, ReferenceLabels) and labels.threshold == labels.minimum == 0.04
+    assert labels.word_of_concept.tolist() == [1, 0]  # concepts are matched as the vocabulary spells them
+    assert labels.label_words(torch.arange(3)) == [-1, 0, -1]
+    assert labels.labels() == [(None, 0.03), ("dog", 0.2), (None, 0.0)]
+    lower = reference_labels(survey, ["dog", "sky"], minimum=0.02)
+    assert lower.threshold == 0.04  # ground truth keeps NetDissect's threshold; only the label's minimum moves
+    assert lower.label_words(torch.arange(3)) == [1, 0, -1]
+    assert lower.labels()[0] == ("sky-other-merged", 0.03)  # the outputs keep the dataset's name
+    assert lower.features(torch.tensor([1, 0, 1]), torch.arange(3))[:, 0].tolist() == [1.0, 1.0, 0.0]
+    assert labels.features(torch.tensor([1, 0, 1]), torch.arange(3))[:, 0].tolist() == [0.0, 1.0, 0.0]
 
 
 def test_a_confidence_fitted_on_real_filters_learns_what_the_labels_say():
@@ -139,6 +155,13 @@ def test_explain_fits_the_confidence_on_the_surveyed_filters(colour_run, tmp_pat
     assert [f.words[0]["word"] for f in result.filters] == list(COLOURS)
     for with_label, without in zip(result.filters, alone.filters):
         assert sorted(map(str, with_label.words)) == sorted(map(str, without.words))  # the same words, reordered
+    # a label counts above label_iou: between the two weakest labels' IoU, the weakest filter loses its label
+    weakest, next_weakest = sorted(f.label_iou for f in result.filters)[:2]
+    assert weakest + 2e-4 < next_weakest  # the explanations round IoU to 4 places
+    strict = explain(run, targets, settings=ExplainSettings(top_images=5, label_iou=(weakest + next_weakest) / 2), **kwargs)
+    assert [f.label for f in strict.filters] == [None if f.label_iou == weakest else f.label for f in result.filters]
+    lost = next(u for u, f in enumerate(result.filters) if f.label_iou == weakest)
+    assert strict.filters[lost].label_iou == weakest and strict.filters[lost].words == alone.filters[lost].words
 
 
 def test_training_without_a_survey_writes_none(tmp_path, coco, tiny_model, compute):

@@ -152,7 +152,7 @@ class FilterExplanation:
     ``firing_images``: on how many of its top images it exceeds T_u; with
     ``firing_images_only`` its words come from those (None: explained by an earlier lavise).
     ``label``, ``label_iou``: the reference concept its regions overlap most on the
-    reference training images, when that IoU exceeds 0.04 (NetDissect's label from the
+    reference training images, when that IoU exceeds ``label_iou`` (NetDissect's label from the
     run's survey), and that IoU; None for a run trained without a survey.
     """
 
@@ -247,7 +247,7 @@ def naming_of(run: Run, settings: ExplainSettings, cache_dir: Path | None, ranks
     naming = Naming(vocabulary, vectors, penalty, retrieval, None, settings)
     survey = load_survey(run.path)
     if survey is not None:
-        naming.labels = reference_labels(survey, vocabulary.words)
+        naming.labels = reference_labels(survey, vocabulary.words, settings.label_iou)
         if settings.calibration == "reference-filters":
             naming.calibration = survey_calibration(run.path, naming, survey, ranks)
     saved = reference_outputs(run.path)

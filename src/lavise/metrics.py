@@ -203,11 +203,14 @@ def score_filters(
 
     Returns:
         The summary ``{"recall@k", "precision@1", "f1@5", "filters", "seen": {...}, "unseen": {...},
-        "unseen_named@k", "unseen_concepts"}`` and, per filter, its scores (None without
-        ground truth).
+        "unseen_only": {...}, "unseen_named@k", "unseen_concepts"}`` and, per filter, its
+        scores (None without ground truth). ``unseen_only``: the filters none of whose
+        ground-truth concepts is seen, their share of the scored filters and their
+        precision@1. Their first word is right only when it names an unseen concept, so
+        1 − that share is the most precision@1 a naming of seen concepts alone can reach.
     """
     per_filter: list[dict | None] = []
-    groups: dict[str, list[dict]] = {"all": [], "seen": [], "unseen": []}
+    groups: dict[str, list[dict]] = {"all": [], "seen": [], "unseen": [], "unseen_only": []}
     named: dict[int, set[str]] = {k: set() for k in RECALL_KS}
     unseen_truth: set[str] = set()
     for filter_words, filter_truth in zip(words, truth):
@@ -219,9 +222,12 @@ def score_filters(
         scores["f1@5"] = f1_at_k(filter_words, filter_truth, 5, match)
         per_filter.append(scores)
         groups["all"].append(scores)
+        if not any(c in seen for c in filter_truth):
+            groups["unseen_only"].append(scores)
         for part, subset in (("seen", [c for c in filter_truth if c in seen]), ("unseen", [c for c in filter_truth if c not in seen])):
             if subset:
-                groups[part].append({f"recall@{k}": recall_at_k(filter_words, subset, k, match) for k in RECALL_KS})
+                groups[part].append({**{f"recall@{k}": recall_at_k(filter_words, subset, k, match) for k in RECALL_KS},
+                                     "precision@1": precision_at_1(filter_words, subset, match)})
         for concept in filter_truth:
             if concept not in seen:
                 unseen_truth.add(concept)
@@ -236,7 +242,11 @@ def score_filters(
     summary["filters"] = len(groups["all"])
     for part in ("seen", "unseen"):
         rows = groups[part]
-        summary[part] = {**{f"recall@{k}": mean(rows, f"recall@{k}") for k in RECALL_KS}, "filters": len(rows)} if rows else None
+        keys = [f"recall@{k}" for k in RECALL_KS] + ["precision@1"]
+        summary[part] = {**{key: mean(rows, key) for key in keys}, "filters": len(rows)} if rows else None
+    only = groups["unseen_only"]
+    summary["unseen_only"] = {"filters": len(only), "share": len(only) / len(groups["all"]) if groups["all"] else None,
+                              "precision@1": mean(only, "precision@1")}
     summary["unseen_concepts"] = len(unseen_truth)
     for k in RECALL_KS:
         summary[f"unseen_named@{k}"] = len(named[k]) / len(unseen_truth) if unseen_truth else None

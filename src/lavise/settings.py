@@ -184,6 +184,8 @@ class ExplainSettings(_Settings):
         3, "when the reference annotations' label of a filter (its concept of highest IoU on the reference training "
         "images, from the run's survey) is among its first N words, it goes first (0: the words alone decide)",
         **ANY_COUNT)
+    label_iou: float = option(0.04, "a filter's label is its concept of highest IoU on the reference training images when above this",
+                              bounds="[0, 1)")
     calibration: str = option(
         "reference-filters", "what the confidence is fitted on: reference-filters (the run's own filters named on held-out "
         "reference images, with what the annotations say of each; simulated filters when the run has no survey) or "

@@ -184,36 +184,41 @@ class ReferenceLabels:
 
     ``iou``: (d, C) IoU of each filter's regions with each reference concept on the
     reference training images; ``concepts``: their names as the dataset spells them;
-    ``word_of_concept``: (C,) each concept's word in the naming vocabulary (−1: none).
+    ``word_of_concept``: (C,) each concept's word in the naming vocabulary (−1: none);
+    ``threshold``: the IoU above which a concept is a filter's ground truth on the held-out
+    images (NetDissect's 0.04); ``minimum``: that above which its concept of highest IoU is
+    its label (``ExplainSettings.label_iou``).
     """
 
     iou: torch.Tensor
     concepts: list[str]
     word_of_concept: torch.Tensor
     threshold: float
+    minimum: float
 
     def features(self, first: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
         """(f,) first words of the (f,) filters -> (f, 2) :data:`lavise.confidence.LABEL_FEATURES`."""
-        return label_features(first, self.iou[filters], self.word_of_concept, self.threshold)
+        return label_features(first, self.iou[filters], self.word_of_concept, self.minimum)
 
     def label_words(self, filters: torch.Tensor) -> list[int]:
-        """Each filter's label as a vocabulary word id: its best concept's, when above the threshold; −1 otherwise."""
+        """Each filter's label as a vocabulary word id: its best concept's, when above the minimum; −1 otherwise."""
         best_iou, best = self.iou[filters].max(dim=1)
-        return torch.where(best_iou > self.threshold, self.word_of_concept[best], -1).tolist()
+        return torch.where(best_iou > self.minimum, self.word_of_concept[best], -1).tolist()
 
     def labels(self) -> list[tuple[str | None, float]]:
-        """Every filter's concept of highest IoU (None when none exceeds the threshold) and that IoU."""
+        """Every filter's concept of highest IoU (None when none exceeds the minimum) and that IoU."""
         best_iou, best = self.iou.max(dim=1)
-        return [(self.concepts[c] if value > self.threshold else None, round(value, 4))
+        return [(self.concepts[c] if value > self.minimum else None, round(value, 4))
                 for c, value in zip(best.tolist(), best_iou.tolist())]
 
 
-def reference_labels(survey: tuple[dict[str, torch.Tensor], dict], words: list[str]) -> ReferenceLabels:
+def reference_labels(survey: tuple[dict[str, torch.Tensor], dict], words: list[str],
+                     minimum: float = IOU_THRESHOLD) -> ReferenceLabels:
     tensors, facts = survey
     index = {w: i for i, w in enumerate(words)}
     word_of_concept = torch.tensor([index.get(normalize_concept(c), -1) for c in facts["concepts"]], dtype=torch.int64)
     return ReferenceLabels(tensors["label_iou"].float(), list(facts["concepts"]), word_of_concept,
-                           float(facts["iou_threshold"]))
+                           float(facts["iou_threshold"]), minimum)
 
 
 def survey_calibration(run_path: Path, naming, survey: tuple[dict[str, torch.Tensor], dict],
@@ -241,7 +246,7 @@ def survey_calibration(run_path: Path, naming, survey: tuple[dict[str, torch.Ten
              "vectors": tensors_digest(naming.vectors),
              "penalty": None if naming.penalty is None else tensors_digest(naming.penalty),
              **{k: getattr(settings, k) for k in ("top_images", "words_per_image", "ranking", "abstain_precision", "threshold_rule",
-                                                  "firing_images_only", "label_first")}, "filters": SURVEY_FILTERS}
+                                                  "firing_images_only", "label_first", "label_iou")}, "filters": SURVEY_FILTERS}
 
     def build():
         f = len(outputs)
