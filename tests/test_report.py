@@ -379,7 +379,8 @@ def test_unusable_top_image_is_counted_and_left_out(made_run, build, targets):
 def _evaluation(methods=("original", "attention")) -> dict:
     def result(value):
         return {"recall@5": value, "recall@10": value, "recall@20": value, "precision@1": value, "filters": 8,
-                "seen": {"recall@5": value}, "unseen": None, "lenient": {"recall@5": value}}
+                "seen": {"recall@5": value, "precision@1": value / 2}, "unseen": None, "lenient": {"recall@5": value},
+                "unseen_only": {"filters": 2, "share": 0.25, "precision@1": 0.0}}
 
     filters = []
     for u in range(8):
@@ -432,6 +433,7 @@ def test_evaluation_and_groups_are_shown(made_run, build, targets, tmp_path):
     page = data["evaluation"]
     assert [m["method"] for m in page["methods"]] == ["original", "attention"]
     assert page["methods"][1]["recall@5"] == pytest.approx(0.35) and page["methods"][1]["unseen recall@5"] is None
+    assert page["methods"][1]["seen precision@1"] == pytest.approx(0.35 / 2) and page["methods"][1]["unseen only"] == 0.25
     assert page["dataset"] == [["root", "eval"], ["description", "CocoDataset(root='images', images=3)"], ["images", "3"]]
     assert (report / page["plot"]).read_bytes() == (made_run / "evaluation.png").read_bytes()
 

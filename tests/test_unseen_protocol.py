@@ -138,6 +138,13 @@ def test_evaluate_scores_unseen_concepts_in_both_lists(held_out):
     written = json.loads((run.path / "evaluation.json").read_text())
     assert written["methods"]["activation"]["unseen_protocol"]["entities"]["candidates"] == 3
     assert "entity named@20" in markdown_table([evaluation]) and "| 1.000 | 1.000 |" in markdown_table([evaluation])
+    # the table says which share of the scored filters has only unseen ground truth, as the summary counts it
+    header, _, activation = markdown_table([evaluation]).splitlines()[:3]
+    row = dict(zip(header.split(" | "), activation.split(" | ")))
+    only = summary["unseen_only"]
+    assert only["filters"] == 1 and only["filters"] == sum(bool(f["ground_truth"]) and all(g["concept"] == unseen for g in f["ground_truth"])
+                                  for f in evaluation.filters)
+    assert row["unseen only"] == f"{only['share']:.3f}" and row["seen P@1"] == f"{summary['seen']['precision@1']:.3f}"
     # without the protocol: the same words and scores, no entity list
     (plain,) = evaluate([run], dataset, settings=EvaluateSettings(methods=("activation",), lenient=False,
                                                                   unseen_protocol=False), write=False, **common)

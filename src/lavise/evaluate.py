@@ -415,12 +415,13 @@ def markdown_cell(value: float | None) -> str:
 
 
 def markdown_table(evaluations: Sequence[Evaluation]) -> str:
-    """One row per (run, method): exact precision@1, recall@k, F1@5, seen/unseen, lenient, and
+    """One row per (run, method): exact precision@1, recall@k, F1@5, seen/unseen (with the share
+    of filters whose ground truth is only unseen concepts), lenient, and
     how well the confidence separates right first words from wrong (AUROC), the share of
     scored filters it names and their precision@1; with the unseen protocol, unseen named@20 among
     the entities and as a multiple of chance."""
-    header = ["model", "layer", "method", "filters", *[c for _, c in _COLUMNS], "seen R@5", "unseen R@20",
-              "unseen named@20", "lenient R@5", "AUROC", "named", "P@1 named", "entity named@20", "× chance"]
+    header = ["model", "layer", "method", "filters", *[c for _, c in _COLUMNS], "seen P@1", "seen R@5", "unseen R@20",
+              "unseen only", "unseen named@20", "lenient R@5", "AUROC", "named", "P@1 named", "entity named@20", "× chance"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for evaluation in evaluations:
         for method, summary in evaluation.methods.items():
@@ -428,8 +429,9 @@ def markdown_table(evaluations: Sequence[Evaluation]) -> str:
             entity = (summary.get("unseen_protocol") or {}).get("entities") or {}
             cells = [evaluation.model, evaluation.layer, method, str(summary["filters"]),
                      *[markdown_cell(summary[k]) for k, _ in _COLUMNS],
+                     markdown_cell(seen.get("precision@1") if seen else None),  # evaluations before 0.5 lack it
                      markdown_cell(seen["recall@5"] if seen else None), markdown_cell(unseen["recall@20"] if unseen else None),
-                     markdown_cell(summary.get("unseen_named@20")), markdown_cell(lenient["recall@5"] if lenient else None),
+                     markdown_cell((summary.get("unseen_only") or {}).get("share")), markdown_cell(summary.get("unseen_named@20")), markdown_cell(lenient["recall@5"] if lenient else None),
                      *[markdown_cell((summary.get("confidence") or {}).get(k)) for k in ("auroc", "named", "precision@1_named")],
                      *[markdown_cell(entity.get(k)) for k in ("named@20", "named@20_x_chance")]]
             lines.append("| " + " | ".join(cells) + " |")

@@ -256,6 +256,8 @@ def evaluation_page(evaluation: dict, plot: str | None, method: str, *, absolute
                 "filters": result.get("filters"),
                 **{f"{part} recall@5": _number((result.get(part) or {}).get("recall@5"))
                    for part in ("seen", "unseen", "lenient")},
+                "seen precision@1": _number((result.get("seen") or {}).get("precision@1")),
+                "unseen only": _number((result.get("unseen_only") or {}).get("share")),
                 "f1@5": _number(result.get("f1@5")),
                 "confidence auroc": _number((result.get("confidence") or {}).get("auroc")),
                 "named": _number((result.get("confidence") or {}).get("named")),

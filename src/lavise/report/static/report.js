@@ -318,12 +318,14 @@
   function showEvaluation() {
     var e = D.evaluation;
     document.title = "Evaluation — " + D.title;
-    var methods = table(["method", "precision@1", "recall@5", "recall@10", "recall@20", "F1@5", "filters", "seen recall@5",
-                         "unseen recall@5", "lenient recall@5", "confidence AUROC", "named", "precision@1 of named"],
+    var methods = table(["method", "precision@1", "recall@5", "recall@10", "recall@20", "F1@5", "filters", "seen precision@1",
+                         "seen recall@5", "unseen recall@5", "only unseen ground truth", "lenient recall@5", "confidence AUROC",
+                         "named", "precision@1 of named"],
       e.methods.map(function (m) {
         return [m.method, m["precision@1"], m["recall@5"], m["recall@10"], m["recall@20"], m["f1@5"],
-          m.filters === null || m.filters === undefined ? "–" : String(m.filters), m["seen recall@5"], m["unseen recall@5"],
-          m["lenient recall@5"], m["confidence auroc"], m["named"], m["precision@1 named"]];
+          m.filters === null || m.filters === undefined ? "–" : String(m.filters), m["seen precision@1"], m["seen recall@5"],
+          m["unseen recall@5"], m["unseen only"], m["lenient recall@5"], m["confidence auroc"], m["named"],
+          m["precision@1 named"]];
       }));
     methods.id = "evaluation-methods";
     var scored = D.filters.filter(function (f) { return f.evaluation; }).sort(SORTS.score);
