@@ -273,9 +273,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     table = markdown_table(evaluations)
     print("\nExact-match precision@1 and recall over filters with ground truth (IoU > "
-          f"{settings.iou_threshold}); seen P@1: over those with a concept the explainer was trained on; unseen\n"
-          "only: the share whose every ground-truth concept is unseen (a first word is right there only when it\n"
-          "names an unseen concept); lenient accepts WordNet plurals and synonyms; AUROC: how well each\n"
+          f"{settings.iou_threshold}); seen P@1: over those with a seen concept; unseen only: the share whose every\n"
+          "ground-truth concept is unseen (right only by naming one); lenient accepts WordNet plurals and synonyms; AUROC: how well each\n"
           "filter's confidence tells a right first word from a wrong one; named: the share of those filters\n"
           "with a confident name, P@1 named: their precision@1. entity named@20: the share of unseen concepts\n"
           "named among the first 20 when words are ranked within the entity list, × chance: its multiple of\n"
