@@ -429,9 +429,10 @@ def markdown_table(evaluations: Sequence[Evaluation]) -> str:
             entity = (summary.get("unseen_protocol") or {}).get("entities") or {}
             cells = [evaluation.model, evaluation.layer, method, str(summary["filters"]),
                      *[markdown_cell(summary[k]) for k, _ in _COLUMNS],
-                     markdown_cell(seen.get("precision@1") if seen else None),  # evaluations before 0.5 lack it
+                     markdown_cell(seen.get("precision@1") if seen else None),  # older summaries lack it
                      markdown_cell(seen["recall@5"] if seen else None), markdown_cell(unseen["recall@20"] if unseen else None),
-                     markdown_cell((summary.get("unseen_only") or {}).get("share")), markdown_cell(summary.get("unseen_named@20")), markdown_cell(lenient["recall@5"] if lenient else None),
+                     markdown_cell((summary.get("unseen_only") or {}).get("share")),
+                     markdown_cell(summary.get("unseen_named@20")), markdown_cell(lenient["recall@5"] if lenient else None),
                      *[markdown_cell((summary.get("confidence") or {}).get(k)) for k in ("auroc", "named", "precision@1_named")],
                      *[markdown_cell(entity.get(k)) for k in ("named@20", "named@20_x_chance")]]
             lines.append("| " + " | ".join(cells) + " |")
